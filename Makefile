@@ -1,0 +1,29 @@
+# The README's commands. Each sets up what it needs on a fresh machine, then runs.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU wheel of torch on the dev/CI machines; a machine that already has torch keeps its own.
+TORCH_PIN ?= torch==2.13.0
+OUT ?= samples.png
+
+.PHONY: setup sample test bench gpu-check clean
+
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
+	DDPM_FAST_REQUIRE_EXT=$${DDPM_FAST_REQUIRE_EXT:-1} $(PIP) install -q --no-build-isolation -e ".[test,data,plot]"
+
+sample: setup
+	$(PYTHON) -m ddpm_fast sample --out $(OUT)
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q benchmarks --benchmark-disable
+
+bench: setup
+	$(PYTHON) -m pytest benchmarks --benchmark-only
+
+# On a lent GPU machine (torch preinstalled, no network): build, all tests, benchmarks, results.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info ddpm_fast/*.so .pytest_cache .benchmarks

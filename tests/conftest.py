@@ -1,0 +1,41 @@
+"""Shared test setup.
+
+Triton kernels run on CPU tensors through the Triton interpreter when no GPU is present; the
+variable must be set before triton is first imported, so it is set here, at collection start.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Comparisons against the reference must not be blurred by TF32 matmuls/convs.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+# Devices the op tests run on: the CPU (through the Triton interpreter) always, CUDA when present.
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    # Fresh but reproducible random inputs for every test.
+    torch.manual_seed(0)
+    yield
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN so an element the kernel never wrote fails the comparison."""
+    return t.fill_(float("nan"))
