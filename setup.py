@@ -27,7 +27,9 @@ def _extensions():
                if p.exists()]
     if len(sources) < 2:
         return [], {}
-    cxx = ["-O3", "-std=c++17"]
+    # -fno-math-errno: sqrtf may then compile to a vector instruction; with errno semantics GCC keeps a
+    # scalar libm call in the loop and the CPU reverse_step kernel's Box-Muller loop cannot vectorize.
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
     if sys.platform.startswith("linux"):
         cxx += ["-fopenmp"]
     define_macros = []

@@ -1,12 +1,23 @@
-"""Benchmark plumbing shared by every bench_<op>.py.
+"""Benchmark plumbing shared by every bench_<op>.py, bench_unet.py and bench_sampling.py.
 
-pytest-benchmark times wall clock, so `run_bench` synchronizes CUDA inside the timed call; on CUDA it
-also takes the median of `triton.testing.do_bench` (CUDA events, warm-up, many repeats) for the
-microsecond numbers, and every benchmark records its byte/FLOP count and the achieved GB/s or
-TFLOP/s in extra_info.
+pytest-benchmark times wall clock, so `run_bench` synchronizes CUDA inside the timed call; on CUDA,
+for calls short enough to repeat many times, it takes the median of `triton.testing.do_bench`
+(CUDA events, warm-up, many repeats) for the microsecond numbers. Every benchmark records its
+byte/FLOP count and the achieved GB/s or TFLOP/s in extra_info, its provider, and a group that
+puts the providers of one case side by side (pytest-benchmark's table and `ddpm-fast bench-report`).
+
+With `--benchmark-disable` (the CI smoke test) each benchmark calls its function exactly once.
+
+Environment knobs (GPU runs pick a subset with them; see benchmarks/README.md):
+  DDPM_FAST_BENCH_FULL=1        the full grid (all presets, batches, dtypes, max-autotune)
+  DDPM_FAST_BENCH_PRESETS=a,b   DDPM_FAST_BENCH_BATCHES=1,64   DDPM_FAST_BENCH_DTYPES=fp32,bf16
 """
+import fnmatch
+import gc
 import os
+import platform
 import statistics
+import time
 
 import pytest
 import torch
@@ -17,6 +28,21 @@ if not HAS_CUDA:
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+if not HAS_CUDA:
+    # One intra-op thread by default on CPU: on a small shared machine, OpenMP workers spinning for
+    # cores that other processes hold made single calls 10-50x slower and the medians meaningless
+    # (measured on the 2-core dev box: a tiny-UNet forward 15 ms with 1 thread, 0.5-3 s with 2 under
+    # load). Every provider gets the same threads, so ratios stay fair; DDPM_FAST_BENCH_THREADS=N
+    # overrides, and the JSON's machine_info records the count.
+    torch.set_num_threads(int(os.environ.get("DDPM_FAST_BENCH_THREADS", "1")))
+
+FULL = os.environ.get("DDPM_FAST_BENCH_FULL", "0") == "1"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Per-benchmark time budget for the timed rounds when the caller gives no `rounds` (seconds).
+_ROUND_BUDGET_S = 2.0 if HAS_CUDA else 0.5
+# Calls longer than this are timed by wall clock alone (a do_bench run would repeat them ~8 times).
+_DO_BENCH_MAX_S = 0.1
 
 
 def _sync():
@@ -24,36 +50,106 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, **info):
-    """Time fn() with pytest-benchmark (synchronized) and record throughput in extra_info.
+def env_list(name, default):
+    """Comma-separated override of a parameter grid, e.g. DDPM_FAST_BENCH_BATCHES=1,64."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return list(default)
+    return [v.strip() for v in raw.split(",") if v.strip()]
 
-    nbytes: the fewest bytes the op must move (each input read once, each output written once);
-    flops: floating-point operations. Returns fn's last result.
+
+def env_cases(default_cases):
+    """(preset, batch) pairs: the default grid, or the product of DDPM_FAST_BENCH_PRESETS and
+    DDPM_FAST_BENCH_BATCHES when either is set (the other axis then keeps its default values)."""
+    presets = env_list("DDPM_FAST_BENCH_PRESETS", [])
+    batches = env_list("DDPM_FAST_BENCH_BATCHES", [])
+    if not presets and not batches:
+        return list(default_cases)
+    presets = presets or sorted({p for p, _ in default_cases})
+    batches = [int(b) for b in batches] or sorted({b for _, b in default_cases})
+    return [(p, b) for p in presets for b in batches]
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------------------------
+def _cpu_peak_bytes(fn):
+    """Peak bytes held through PyTorch's CPU allocator during fn(), above the level at its start.
+
+    Read from the profiler's allocation events (each carries the allocator's running total), so
+    every tensor and every at::empty workspace of an ATen/C++ kernel counts, in order; memory a
+    library allocates on its own (oneDNN scratch, OpenMP stacks, Python objects) does not.
     """
-    fn()  # warm-up: compilation, autotuning, allocator
-    _sync()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    alloc_tag = torch._C._profiler._EventType.Allocation
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == alloc_tag and str(node.extra_fields.device).startswith("cpu"):
+            e = node.extra_fields
+            events.append((node.start_time_ns, int(e.alloc_size), int(e.total_allocated)))
+        stack.extend(node.children)
+    if not events:
+        return out, 0
+    events.sort()
+    start_level = events[0][2] - events[0][1]
+    return out, max(total for _, _, total in events) - start_level
+
+
+def measure_peak_memory(fn):
+    """Run fn() once and return (its result, extra_info entries describing its peak memory).
+
+    peak_mem_bytes: working memory the call adds on top of what was live before it (activations,
+    workspaces, outputs; not the weights or inputs, nor a pool allocated earlier, e.g. a CUDA
+    graph's, which only peak_mem_total_bytes shows). peak_mem_total_bytes (CUDA only): the absolute
+    peak of allocated device memory in the process during the call.
+    """
+    gc.collect()
     if HAS_CUDA:
-        import triton.testing
-
-        median_ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-        info["timer"] = "cuda-events (triton.testing.do_bench median)"
-    else:
-        median_ms = None
-        info["timer"] = "wall clock (pytest-benchmark)"
-
-    def timed():
+        _sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         out = fn()
         _sync()
-        return out
+        peak = torch.cuda.max_memory_allocated()
+        return out, {"peak_mem_bytes": int(peak - base), "peak_mem_total_bytes": int(peak),
+                     "peak_mem_method": "torch.cuda.max_memory_allocated minus allocated before the call"}
+    out, delta = _cpu_peak_bytes(fn)
+    return out, {"peak_mem_bytes": int(delta),
+                 "peak_mem_method": "peak of PyTorch's CPU allocator (profiler allocation events) "
+                                    "minus its level before the call"}
 
-    if rounds is None:
-        rounds = 20 if HAS_CUDA else 3
-    if benchmark.disabled:
-        out = timed()
-    else:
-        out = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
-        if median_ms is None:
-            median_ms = statistics.median(benchmark.stats.stats.data) * 1e3
+
+# ---------------------------------------------------------------------------------------------
+# The timer
+# ---------------------------------------------------------------------------------------------
+def _param_text(v):
+    if isinstance(v, (tuple, list)):
+        return "-".join(_param_text(x) for x in v)
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    return str(v)
+
+
+def _param_id_without(benchmark, key):
+    params = benchmark.params or {}
+    return "-".join(_param_text(v) for k, v in params.items() if k != key)
+
+
+def _default_group(benchmark):
+    """Group = test function + every parameter but the provider, so providers compare side by side."""
+    if benchmark.group is not None:
+        return
+    base = benchmark.name.split("[", 1)[0]
+    rest = _param_id_without(benchmark, "provider")
+    benchmark.group = f"{base}[{rest}]" if rest else base
+
+
+def _finish(benchmark, info, median_ms, nbytes, flops):
     if median_ms is not None:
         info["median_ms"] = median_ms
         if nbytes:
@@ -66,12 +162,156 @@ def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, **info):
         info["flops"] = int(flops)
     info["device"] = torch.cuda.get_device_name() if HAS_CUDA else "cpu"
     benchmark.extra_info.update(info)
+
+
+def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, memory=False, **info):
+    """Time fn() with pytest-benchmark (synchronized) and record throughput in extra_info.
+
+    nbytes: the fewest bytes the op must move (each input read once, each output written once);
+    flops: floating-point operations. memory=True also records peak memory (see
+    measure_peak_memory) from one extra, untimed call. rounds: timed rounds; by default as many as
+    fit a small time budget (at least 3, or 1 for calls over 2 s). Extra keyword arguments go to
+    extra_info as they are; `provider` defaults to the test's `provider` parameter.
+    Returns fn's last result.
+    """
+    if "provider" not in info and benchmark.params and "provider" in benchmark.params:
+        info["provider"] = benchmark.params["provider"]
+    _default_group(benchmark)
+
+    if benchmark.disabled:
+        # Smoke test: exactly one call (a disabled fixture's pedantic runs its function once),
+        # through the same memory path so a broken measurement fails CI too.
+        def once():
+            if memory:
+                res, mem = measure_peak_memory(fn)
+                info.update(mem)
+                return res
+            res = fn()
+            _sync()
+            return res
+
+        out = benchmark.pedantic(once, rounds=1, iterations=1)
+        info["timer"] = "disabled (one smoke call, no timing)"
+        _finish(benchmark, info, None, nbytes, flops)
+        return out
+
+    fn()  # warm-up: compilation, autotuning, allocator
+    _sync()
+    # One more untimed call estimates the duration (for do_bench and the round count); on CUDA it
+    # is also the memory call (reading the allocator's peak costs nothing), which spares a long
+    # benchmark (a 1000-step sampling loop) a call. The CPU memory path runs under the profiler,
+    # so there it is a call of its own.
+    t0 = time.perf_counter()
+    if memory and HAS_CUDA:
+        _, mem = measure_peak_memory(fn)
+        info.update(mem)
+    else:
+        fn()
+        _sync()
+    est_s = time.perf_counter() - t0
+    if memory and not HAS_CUDA:
+        _, mem = measure_peak_memory(fn)
+        info.update(mem)
+
+    median_ms = None
+    if HAS_CUDA and est_s < _DO_BENCH_MAX_S:
+        import triton.testing
+
+        median_ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        info["timer"] = "cuda-events (triton.testing.do_bench median)"
+    else:
+        info["timer"] = "wall clock (pytest-benchmark median" + (", CUDA-synchronized)" if HAS_CUDA else ")")
+
+    def timed():
+        out = fn()
+        _sync()
+        return out
+
+    if rounds is None:
+        floor = 1 if est_s > 2.0 else 3
+        rounds = max(floor, min(50, int(_ROUND_BUDGET_S / max(est_s, 1e-6))))
+    out = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+    if median_ms is None:
+        median_ms = statistics.median(benchmark.stats.stats.data) * 1e3
+    _finish(benchmark, info, median_ms, nbytes, flops)
     return out
 
 
-def compiled(fn):
-    """torch.compile of a reference function: the real bar for the fast path (GPU only)."""
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+@pytest.fixture
+def fresh_compile_state():
+    """Opt-in (request it by name): after the test, drop compiled graphs, CUDA graph pools and cached
+    blocks. Each UNet test compiles a fresh model; without a reset, dynamo's per-function cache limit
+    would soon make torch.compile fall back to eager silently (timing the wrong thing), and earlier
+    tests' pools would inflate the next test's memory totals."""
+    yield
+    if HAS_CUDA:  # the compile providers exist on GPU only; importing dynamo on CPU is wasted time
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def compiled(fn, mode=None):
+    """torch.compile of a reference function or module: the real bar for the fast path (GPU only).
+
+    mode: None (default), "max-autotune", "reduce-overhead", ... as torch.compile takes it.
+    """
+    return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
 
 
 PROVIDERS = ["reference", "compiled", "fast"] if HAS_CUDA else ["reference", "fast"]
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest hooks
+# ---------------------------------------------------------------------------------------------
+def pytest_collect_file(file_path, parent):
+    """Collect bench_*.py here: the project's python_files only names test_*.py."""
+    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    patterns = parent.config.getini("python_files")
+    if parent.session.isinitpath(file_path) or any(fnmatch.fnmatch(file_path.name, p) for p in patterns):
+        return None  # pytest's own collector takes it; a second Module would run it twice
+    return pytest.Module.from_parent(parent, path=file_path)
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Name the software and hardware in the JSON, so a report can say what it measured on."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - triton is optional; any import failure means "absent"
+        triton_version = None
+    machine_info["ddpm_fast"] = {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if HAS_CUDA else None,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "bench_full": FULL,
+    }
+
+
+def count_flops(fn):
+    """FLOPs of one fn() call as torch.utils.flop_counter counts them (2 per multiply-add of every
+    conv, matmul, linear and SDPA; norms, activations and elementwise ops count 0). Count on the
+    reference: a fused custom op hides its matmuls from the counter, and the work is the same."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())

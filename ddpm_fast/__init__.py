@@ -1,6 +1,10 @@
 """ddpm_fast: fast DDPM/DDIM sampling with a plain PyTorch reference (the labml UNet)."""
+from .checkpoint import default_checkpoint_path, load_checkpoint, load_labml_state_dict, save_checkpoint
 from .config import PRESETS, DiffusionConfig, ModelConfig, UNetConfig, get_preset
 from .reference import Schedule, UNet
+from .sampling import make_grid, sample, save_image_atomic
 
 __version__ = "0.1.0"
-__all__ = ["PRESETS", "DiffusionConfig", "ModelConfig", "UNetConfig", "get_preset", "Schedule", "UNet"]
+__all__ = ["PRESETS", "DiffusionConfig", "ModelConfig", "UNetConfig", "get_preset", "Schedule", "UNet",
+           "sample", "make_grid", "save_image_atomic", "save_checkpoint", "load_checkpoint",
+           "load_labml_state_dict", "default_checkpoint_path"]

@@ -12,6 +12,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread: on the 2-core CI/dev machines torch's thread pool oversubscribes as soon as
+# anything else runs (a tiny-UNet forward went from ~15 ms to ~1 s under load), and results are
+# then independent of the machine's core count.
+torch.set_num_threads(1)
+
 # Comparisons against the reference must not be blurred by TF32 matmuls/convs.
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

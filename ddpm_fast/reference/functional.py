@@ -96,15 +96,17 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeff
     z from the counter-based generator `philox_normal(seed, step, element index)`.
     Returns a new tensor with x_t's dtype and shape (contiguous in x_t's memory format).
     """
-    row = coeffs.index_select(0, step.reshape(1).to(coeffs.device, torch.long))[0].to(torch.float32)
-    x = x_t.to(torch.float32)
-    e = eps.to(torch.float32)
+    # float32 arithmetic (float64 when x_t is float64, for high-precision reference runs).
+    acc = torch.promote_types(x_t.dtype, torch.float32)
+    row = coeffs.index_select(0, step.reshape(1).to(coeffs.device, torch.long))[0].to(acc)
+    x = x_t.to(acc)
+    e = eps.to(acc)
     x0 = row[C_X0_X] * x + row[C_X0_EPS] * e
     if clip is not None:
         x0 = x0.clamp(clip[0], clip[1])
     if noise is None:
         noise = philox_normal(x_t.shape, seed, step, device=x_t.device)
-    out = row[M_X0] * x0 + row[M_X] * x + row[M_EPS] * e + row[SIGMA] * noise.to(torch.float32)
+    out = row[M_X0] * x0 + row[M_X] * x + row[M_EPS] * e + row[SIGMA] * noise.to(acc)
     return out.to(x_t.dtype)
 
 

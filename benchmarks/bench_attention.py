@@ -1,0 +1,157 @@
+"""The AttentionBlock: the fused op against eager, compiled and SDPA-based blocks, and the core alone.
+
+test_attention_block: the whole block (qkv projection, attention, output projection, residual,
+  NCHW in and out) at every AttentionBlock shape the presets use. Providers: `reference` (eager
+  reference.functional.attention), `compiled` (it under torch.compile; GPU only), `sdpa` (an
+  SDPA-based block: F.linear + F.scaled_dot_product_attention + F.linear + residual; the issue's
+  bar: the fast block must beat it at every preset shape), `fast` (the registered op
+  `ddpm_fast::attention`: the Triton path on CUDA, the reference math on CPU).
+test_attention_core: the core alone, softmax(q k^T * d^-0.5) v over the block's strided q/k/v
+  views, at each preset (tokens N, d_k, dtype). Providers: `triton` (flash_attention_triton) and
+  `sdpa`. This is the measurement behind ddpm_fast.ops.attention.SDPA_CORE_SHAPES: add a row
+  (N, d_k, dtype) there, with these numbers, only where `sdpa` beats `triton` at every batch.
+  On CPU, `triton` runs the Triton *interpreter* (a smoke test of the plumbing, not a timing).
+
+extra_info: flops (2 per multiply-add: projections 2*B*N*C*3*H*d + 2*B*N*H*d*C, core 4*B*H*N^2*d),
+bytes (x, weights and the output once; for the core q, k, v read and o written once), TFLOP/s, GB/s,
+and max_abs_err against the reference run in float64 (a provider that computes something else shows).
+
+Grid: GPU: batches 1 and 64, fp32 and bf16 (DDPM_FAST_BENCH_FULL=1: batches 1/16/64/256, fp16 too).
+CPU: the tiny preset's shapes at batch 1, fp32, so the file runs in seconds.
+DDPM_FAST_BENCH_PRESETS / _BATCHES / _DTYPES narrow or widen the grid (comma-separated).
+"""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, compiled, env_list, run_bench
+from ddpm_fast.config import PRESETS
+from ddpm_fast.reference import functional as ref
+from ddpm_fast.reference.unet import AttentionBlock, UNet
+
+attn_ops = importlib.import_module("ddpm_fast.ops.attention")  # the module (ops.attention is the function)
+
+if HAS_CUDA:
+    _PRESETS = ["labml-cifar32", "cifar35m", "tiny", "digits16"]
+    _BATCHES = ["1", "16", "64", "256"] if FULL else ["1", "64"]
+    _DTYPES = ["fp32", "fp16", "bf16"] if FULL else ["fp32", "bf16"]
+    BLOCK_PROVIDERS = ["reference", "compiled", "sdpa", "fast"]
+else:
+    _PRESETS = ["tiny"]
+    _BATCHES = ["1"]
+    _DTYPES = ["fp32"]
+    BLOCK_PROVIDERS = ["reference", "sdpa", "fast"]
+CORE_PROVIDERS = ["triton", "sdpa"]
+
+BATCHES = [int(b) for b in env_list("DDPM_FAST_BENCH_BATCHES", _BATCHES)]
+BENCH_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", _DTYPES)
+
+
+def preset_attention_shapes(presets):
+    """Distinct (C, H, W, n_heads, d_k) of every AttentionBlock call, from a meta-device forward."""
+    shapes = {}
+    for name in presets:
+        cfg = PRESETS[name].unet
+        with torch.device("meta"):
+            model = UNet(cfg)
+
+        def hook(mod, inp, out, name=name):  # returns None: the block's output stays as it is
+            shapes.setdefault((*inp[0].shape[1:], mod.n_heads, mod.d_k), name)
+
+        for m in model.modules():
+            if isinstance(m, AttentionBlock):
+                m.register_forward_hook(hook)
+        model(torch.empty(1, cfg.image_channels, cfg.image_size, cfg.image_size, device="meta"),
+              torch.zeros(1, dtype=torch.long, device="meta"))
+    return sorted(shapes.items(), key=lambda kv: (kv[0][0] * kv[0][1] * kv[0][2], kv[0]))
+
+
+SHAPES = preset_attention_shapes(env_list("DDPM_FAST_BENCH_PRESETS", _PRESETS))
+SHAPE_IDS = [f"{p}-C{c}-{h}x{w}-h{nh}-d{dk}" for (c, h, w, nh, dk), p in SHAPES]
+# The core depends on (N, d_k) only: one case per distinct pair.
+CORE_SHAPES = sorted({(h * w, nh, dk) for (c, h, w, nh, dk), _ in SHAPES})
+CORE_IDS = [f"N{n}-h{nh}-d{dk}" for n, nh, dk in CORE_SHAPES]
+
+
+def block_inputs(batch, c, h, w, n_heads, d_k, dtype):
+    g = torch.Generator().manual_seed(0)
+    hd = n_heads * d_k
+    x = torch.randn(batch, c, h, w, generator=g)
+    pw = (2 * torch.rand(3 * hd, c, generator=g) - 1) / c ** 0.5
+    pb = (2 * torch.rand(3 * hd, generator=g) - 1) / c ** 0.5
+    ow = (2 * torch.rand(c, hd, generator=g) - 1) / hd ** 0.5
+    ob = (2 * torch.rand(c, generator=g) - 1) / hd ** 0.5
+    return [t.to(device=DEVICE, dtype=dtype) for t in (x, pw, pb, ow, ob)]
+
+
+def sdpa_block(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
+    """The block as one would write it with torch's fused SDPA: the bar the fast block must beat."""
+    b, c, h, w = x.shape
+    tokens = x.flatten(2).transpose(1, 2)  # [B, N, C] view
+    qkv = F.linear(tokens, proj_weight, proj_bias).view(b, h * w, n_heads, 3, d_k)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))  # labml's chunk(3) of each head's 3*d_k
+    o = F.scaled_dot_product_attention(q, k, v, scale=d_k ** -0.5)
+    y = F.linear(o.transpose(1, 2).reshape(b, h * w, n_heads * d_k), out_weight, out_bias) + tokens
+    return y.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _max_abs_err(out, want):
+    return float((out.double() - want.double()).abs().max())
+
+
+@pytest.mark.parametrize("provider", BLOCK_PROVIDERS)
+@pytest.mark.parametrize("dtype", BENCH_DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_attention_block(benchmark, shape, batch, dtype, provider):
+    (c, h, w, nh, dk), preset = shape
+    args = block_inputs(batch, c, h, w, nh, dk, DTYPES[dtype])
+    fn = {"reference": ref.attention, "sdpa": sdpa_block, "fast": attn_ops.attention}.get(provider)
+    if provider == "compiled":
+        fn = compiled(ref.attention)
+    n, hd, esize = h * w, nh * dk, args[0].element_size()
+    flops = 2 * batch * n * c * 3 * hd + 4 * batch * nh * n * n * dk + 2 * batch * n * hd * c
+    nbytes = (2 * batch * c * n + 3 * hd * c + 3 * hd + c * hd + c) * esize
+
+    def call():
+        with torch.no_grad():
+            return fn(*args, nh, dk)
+
+    out = run_bench(benchmark, call, flops=flops, nbytes=nbytes, preset=preset, C=c, tokens=n, heads=nh,
+                    d_k=dk, batch=batch, dtype=dtype)
+    want = ref.attention(*[a.double() for a in args], nh, dk)
+    benchmark.extra_info["max_abs_err"] = _max_abs_err(out, want)
+
+
+@pytest.mark.parametrize("provider", CORE_PROVIDERS)
+@pytest.mark.parametrize("dtype", BENCH_DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("core", CORE_SHAPES, ids=CORE_IDS)
+def test_attention_core(benchmark, core, batch, dtype, provider):
+    n, nh, dk = core
+    g = torch.Generator().manual_seed(0)
+    # q, k, v as the block sees them: per-head interleaved views of one [B, N, H, 3, d] qkv buffer.
+    qkv = torch.randn(batch, n, nh, 3, dk, generator=g).to(device=DEVICE, dtype=DTYPES[dtype])
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))
+    scale = dk ** -0.5
+    if provider == "triton":
+        if not attn_ops.HAS_TRITON:
+            pytest.skip("triton is not importable")
+        out_buf = torch.empty(batch, n, nh, dk, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+        def call():
+            return attn_ops.flash_attention_triton(q, k, v, scale, out=out_buf)
+    else:
+        def call():
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    flops = 4 * batch * nh * n * n * dk
+    nbytes = 4 * batch * nh * n * dk * qkv.element_size()
+    out = run_bench(benchmark, call, flops=flops, nbytes=nbytes, tokens=n, heads=nh, d_k=dk, batch=batch,
+                    dtype=dtype, table_key=f"({n}, {dk}, torch.{str(DTYPES[dtype]).split('.')[-1]})",
+                    dispatch_now=attn_ops.core_backend(n, dk, DTYPES[dtype]))
+    qd, kd, vd = q.double(), k.double(), v.double()
+    want = torch.softmax(qd @ kd.transpose(-1, -2) * scale, dim=-1) @ vd
+    benchmark.extra_info["max_abs_err"] = _max_abs_err(out, want)

@@ -1,0 +1,227 @@
+// The torch-aware side of the fused reverse step: op schemas, input checks, memory-format
+// handling, dtype mapping, the current CUDA stream and the launch check. The kernels themselves
+// (reverse_step_cpu.cpp, reverse_step_cuda.cu) see only the plain ReverseStepParams.
+//
+// Ops (namespace ddpm_fast):
+//   reverse_step(x_t, eps, step, coeffs, noise?, seed, clip_lo, clip_hi, clip) -> Tensor
+//   reverse_step_(x_t!, eps, step, coeffs, noise?, seed, clip_lo, clip_hi, clip) -> ()   (in place)
+// The in-place form is the one a CUDA-graph sampler replays: x_t is its static state buffer, the
+// step tensor a static device scalar it refills before each replay.
+//
+// CUDA parts use only device-generic c10 headers (DeviceGuard, VirtualGuardImpl, Stream::
+// native_handle) plus cuda_runtime_api.h, so this file also compiles against a CPU-only torch with
+// DDPM_FAST_WITH_CUDA defined (the tests syntax-check it that way).
+#include <torch/extension.h>
+
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include <cmath>
+
+#include "reverse_step.h"
+
+namespace ddpm_fast {
+namespace {
+
+constexpr const char* kOp = "ddpm_fast::reverse_step";
+
+bool is_kernel_dtype(at::ScalarType s) {
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+}
+
+DType to_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: return DType::kFloat32;
+  }
+}
+
+// Every rule the kernels rely on, raised as Python TypeError / ValueError / RuntimeError.
+void check_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& step, const at::Tensor& coeffs,
+                  const std::optional<at::Tensor>& noise, double clip_lo, double clip_hi, bool clip) {
+  const auto dev = x.device();
+  TORCH_CHECK(dev.is_cpu() || dev.is_cuda(), kOp, ": x_t must be a CPU or CUDA tensor, got device ", dev);
+  TORCH_CHECK_TYPE(is_kernel_dtype(x.scalar_type()), kOp, ": x_t must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(is_kernel_dtype(eps.scalar_type()), kOp, ": eps must be float32, float16 or bfloat16, got ",
+                   eps.scalar_type());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || eps.scalar_type() == x.scalar_type(), kOp,
+                   ": x_t of dtype ", x.scalar_type(), " needs eps of the same dtype (or keep x_t in float32), "
+                   "got eps ", eps.scalar_type());
+  TORCH_CHECK(eps.device() == dev, kOp, ": eps is on ", eps.device(), " but x_t is on ", dev);
+  TORCH_CHECK_VALUE(eps.sizes() == x.sizes(), kOp, ": eps shape ", eps.sizes(), " differs from x_t shape ",
+                    x.sizes());
+
+  TORCH_CHECK_TYPE(step.scalar_type() == at::kLong, kOp, ": step must be an int64 tensor, got ", step.scalar_type());
+  TORCH_CHECK_VALUE(step.numel() == 1, kOp, ": step must hold exactly one index, got shape ", step.sizes());
+  TORCH_CHECK(step.device() == dev || step.device().is_cpu(), kOp, ": step is on ", step.device(),
+              "; it must be on x_t's device (", dev, ") or the CPU");
+
+  TORCH_CHECK_TYPE(coeffs.scalar_type() == at::kFloat, kOp, ": coeffs must be float32, got ", coeffs.scalar_type());
+  TORCH_CHECK_VALUE(coeffs.dim() == 2 && coeffs.size(1) == kNumCoeffs && coeffs.size(0) >= 1, kOp,
+                    ": coeffs must be a [S, ", kNumCoeffs, "] table with S >= 1, got shape ", coeffs.sizes());
+  TORCH_CHECK(coeffs.device() == dev, kOp, ": coeffs is on ", coeffs.device(), " but x_t is on ", dev);
+  TORCH_CHECK_VALUE(coeffs.is_contiguous(), kOp, ": coeffs must be contiguous (call .contiguous() once when "
+                    "building the table)");
+
+  if (noise.has_value()) {
+    const at::Tensor& z = *noise;
+    TORCH_CHECK(z.device() == dev, kOp, ": noise is on ", z.device(), " but x_t is on ", dev);
+    TORCH_CHECK_VALUE(z.sizes() == x.sizes(), kOp, ": noise shape ", z.sizes(), " differs from x_t shape ",
+                      x.sizes());
+    TORCH_CHECK_TYPE(is_kernel_dtype(z.scalar_type()) || z.scalar_type() == at::kDouble, kOp,
+                     ": noise must be a floating tensor (float32/float16/bfloat16/float64), got ", z.scalar_type());
+  }
+  if (clip) {
+    TORCH_CHECK_VALUE(!std::isnan(clip_lo) && !std::isnan(clip_hi) && clip_lo <= clip_hi, kOp,
+                      ": clip range must satisfy lo <= hi, got (", clip_lo, ", ", clip_hi, ")");
+  }
+}
+
+// Contiguous and channels_last tensors are processed in memory order; anything else is copied
+// to contiguous first. A tensor that is both (C == 1 or H * W == 1) takes the row-major path,
+// where memory order already is logical order.
+bool use_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Fill the params and run the kernel of x's device, writing `out` (dense in x_work's format).
+void launch(const at::Tensor& x_work, const at::Tensor& eps_work, const at::Tensor& step, const at::Tensor& coeffs,
+            const at::Tensor& noise_work, int64_t seed, double clip_lo, double clip_hi, bool clip,
+            bool channels_last, const at::Tensor& out) {
+  ReverseStepParams p;
+  p.x = x_work.data_ptr();
+  p.eps = eps_work.data_ptr();
+  p.noise = noise_work.defined() ? noise_work.const_data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+  p.coeffs = coeffs.const_data_ptr<float>();
+  p.num_steps = coeffs.size(0);
+  p.numel = x_work.numel();
+  p.channels_last = channels_last ? 1 : 0;
+  if (channels_last) {
+    p.channels = x_work.size(1);
+    p.spatial = x_work.size(2) * x_work.size(3);
+  }
+  p.seed = static_cast<uint64_t>(seed);
+  p.clip = clip ? 1 : 0;
+  p.clip_lo = static_cast<float>(clip_lo);
+  p.clip_hi = static_cast<float>(clip_hi);
+  p.x_dtype = to_dtype(x_work.scalar_type());
+  p.eps_dtype = to_dtype(eps_work.scalar_type());
+
+  if (step.device().is_cpu()) {
+    // A host-side step costs nothing to read, so its range is checked here on every device.
+    const int64_t s = step.reshape({}).item<int64_t>();
+    TORCH_CHECK_VALUE(s >= 0 && s < p.num_steps, kOp, ": step ", s, " is out of range for a coefficient table "
+                      "of ", p.num_steps, " rows");
+    p.step_value = s;
+  } else {
+    // Device step (CUDA): no host read, so the launch stays asynchronous and graph-capturable;
+    // the kernel guards the range itself and writes NaN everywhere when it is violated.
+    p.step_ptr = step.const_data_ptr<int64_t>();
+  }
+
+  if (x_work.device().is_cpu()) {
+    reverse_step_cpu(p);
+    return;
+  }
+#ifdef DDPM_FAST_WITH_CUDA
+  const c10::DeviceGuard guard(x_work.device());
+  const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+  auto stream = static_cast<cudaStream_t>(impl.getStream(x_work.device()).native_handle());
+  const cudaError_t err = reverse_step_cuda(p, stream);
+  TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+#else
+  TORCH_CHECK(false, kOp, ": ddpm_fast._C was built without CUDA support");
+#endif
+}
+
+struct Work {
+  at::Tensor x, eps, noise;
+  bool channels_last;
+};
+
+Work prepare(const at::Tensor& x, const at::Tensor& eps, const std::optional<at::Tensor>& noise) {
+  Work w;
+  w.channels_last = use_channels_last(x);
+  const auto fmt = w.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  w.x = x.contiguous(fmt);  // no copy when x is already dense in fmt
+  w.eps = eps.contiguous(fmt);
+  if (noise.has_value()) w.noise = noise->to(at::kFloat).contiguous(fmt);  // exact upcast, as the reference
+  return w;
+}
+
+at::Tensor reverse_step(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& step, const at::Tensor& coeffs,
+                        const std::optional<at::Tensor>& noise, int64_t seed, double clip_lo, double clip_hi,
+                        bool clip) {
+  check_inputs(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip);
+  Work w = prepare(x_t, eps, noise);
+  const auto fmt = w.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty(x_t.sizes(), x_t.options().memory_format(fmt));
+  launch(w.x, w.eps, step, coeffs, w.noise, seed, clip_lo, clip_hi, clip, w.channels_last, out);
+  return out;
+}
+
+void reverse_step_(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& step, const at::Tensor& coeffs,
+                   const std::optional<at::Tensor>& noise, int64_t seed, double clip_lo, double clip_hi, bool clip) {
+  check_inputs(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip);
+  at::assert_no_internal_overlap(x_t);
+  // Element i reads x[i], eps[i], noise[i] before writing out[i] (same thread), so exact aliasing
+  // is safe; a shifted overlap would read values already overwritten.
+  at::assert_no_partial_overlap(x_t, eps);
+  if (noise.has_value()) at::assert_no_partial_overlap(x_t, *noise);
+  Work w = prepare(x_t, eps, noise);
+  if (w.x.is_same(x_t)) {
+    launch(w.x, w.eps, step, coeffs, w.noise, seed, clip_lo, clip_hi, clip, w.channels_last, x_t);
+  } else {
+    // x_t is strided in a way the kernel does not walk: update its dense copy, then write back.
+    launch(w.x, w.eps, step, coeffs, w.noise, seed, clip_lo, clip_hi, clip, w.channels_last, w.x);
+    x_t.copy_(w.x);
+  }
+}
+
+// Raw Philox4x32-10 words for one counter/key (the known-answer tests of the C++ generator).
+std::vector<int64_t> philox4x32_words(std::vector<int64_t> counter, std::vector<int64_t> key) {
+  TORCH_CHECK_VALUE(counter.size() == 4 && key.size() == 2, "philox4x32: need 4 counter words and 2 key words");
+  uint32_t c[4];
+  for (int i = 0; i < 4; ++i) c[i] = static_cast<uint32_t>(counter[i]);
+  philox4x32_10(c[0], c[1], c[2], c[3], static_cast<uint32_t>(key[0]), static_cast<uint32_t>(key[1]));
+  return {c[0], c[1], c[2], c[3]};
+}
+
+}  // namespace
+}  // namespace ddpm_fast
+
+// FRAGMENT, not TORCH_LIBRARY: the other ddpm_fast ops (Triton) are defined from Python in the same
+// namespace, and a fragment composes with them whatever the import order.
+TORCH_LIBRARY_FRAGMENT(ddpm_fast, m) {
+  m.def("reverse_step(Tensor x_t, Tensor eps, Tensor step, Tensor coeffs, Tensor? noise, int seed, "
+        "float clip_lo, float clip_hi, bool clip) -> Tensor");
+  m.def("reverse_step_(Tensor(a!) x_t, Tensor eps, Tensor step, Tensor coeffs, Tensor? noise, int seed, "
+        "float clip_lo, float clip_hi, bool clip) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("reverse_step", &ddpm_fast::reverse_step);
+  m.impl("reverse_step_", &ddpm_fast::reverse_step_);
+}
+
+#ifdef DDPM_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
+  m.impl("reverse_step", &ddpm_fast::reverse_step);
+  m.impl("reverse_step_", &ddpm_fast::reverse_step_);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ddpm_fast C++/CUDA kernels: registers ddpm_fast::reverse_step and ddpm_fast::reverse_step_";
+#ifdef DDPM_FAST_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  m.def("philox4x32", &ddpm_fast::philox4x32_words, "Philox4x32-10 words of one (counter[4], key[2])",
+        pybind11::arg("counter"), pybind11::arg("key"));
+}

@@ -1,0 +1,468 @@
+"""`ddpm-fast bench-report results.json`: pytest-benchmark JSON -> a markdown speedup table + a PNG chart.
+
+Input: the file `pytest benchmarks/ --benchmark-only --benchmark-json=results.json` writes. Each
+benchmark there belongs to a group (one case: an op at one shape and dtype, the UNet at one preset,
+batch and dtype, ...) and names its provider in extra_info (benchmarks/conftest.py's run_bench does
+both). Providers fall into three families by name: `reference` (eager PyTorch, the baseline),
+`compiled*` (the reference under torch.compile) and `fast*` (this package's fast path); any other
+name (e.g. `table`, a precomputed lookup) is a fast-path variant too.
+
+Output: <stem>.md, with the machine and software it came from, one summary row per group and
+fast-path provider (speedup = baseline median time / its median time, so > 1 means the fast path is
+faster; "vs compiled" uses the quickest compiled provider in the group) and every measurement
+in detail; and <stem>.png, a bar chart of the speedups (needs matplotlib; without it the report says
+so and there is no PNG).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["make_report", "load_results", "add_bench_report_arguments", "run_bench_report_from_args", "main"]
+
+REFERENCE = "reference"
+
+
+def family(provider: str) -> str:
+    """reference | compiled | fast | other, from the provider's name."""
+    if provider == REFERENCE:
+        return "reference"
+    for fam in ("compiled", "fast"):
+        if provider == fam or provider.startswith(fam + "-") or provider.startswith(fam + "_"):
+            return fam
+    return "other"
+
+
+@dataclass
+class Entry:
+    """One benchmark of the JSON, reduced to what the report shows."""
+
+    section: str  # the test function, e.g. bench_unet.py::test_unet_forward
+    group: str
+    provider: str
+    median_s: float
+    min_s: Optional[float]  # None when the median came from CUDA events, not from the rounds
+    iqr_s: Optional[float]
+    rounds: Optional[int]
+    timer: str
+    throughput: List[Tuple[str, float]] = field(default_factory=list)  # [(unit, value)], best first
+    peak_mem: Optional[int] = None
+    peak_mem_total: Optional[int] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+def load_results(json_path) -> dict:
+    """Read and validate a pytest-benchmark JSON file; clear errors for anything else."""
+    path = Path(json_path)
+    if not path.exists():
+        raise FileNotFoundError(f"benchmark results file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not a text file ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ValueError(f"{str(path)!r} is not pytest-benchmark output (no 'benchmarks' list); write one with "
+                         "`pytest benchmarks/ --benchmark-only --benchmark-json=FILE`")
+    if not data["benchmarks"]:
+        raise ValueError(f"{str(path)!r} holds no benchmarks (every benchmark skipped, or run with "
+                         "--benchmark-disable?)")
+    return data
+
+
+def _num(v) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _entry(b: dict, index: int) -> Entry:
+    if not isinstance(b, dict):
+        raise ValueError(f"benchmark #{index} is not a JSON object")
+    name = str(b.get("name") or b.get("fullname") or f"#{index}")
+    stats = b.get("stats")
+    if not isinstance(stats, dict) or _num(stats.get("median")) is None:
+        raise ValueError(f"benchmark {name!r} has no stats.median")
+    extra = b.get("extra_info") if isinstance(b.get("extra_info"), dict) else {}
+    params = b.get("params") if isinstance(b.get("params"), dict) else {}
+    provider = str(extra.get("provider") or params.get("provider") or "unknown")
+    fullname = str(b.get("fullname") or name)
+    section = fullname.split("[", 1)[0].split("/")[-1]
+    group = b.get("group")
+    if not group:  # no group set: the case is the test's parameters minus the provider
+        rest = "-".join("-".join(map(str, v)) if isinstance(v, list) else str(v)
+                        for k, v in params.items() if k != "provider")
+        group = name.split("[", 1)[0] + (f"[{rest}]" if rest else "")
+    # CUDA-event medians (run_bench's do_bench) are more precise than the synchronized wall clock.
+    # min and IQR come from pytest-benchmark's rounds, so they are shown only next to its median.
+    median_ms = _num(extra.get("median_ms"))
+    from_stats = median_ms is None or math.isclose(median_ms * 1e-3, float(stats["median"]), rel_tol=1e-6)
+    median_s = float(stats["median"]) if from_stats else median_ms * 1e-3
+    throughput = [(unit, _num(extra[unit])) for unit in ("images/s", "TFLOP/s", "GB/s")
+                  if _num(extra.get(unit)) is not None]
+    rounds = stats.get("rounds")
+    return Entry(section=section, group=str(group), provider=provider, median_s=median_s,
+                 min_s=_num(stats.get("min")) if from_stats else None,
+                 iqr_s=_num(stats.get("iqr")) if from_stats else None,
+                 rounds=int(rounds) if isinstance(rounds, int) else None,
+                 timer=str(extra.get("timer") or "pytest-benchmark wall clock"), throughput=throughput,
+                 peak_mem=int(extra["peak_mem_bytes"]) if _num(extra.get("peak_mem_bytes")) is not None else None,
+                 peak_mem_total=(int(extra["peak_mem_total_bytes"])
+                                 if _num(extra.get("peak_mem_total_bytes")) is not None else None))
+
+
+def parse_entries(data: dict) -> List[Entry]:
+    return [_entry(b, i) for i, b in enumerate(data["benchmarks"])]
+
+
+def describe_machine(data: dict, entries: List[Entry]) -> Dict[str, str]:
+    """Device, versions, date and commit, from machine_info/commit_info (and extra_info)."""
+    mi = data.get("machine_info") if isinstance(data.get("machine_info"), dict) else {}
+    ours = mi.get("ddpm_fast") if isinstance(mi.get("ddpm_fast"), dict) else {}
+    cpu = mi.get("cpu") if isinstance(mi.get("cpu"), dict) else {}
+    cpu_model = ours.get("cpu_model") or cpu.get("brand_raw") or mi.get("processor") or "unknown CPU"
+    cores = ours.get("cpu_count") or cpu.get("count")
+    threads = ours.get("torch_threads")
+    cpu_text = f"{cpu_model}" + (f", {cores} cores" if cores else "") + (f", torch threads {threads}" if threads else "")
+    gpu = ours.get("gpu")
+    if not gpu:  # older JSON without our machine_info: the per-benchmark device, if any names a GPU
+        devices = {str(b.get("extra_info", {}).get("device")) for b in data["benchmarks"] if isinstance(b, dict)}
+        devices.discard("None")
+        devices.discard("cpu")
+        gpu = ", ".join(sorted(devices)) or None
+    ci = data.get("commit_info") if isinstance(data.get("commit_info"), dict) else {}
+    commit = str(ci.get("id") or "unknown")[:12]
+    if ci.get("branch"):
+        commit += f" ({ci['branch']})"
+    if ci.get("dirty"):
+        commit += ", uncommitted changes in the work tree"
+
+    def ver(key):
+        v = ours.get(key)
+        return str(v) if v else ("none" if key in ours else "not recorded")
+
+    return {
+        "device": f"GPU: {gpu} (host CPU: {cpu_text})" if gpu else f"CPU: {cpu_text}",
+        "kind": "gpu" if gpu else "cpu",
+        "torch": ver("torch"), "triton": ver("triton"), "cuda": ver("cuda"),
+        "python": str(mi.get("python_version") or "unknown"),
+        "pytest-benchmark": str(data.get("version") or "unknown"),
+        "date": str(data.get("datetime") or "unknown"),
+        "commit": commit,
+        "timers": "; ".join(sorted({e.timer for e in entries})),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One summary line: a group and one fast provider against its baselines."""
+
+    section: str
+    group: str
+    fast: Optional[Entry]
+    reference: Optional[Entry]
+    compiled: Optional[Entry]  # the quickest compiled provider of the group
+
+    @property
+    def vs_reference(self) -> Optional[float]:
+        return self.reference.median_s / self.fast.median_s if self.fast and self.reference else None
+
+    @property
+    def vs_compiled(self) -> Optional[float]:
+        return self.compiled.median_s / self.fast.median_s if self.fast and self.compiled else None
+
+
+def group_entries(entries: List[Entry]) -> Dict[Tuple[str, str], List[Entry]]:
+    groups: Dict[Tuple[str, str], List[Entry]] = {}
+    for e in entries:  # insertion order = the JSON's (pytest's parametrization) order
+        groups.setdefault((e.section, e.group), []).append(e)
+    return groups
+
+
+def summary_rows(entries: List[Entry]) -> List[Row]:
+    rows = []
+    for (section, group), members in group_entries(entries).items():
+        by_family: Dict[str, List[Entry]] = {}
+        for e in members:
+            by_family.setdefault(family(e.provider), []).append(e)
+        ref = by_family.get("reference", [None])[0]
+        comp = min(by_family.get("compiled", []), key=lambda e: e.median_s, default=None)
+        # Every provider that is not a baseline is a candidate: fast*, and any other name a benchmark
+        # uses for a fast-path variant (e.g. a precomputed table).
+        for fast in by_family.get("fast", []) + by_family.get("other", []) or [None]:
+            rows.append(Row(section, group, fast, ref, comp))
+    return rows
+
+
+def geomean(values: List[float]) -> Optional[float]:
+    vals = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+def fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "—"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    if s < 1.0:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "—"
+    if abs(n) < 1 << 20:
+        return f"{n / 1024:.1f} KiB"
+    if abs(n) < 1 << 30:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def fmt_speedup(x: Optional[float]) -> str:
+    return f"{x:.2f}x" if x is not None else "—"
+
+
+def fmt_throughput(e: Optional[Entry]) -> str:
+    if e is None or not e.throughput:
+        return "—"
+    unit, value = e.throughput[0]
+    return f"{value:,.1f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def render_markdown(meta: Dict[str, str], entries: List[Entry], rows: List[Row], source: str,
+                    chart_name: Optional[str], chart_note: Optional[str], note: Optional[str] = None) -> str:
+    lines = [f"# Benchmark report ({meta['kind'].upper()})", ""]
+    lines += [f"- Device: {meta['device']}",
+              f"- Software: torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+              f"Python {meta['python']}, pytest-benchmark {meta['pytest-benchmark']}",
+              f"- Date: {meta['date']}",
+              f"- Commit: {meta['commit']}",
+              f"- Source: `{source}` ({len(entries)} benchmarks)",
+              f"- Timers: {meta['timers']}", ""]
+    if note:
+        lines += [f"> {note}", ""]
+    lines += ["Speedup = baseline median time / fast median time (above 1x: the fast path is faster). "
+              "\"vs compiled\" compares with the quickest torch.compile provider of the case. "
+              "A dash means that provider was not measured for the case (skipped or not part of this run).", ""]
+    if chart_name:
+        lines += [f"![speedups]({chart_name})", ""]
+    if chart_note:
+        lines += [f"> {chart_note}", ""]
+
+    sections: Dict[str, List[Row]] = {}
+    for r in rows:
+        sections.setdefault(r.section, []).append(r)
+    lines += ["## Summary", ""]
+    for section, srows in sections.items():
+        lines += [f"### {section}", ""]
+        for prov in dict.fromkeys(r.fast.provider for r in srows if r.fast):
+            mine = [r for r in srows if r.fast and r.fast.provider == prov]
+            gm_ref = geomean([r.vs_reference for r in mine])
+            gm_comp = geomean([r.vs_compiled for r in mine])
+            if gm_ref is not None or gm_comp is not None:
+                lines += [f"Geometric mean over the cases, `{prov}`: vs reference {fmt_speedup(gm_ref)}, "
+                          f"vs compiled {fmt_speedup(gm_comp)}.", ""]
+        table = []
+        for r in srows:
+            missing = [n for n, e in (("fast", r.fast), ("reference", r.reference)) if e is None]
+            table.append([r.group, r.fast.provider if r.fast else "missing",
+                          fmt_time(r.reference.median_s if r.reference else None),
+                          (f"{fmt_time(r.compiled.median_s)} ({r.compiled.provider})" if r.compiled else "—"),
+                          fmt_time(r.fast.median_s if r.fast else None),
+                          fmt_speedup(r.vs_reference), fmt_speedup(r.vs_compiled), fmt_throughput(r.fast),
+                          f"{fmt_bytes(r.reference.peak_mem if r.reference else None)} / "
+                          f"{fmt_bytes(r.fast.peak_mem if r.fast else None)}",
+                          ("no " + " or ".join(missing)) if missing else ""])
+        lines += _table(["case", "fast provider", "reference", "compiled (best)", "fast", "fast vs reference",
+                         "fast vs compiled", "fast throughput", "peak mem ref / fast", "note"], table)
+        lines.append("")
+
+    lines += ["## All measurements", "",
+              "Median and min over the timed rounds; IQR shows the spread (min and IQR are blank where the "
+              "median came from CUDA events rather than the rounds). Peak memory: the working memory "
+              "one call adds on top of what was live before it (see benchmarks/README.md); total = the "
+              "absolute device peak (CUDA only).", ""]
+    detail = []
+    for (section, group), members in group_entries(entries).items():
+        for e in members:
+            detail.append([f"{section} {group}", e.provider, fmt_time(e.median_s), fmt_time(e.min_s),
+                           fmt_time(e.iqr_s), str(e.rounds) if e.rounds is not None else "—",
+                           ", ".join(f"{v:.4g} {u}" for u, v in e.throughput) or "—",
+                           fmt_bytes(e.peak_mem), fmt_bytes(e.peak_mem_total)])
+    lines += _table(["case", "provider", "median", "min", "IQR", "rounds", "throughput", "peak mem",
+                     "peak mem total"], detail)
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chart
+# ---------------------------------------------------------------------------------------------
+def make_chart(rows: List[Row], entries: List[Entry], meta: Dict[str, str], png_path: Path) -> bool:
+    """Write the PNG; False when matplotlib is not installed. Speedup bars (log scale, 1x marked) when
+    any fast/baseline pair exists, else each provider's median time per case."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    except ImportError:
+        return False
+
+    pairs = [r for r in rows if r.vs_reference is not None or r.vs_compiled is not None]
+    if pairs:
+        labels = [f"{r.group} [{r.fast.provider}]" if r.fast.provider != "fast" else r.group for r in pairs]
+        series = [("fast vs reference", [r.vs_reference for r in pairs], "#4C72B0"),
+                  ("fast vs compiled", [r.vs_compiled for r in pairs], "#DD8452")]
+        xlabel = "speedup (baseline median / fast median), log scale; > 1 = fast path faster"
+    else:
+        groups = group_entries(entries)
+        labels = [g for (_, g) in groups]
+        providers = list(dict.fromkeys(e.provider for e in entries))
+        colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3"]
+        series = [(p, [next((e.median_s * 1e3 for e in m if e.provider == p), None) for m in groups.values()],
+                   colors[i % len(colors)]) for i, p in enumerate(providers)]
+        xlabel = "median time (ms), log scale (no fast/baseline pair in these results)"
+    series = [s for s in series if any(v is not None for v in s[1])]
+
+    n = len(labels)
+    height = max(2.5, 0.32 * n * max(1, len(series)) + 1.5)
+    fig = Figure(figsize=(10, height))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    bar_h = 0.8 / max(1, len(series))
+    for k, (name, values, color) in enumerate(series):
+        ys = [i + (k - (len(series) - 1) / 2) * bar_h for i in range(n)]
+        if pairs:
+            # Bars grow from 1x, right for a speedup and left for a slowdown (log scale).
+            left = [1.0] * n
+            widths = [(v - 1.0) if v is not None else 0.0 for v in values]
+        else:
+            left = [0.0] * n
+            widths = [v if v is not None else 0.0 for v in values]
+        ax.barh(ys, widths, left=left, height=bar_h, label=name, color=color)
+        for y, v in zip(ys, values):
+            if v is not None:
+                text = f"{v:.2f}x" if pairs else f"{v:.3g}"
+                ax.text(v, y, (" " + text) if v >= 1.0 or not pairs else (text + " "), va="center",
+                        ha="left" if v >= 1.0 or not pairs else "right", fontsize=7)
+    ax.set_xscale("log")
+    shown = [v for _, values, _ in series for v in values if v]
+    if pairs:
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        shown.append(1.0)
+    if shown:  # room for the value labels on both sides
+        ax.set_xlim(min(shown) / 1.6, max(shown) * 1.6)
+    # Plain tick labels (0.5, 1, 2, 5, ...) rather than powers of ten.
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_title(f"{meta['device']}\ntorch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+                 f"{meta['date'][:10]}, commit {meta['commit'].split(' ')[0]}", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, png_path)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def make_report(json_path, out_dir=None, note: Optional[str] = None) -> Tuple[Path, Optional[Path]]:
+    """Write <stem>.md (and <stem>.png when matplotlib is installed) for a pytest-benchmark JSON.
+
+    out_dir: where to write (default: the JSON's folder; created if missing). note: an optional
+    sentence shown under the header (e.g. how noisy the machine was). Returns (markdown, png or None).
+    """
+    json_path = Path(json_path)
+    data = load_results(json_path)
+    entries = parse_entries(data)
+    meta = describe_machine(data, entries)
+    rows = summary_rows(entries)
+    out = Path(out_dir) if out_dir is not None else json_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    md_path = out / (json_path.stem + ".md")
+    png_path = out / (json_path.stem + ".png")
+    if make_chart(rows, entries, meta, png_path):
+        chart_name, chart_note = png_path.name, None
+    else:
+        png_path, chart_name = None, None
+        chart_note = ("No chart: matplotlib is not installed (`pip install matplotlib`, or the package's "
+                      "`plot` extra); the tables above and below hold every number.")
+    text = render_markdown(meta, entries, rows, json_path.name, chart_name, chart_note, note)
+    _write_text_atomic(md_path, text)
+    return md_path, png_path
+
+
+def add_bench_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("json", help="pytest-benchmark JSON (pytest benchmarks/ --benchmark-only "
+                                     "--benchmark-json=FILE)")
+    parser.add_argument("--out-dir", default=None,
+                        help="where to write <stem>.md and <stem>.png (default: next to the JSON)")
+    parser.add_argument("--note", default=None, help="a sentence to show under the report's header")
+    return parser
+
+
+def run_bench_report_from_args(args: argparse.Namespace) -> int:
+    try:
+        md, png = make_report(args.json, args.out_dir, note=getattr(args, "note", None))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        # A user error (bad path, not a results file): one clear line and exit status 1, no traceback.
+        raise SystemExit(f"ddpm-fast bench-report: error: {e}") from None
+    print(f"wrote {md}")
+    print(f"wrote {png}" if png else "no PNG chart: matplotlib is not installed")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ddpm-fast bench-report", description=__doc__.split("\n\n")[0])
+    add_bench_report_arguments(parser)
+    return run_bench_report_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

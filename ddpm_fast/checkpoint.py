@@ -1,0 +1,271 @@
+"""Checkpoints: one .safetensors file = the UNet's tensors + its ModelConfig as JSON metadata.
+
+safetensors holds tensors only (no pickle), so loading a checkpoint can never run code. Every
+check a loader can make is made, and every failure is a ValueError (FileNotFoundError for a
+missing file) whose message starts with the path: the file parses, carries our metadata, the
+config is valid, the tensor names and shapes are exactly those of the UNet the config builds,
+and every tensor is floating point and finite.
+
+labml's own checkpoints are pickled state_dicts (.pt); `load_labml_state_dict` reads them with
+torch.load(weights_only=True), whose unpickler refuses anything but tensors and plain containers.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import DiffusionConfig, ModelConfig, UNetConfig, get_preset
+from .reference.unet import UNet
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_extra_tensors", "load_labml_state_dict",
+           "default_checkpoint_path", "CONFIG_KEY", "FORMAT", "EXTRA_PREFIX"]
+
+CONFIG_KEY = "ddpm_fast_config"
+FORMAT = "ddpm_fast/1"
+# Extra tensors (EMA weights, optimizer moments, step counters...) live beside the model's under this
+# prefix; no UNet state_dict key contains a '/', so the two can never collide.
+EXTRA_PREFIX = "extra/"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "digits16.safetensors"
+
+PathLike = Union[str, os.PathLike]
+
+
+def default_checkpoint_path() -> Optional[Path]:
+    """The shipped default model (ddpm_fast/assets/digits16.safetensors), or None if not installed."""
+    return DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None
+
+
+def save_checkpoint(path: PathLike, model: torch.nn.Module, config: ModelConfig,
+                    extra_tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Write the model's state_dict and `config` to ONE .safetensors file, atomically.
+
+    The tensors are stored in their own dtype. `extra_tensors` (name -> tensor) are stored under
+    'extra/<name>' and read back with `load_extra_tensors`. The file appears complete or not at all:
+    it is written to a temporary file in the same directory, flushed, then os.replace'd into place.
+    """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    path = Path(path)
+    state = model.state_dict()
+    problems = _mismatch(_expected_shapes(config.unet), {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise ValueError(f"cannot save {path}: the model does not match config.unet ({problems})")
+    tensors: Dict[str, torch.Tensor] = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    for name, t in (extra_tensors or {}).items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"extra tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"extra tensor {name!r} is a {type(t).__name__}, not a tensor")
+        # A clone: safetensors refuses tensors that share storage (e.g. views of one flat buffer).
+        tensors[EXTRA_PREFIX + name] = t.detach().to("cpu").clone().contiguous()
+    metadata = {CONFIG_KEY: config.to_json(), "format": FORMAT}
+
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot save {path}: directory {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def load_checkpoint(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = None
+                    ) -> Tuple[UNet, ModelConfig]:
+    """Load (UNet, ModelConfig) from a file written by save_checkpoint; the model is in eval mode.
+
+    dtype: the parameters' dtype (default float32, whatever the file stores).
+    """
+    path = _existing_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+    except Exception as e:  # safetensors raises its own SafetensorError (an Exception) and OSError
+        hint = ""
+        if path.suffix in (".pt", ".pth", ".ckpt"):
+            hint = " (a pickled labml state_dict? read it with ddpm_fast.load_labml_state_dict)"
+        raise ValueError(f"{path}: not a valid safetensors file: {_first_line(e)}{hint}") from None
+
+    if metadata.get("format") != FORMAT or CONFIG_KEY not in metadata:
+        raise ValueError(f"{path}: not a ddpm_fast checkpoint (metadata has format={metadata.get('format')!r}, "
+                         f"expected {FORMAT!r} and a {CONFIG_KEY!r} entry)")
+    try:
+        config = ModelConfig.from_json(metadata[CONFIG_KEY])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: bad config in metadata: {_first_line(e)}") from None
+
+    model_shapes = {k: s for k, s in shapes.items() if not k.startswith(EXTRA_PREFIX)}
+    problems = _mismatch(_expected_shapes(config.unet), model_shapes)
+    if problems:
+        raise ValueError(f"{path}: tensors do not match the UNet of its config: {problems}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in model_shapes}
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read tensors: {_first_line(e)}") from None
+    return _build(path, config, state, device, dtype), config
+
+
+def load_extra_tensors(path: PathLike, device="cpu") -> Dict[str, torch.Tensor]:
+    """The extra tensors save_checkpoint stored beside the model (names without the prefix)."""
+    path = _existing_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            out = {k[len(EXTRA_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA_PREFIX)}
+    except Exception as e:
+        raise ValueError(f"{path}: not a valid safetensors file: {_first_line(e)}") from None
+    return {k: v.to(_device(path, device)) for k, v in out.items()}
+
+
+def load_labml_state_dict(path: PathLike, config: Union[ModelConfig, UNetConfig, str], device="cpu",
+                          dtype: Optional[torch.dtype] = None) -> Tuple[UNet, ModelConfig]:
+    """Load a labml-style pickled state_dict (.pt/.pth) into a UNet: (model in eval mode, config).
+
+    The file may hold the bare state_dict or {"model": sd} / {"state_dict": sd}; a DDP "module." prefix
+    is stripped. It is read with torch.load(weights_only=True): a pickle that carries code (or any
+    object but tensors and plain containers) is refused with a ValueError and never executed.
+    config: a ModelConfig, a UNetConfig (labml trains on [0, 1] images, so it gets
+    DiffusionConfig(data_range=(0, 1))) or a preset name.
+    """
+    if isinstance(config, str):
+        config = get_preset(config)
+    elif isinstance(config, UNetConfig):
+        config = ModelConfig(unet=config, diffusion=DiffusionConfig(data_range=(0.0, 1.0)))
+    elif not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, UNetConfig or preset name, got {type(config).__name__}")
+    path = _existing_file(path)
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the refusal below says what matters.
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load: the pickle holds more than tensors and plain containers "
+                         f"({_unpickler_reason(e)}); nothing in it was executed") from None
+    except Exception as e:  # zipfile/EOF/RuntimeError on corrupt or truncated files
+        raise ValueError(f"{path}: not a readable PyTorch file: {type(e).__name__}: {_first_line(e)}") from None
+
+    state = obj
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                state = obj[key]
+                break
+    if not isinstance(state, Mapping) or not state:
+        raise ValueError(f"{path}: expected a state_dict (or {{'model'|'state_dict': state_dict}}), "
+                         f"got {type(obj).__name__}")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: the state_dict has non-tensor entries: {_listing(map(str, bad))}")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    problems = _mismatch(_expected_shapes(config.unet), {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise ValueError(f"{path}: state_dict does not match the UNet of the given config: {problems}")
+    return _build(path, config, dict(state), device, dtype), config
+
+
+# --------------------------------------------------------------------------------------------
+
+def _existing_file(path: PathLike) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected a file path, got {type(path).__name__}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file")
+    return path
+
+
+def _expected_shapes(unet_config: UNetConfig) -> Dict[str, Tuple[int, ...]]:
+    # On the meta device: no memory, no initialisation, even for the 168M-parameter preset.
+    with torch.device("meta"):
+        model = UNet(unet_config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _mismatch(expected: Dict[str, tuple], found: Dict[str, tuple]) -> str:
+    """'' when the key sets and shapes agree exactly, else a one-line description of every difference."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatch(es): {_listing(wrong)}")
+    return "; ".join(parts)
+
+
+def _listing(items, limit: int = 6) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _build(path: Path, config: ModelConfig, state: Dict[str, torch.Tensor], device, dtype) -> UNet:
+    bad_dtype = [f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point()]
+    if bad_dtype:
+        raise ValueError(f"{path}: tensors must be floating point: {_listing(bad_dtype)}")
+    non_finite = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise ValueError(f"{path}: tensors hold NaN or Inf: {_listing(non_finite)}")
+    dtype = torch.float32 if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
+    dev = _device(path, device)
+    with torch.device("meta"):
+        model = UNet(config.unet)
+    # assign=True adopts the loaded tensors instead of copying into freshly initialised ones.
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=dev, dtype=dtype).eval()
+
+
+def _device(path: Path, device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: invalid device {device!r} ({_first_line(e)})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{path}: device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    # torch's message is a paragraph of advice; the line naming the refused global/opcode is the news.
+    for line in str(e).splitlines():
+        m = re.search(r"Unsupported (global|operand)[^\n]*", line)
+        if m:
+            return m.group(0).split(" was not ")[0].split(". Please")[0].strip()
+    return _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

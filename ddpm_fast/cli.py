@@ -1,0 +1,214 @@
+"""The `ddpm-fast` command (also `python -m ddpm_fast`).
+
+    ddpm-fast sample [--checkpoint PATH | --preset NAME] [--num-images N] [--steps S] [--sampler ddpm|ddim]
+                     [--eta E] [--variant labml|paper|posterior] [--clip-x0] [--seed K] [--device D]
+                     [--dtype fp32|fp16|bf16] [--backend reference|fast] [--nrow R] [--out grid.png]
+                     [--no-progress]
+    ddpm-fast train ...         (when ddpm_fast.training is installed)
+    ddpm-fast bench-report ...  (when ddpm_fast.bench_report is installed)
+
+User errors (bad arguments, unreadable checkpoints, unwritable outputs) print one line,
+`ddpm-fast: error: ...`, exit non-zero and write nothing; only bugs show a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .config import PRESETS, get_preset
+
+PROG = "ddpm-fast"
+DEFAULT_PRESET = "tiny"
+# The seed of a randomly initialised model is fixed, so --seed picks the samples, not the network.
+INIT_SEED = 0
+
+# Subcommands that live in other modules, registered only when their module imports:
+# (command, module, add-arguments function, run function, help).
+_DELEGATED = [
+    ("train", "ddpm_fast.training", "add_train_arguments", "run_train_from_args", "train a model"),
+    ("bench-report", "ddpm_fast.bench_report", "add_bench_report_arguments", "run_bench_report_from_args",
+     "summarise benchmark results"),
+]
+
+
+class UserError(Exception):
+    """A problem with the user's input; reported as one line without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the usage block and then the error; the contract is a single line.
+    def error(self, message):
+        raise UserError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, 2^63), got {value}")
+    return value
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="PATH",
+                     help="a .safetensors checkpoint (default: the shipped model if installed, else a randomly "
+                          f"initialised '{DEFAULT_PRESET}' model)")
+    src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
+                     help=f"sample from a randomly initialised preset ({', '.join(sorted(PRESETS))}): noise, "
+                          "for trying the pipeline")
+    p.add_argument("--num-images", type=_positive_int, default=16, metavar="N", help="images to draw (default 16)")
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="S",
+                   help="sampler steps, strided over the schedule (default: T for ddpm, 50 for ddim)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--eta", type=_unit_float, default=0.0, metavar="E",
+                   help="DDIM noise scale in [0, 1] (ddim only; default 0)")
+    p.add_argument("--variant", choices=["labml", "paper", "posterior"], default="labml",
+                   help="DDPM variance: labml (noise at every step), paper (none at the last), posterior")
+    p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to the data range")
+    p.add_argument("--seed", type=_seed, default=0, metavar="K", help="noise seed (default 0)")
+    p.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model compute dtype")
+    p.add_argument("--backend", choices=["reference", "fast"], default="reference")
+    p.add_argument("--nrow", type=_positive_int, default=None, metavar="R", help="images per grid row")
+    p.add_argument("--out", default="samples.png", metavar="PATH", help="output image (default samples.png)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_sample_from_args)
+
+
+def run_sample_from_args(args: argparse.Namespace) -> int:
+    # Imported here so `ddpm-fast --help` stays quick and the parser does not depend on them.
+    from .checkpoint import default_checkpoint_path, load_checkpoint
+    from .reference.unet import UNet
+    from .sampling import (DEFAULT_DDIM_STEPS, _parse_device, image_format_for_path, make_grid, sample,
+                           save_image_atomic)
+
+    out = Path(args.out)
+    image_format_for_path(out)  # refuse a bad output path before any work
+    if args.sampler == "ddpm" and args.eta != 0.0:
+        raise UserError("--eta applies to --sampler ddim only")
+    device = _parse_device(args.device) if args.device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint is None and args.preset is None:
+        checkpoint = default_checkpoint_path()
+    notice = None
+    if checkpoint is not None:
+        model, config = load_checkpoint(checkpoint, device=device, dtype=dtype)
+        source = str(checkpoint)
+    else:
+        preset = args.preset or DEFAULT_PRESET
+        if args.preset is None:
+            notice = (f"no trained model is installed; sampling from a randomly initialised '{preset}' model, "
+                      "so the images are noise until a model is trained")
+        else:
+            notice = f"preset '{preset}' is randomly initialised; the images are noise"
+        config = get_preset(preset)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            model = UNet(config.unet)
+        model = model.to(device=device, dtype=dtype)
+        source = f"random {preset}"
+
+    n_train = config.diffusion.n_steps
+    if args.steps is not None and args.steps > n_train:
+        raise UserError(f"--steps {args.steps} exceeds the model's schedule length T={n_train}")
+    if notice:  # after every check, so an error stays the only line
+        print(f"{PROG}: note: {notice}", file=sys.stderr)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    images = sample(model, batch_size=args.num_images, num_inference_steps=args.steps, sampler=args.sampler,
+                    eta=args.eta, generator=generator, output_type="pt", progress=not args.no_progress,
+                    device=device, dtype=dtype, backend=args.backend, variant=args.variant,
+                    clip_x0=args.clip_x0, config=config)
+    seconds = time.perf_counter() - start
+    save_image_atomic(make_grid(images, nrow=args.nrow), out)
+    n_steps = args.steps or (n_train if args.sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, n_train))
+    print(out)
+    print(f"{args.num_images} images, {n_steps} steps, {args.sampler} sampler, {source}, {device}, "
+          f"{args.dtype}, {args.backend} backend, {seconds:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Fast DDPM/DDIM sampling with a plain PyTorch reference.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_sample_arguments(sub.add_parser("sample", help="draw images and write them as one grid image",
+                                        description="Draw images from a DDPM model and write a grid image."))
+    for name, module_name, add_name, run_name, help_text in _DELEGATED:
+        module = _optional_module(module_name)
+        if module is None:
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        getattr(module, add_name)(p)
+        p.set_defaults(func=getattr(module, run_name))
+    return parser
+
+
+_import_errors = {}
+
+
+def _optional_module(name: str):
+    """The module, or None when it is not installed (yet); a broken module's error is kept for main."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        _import_errors[name] = e
+        return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser()
+        if argv and argv[0] in {d[0] for d in _DELEGATED}:
+            module_name = next(d[1] for d in _DELEGATED if d[0] == argv[0])
+            if module_name in _import_errors:
+                raise UserError(f"the '{argv[0]}' command is not available: {_import_errors[module_name]}")
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help / --version
+            return int(e.code or 0)
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, OSError) as e:
+        # ValueError/OSError are what the library raises for bad input and bad files.
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""Fused AttentionBlock: `ddpm_fast::attention`, the fast path of `reference.functional.attention`.
+
+The block is three launches, none of which makes a layout copy:
+
+1. qkv = tokens @ proj_weight^T on cuBLAS (no bias). x is read in place as the transposed operand
+   x.reshape(B, C, N)^T, so the NCHW -> tokens permute costs nothing. This is the biggest GEMM of
+   the block (3 * heads * d_k outputs per token) and has no epilogue worth fusing (its bias is
+   folded into step 2), so cuBLAS's tuned kernels beat a hand-written Triton GEMM here.
+2. The attention core, a flash-attention style Triton kernel over strided q/k/v views of qkv
+   (labml's per-head interleaving: the row of head h is [q_h | k_h | v_h], each d_k wide). Online
+   softmax in fp32, no N x N matrix in memory. The projection bias is added to q and k tiles as they
+   are loaded, and to the output (softmax rows sum to 1, so P (V + 1 b^T) = P V + 1 b^T). The head
+   dimension is tiled (d_k = 1024 in labml-cifar32): QK^T accumulates over BLOCK_DK chunks, and each
+   program owns a BLOCK_DV slice of the output, recomputing the scores per slice. That recompute is
+   cheap exactly where it is used (few tokens, or a grid too small to fill the GPU) and keeps the
+   fp32 accumulator in registers. The output is written token-major [B, N, heads * d_k].
+3. The output projection in Triton, with bias + residual + NCHW store in its epilogue. On cuBLAS this
+   would be a GEMM, a bias/residual pass and a permute copy (three reads and writes of [B, C, N]);
+   here it is one kernel. The GEMM is small (C <= 1024 outputs per token), where a Triton tl.dot
+   tile loop runs close to cuBLAS, so the fused epilogue is the win.
+
+SDPA dispatch: `SDPA_CORE_SHAPES` names the (tokens, d_k, dtype) core shapes where a GPU measurement
+(benchmarks/bench_attention.py, test_core) showed torch SDPA faster than the Triton core; there the
+core runs through F.scaled_dot_product_attention and steps 1 and 3 stay as above.
+
+Numerics: scores, scale and softmax in fp32; P is rounded to the input dtype for the P V product (as
+flash-attention does); fp32 inputs use IEEE fp32 dots unless torch allows TF32 for matmuls.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import functional as ref
+
+try:  # The module must import (and the op fall back to the reference) where triton is missing.
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only on machines without a working triton
+    HAS_TRITON = False
+
+__all__ = ["attention", "attention_triton", "flash_attention_triton", "core_backend", "SDPA_CORE_SHAPES",
+           "HAS_TRITON"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+
+# ---------------------------------------------------------------------------------------------
+# SDPA dispatch: the one place that decides which core runs at a shape.
+# Key: (tokens N, head width d_k, dtype). Value: the measurement that decided it, e.g.
+#   "H100 bf16 B=64: sdpa 41.0 us vs triton 55.2 us (benchmarks/results/attention-<date>.json)".
+# EMPTY until measured: no GPU has run benchmarks/bench_attention.py::test_core yet, so every shape
+# runs the Triton core. Add a row only for a shape where sdpa beat triton at every benchmarked batch.
+# ---------------------------------------------------------------------------------------------
+SDPA_CORE_SHAPES: Dict[Tuple[int, int, torch.dtype], str] = {}
+
+
+def core_backend(n_tokens: int, d_k: int, dtype: torch.dtype) -> str:
+    """'sdpa' where the measured table says SDPA's core is faster, else 'triton'."""
+    return "sdpa" if (int(n_tokens), int(d_k), dtype) in SDPA_CORE_SHAPES else "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile choice. Not autotuned: the block is called ~10^5 times per sampling run and must be
+# capturable, so the config is a pure function of the shape. Unmeasured heuristics, to be tuned
+# with benchmarks/bench_attention.py on the GPU.
+# ---------------------------------------------------------------------------------------------
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, 1 << max(0, int(n) - 1).bit_length()))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    # On the GPU: one program per SM at least (small-batch sampling leaves most SMs idle otherwise).
+    # On the CPU interpreter, fewer, bigger programs run faster, so ask for no split at all.
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _flash_config(bh: int, n_q: int, n_kv: int, d: int, dtype: torch.dtype, programs: int) -> dict:
+    block_m = _pow2_clamp(n_q, 16, 64)
+    block_n = _pow2_clamp(n_kv, 16, 64)
+    # q chunk stays in registers when d fits one chunk; fp32 tiles are twice the bytes, so half as wide.
+    block_dk = _pow2_clamp(d, 16, 64 if dtype == torch.float32 else 128)
+    # Output slice: up to 256 columns (a 64 x 256 fp32 accumulator is 64 registers a thread at 8
+    # warps); fp32 V tiles are twice the shared memory, so 128.
+    block_dv = _pow2_clamp(d, 16, 128 if dtype == torch.float32 else 256)
+
+    def grid_size() -> int:
+        return triton.cdiv(n_q, block_m) * triton.cdiv(d, block_dv) * bh
+
+    # Too few programs for the GPU: split the output columns first (costs a score recompute per
+    # split), then the query rows.
+    while grid_size() < programs:
+        if block_dv > 64:
+            block_dv //= 2
+        elif block_m > 16:
+            block_m //= 2
+        elif block_dv > 32:
+            block_dv //= 2
+        else:
+            break
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+
+
+_SMEM_BUDGET = 160 * 1024  # of the H100's 227 KB a block may use: headroom for layout-conversion scratch
+
+
+def _flash_launch_params(cfg: dict, d: int, esize: int) -> dict:
+    """NUM_DK, warps and pipeline depth for a tile choice.
+
+    Triton pipelines only the innermost loop: the key loop (K and V tiles) when the head fits one
+    chunk, else the head-dim loop (q and k chunks, V then single-buffered). Stages are cut until the
+    buffers fit the shared-memory budget.
+    """
+    bm, bn, bdk, bdv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"], cfg["BLOCK_DV"]
+    num_dk = triton.cdiv(d, bdk)
+    if num_dk == 1:
+        fixed, per_stage = bm * bdk * esize, bn * (bdk + bdv) * esize
+    else:
+        fixed, per_stage = bn * bdv * esize, (bm + bn) * bdk * esize
+    stages = 3
+    while stages > 1 and fixed + stages * per_stage > _SMEM_BUDGET:
+        stages -= 1
+    return dict(NUM_DK=num_dk, num_warps=8 if bm * bdv >= 64 * 128 else 4, num_stages=stages)
+
+
+def _out_proj_config(b: int, n: int, c: int, dtype: torch.dtype, programs: int) -> dict:
+    block_t = _pow2_clamp(n, 16, 64)
+    block_k = 32 if dtype == torch.float32 else 64
+    block_c = 64
+    while block_c > 16 and triton.cdiv(c, block_c) * triton.cdiv(n, block_t) * b < programs:
+        block_c //= 2
+    return dict(BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=4)
+
+
+def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
+    # PREC 0: 16-bit operands on tensor cores; 1: fp32 in IEEE; 2: fp32 through TF32 (only when torch
+    # allows TF32 matmuls, as cuBLAS would). UPCAST: the CPU interpreter has no bf16 dot and a slow
+    # fp16 one, so 16-bit operands go to fp32 there: exact, as the products of 16-bit values are exact
+    # in fp32 and the GPU's tensor cores accumulate in fp32 too.
+    if dtype == torch.float32:
+        prec = 2 if (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32) else 1
+    else:
+        prec = 0
+    return dict(PREC=prec, UPCAST=(dtype != torch.float32 and device.type != "cuda"))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        if UPCAST:
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif PREC == 1:
+            out = tl.dot(a, b, acc, input_precision="ieee")
+        elif PREC == 2:
+            out = tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            out = tl.dot(a, b, acc)
+        return out
+
+    @triton.jit
+    def _load_rows(base, rows, cols, s_row, s_col, row_ok, col_ok, bias_base, s_bias, HAS_BIAS: tl.constexpr):
+        """A [rows, cols] tile (zero outside the masks), plus a per-column bias added in fp32."""
+        t = tl.load(base + rows[:, None] * s_row + cols[None, :] * s_col,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_base + cols * s_bias, mask=col_ok, other=0.0)
+            t = (t.to(tl.float32) + bias.to(tl.float32)[None, :]).to(t.dtype)
+        return t
+
+    @triton.jit
+    def _flash_attn_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, qb_ptr, kb_ptr, vb_ptr,
+        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_on, s_od,
+        s_qbh, s_qbd, s_kbh, s_kbd, s_vbh, s_vbd,
+        n_heads, n_q, n_kv, head_dim, qk_scale,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+        BLOCK_DV: tl.constexpr, NUM_DK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # Program (query block, output-column block, batch * head).
+        pid_m = tl.program_id(0)
+        pid_v = tl.program_id(1)
+        pid_bh = tl.program_id(2)
+        b = (pid_bh // n_heads).to(tl.int64)  # batch offsets can pass 2^31 elements
+        h = pid_bh % n_heads
+        q_base = q_ptr + b * s_qb + h * s_qh
+        k_base = k_ptr + b * s_kb + h * s_kh
+        v_base = v_ptr + b * s_vb + h * s_vh
+        qb_base = qb_ptr + h * s_qbh
+        kb_base = kb_ptr + h * s_kbh
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_DK)
+        m_ok = offs_m < n_q
+        v_ok = offs_v < head_dim
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        if NUM_DK == 1:  # the whole head fits one chunk: load q once, keep it in registers
+            q_res = _load_rows(q_base, offs_m, offs_k, s_qn, s_qd, m_ok, offs_k < head_dim,
+                               qb_base, s_qbd, HAS_BIAS)
+        for n0 in range(0, n_kv, BLOCK_N):
+            offs_kv = n0 + offs_n
+            n_ok = offs_kv < n_kv
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if NUM_DK == 1:
+                k = _load_rows(k_base, offs_kv, offs_k, s_kn, s_kd, n_ok, offs_k < head_dim,
+                               kb_base, s_kbd, HAS_BIAS)
+                s = _dot(q_res, tl.trans(k), s, PREC, UPCAST)
+            else:  # wide heads: accumulate q k^T over head-dim chunks (q chunks come from L1/L2)
+                for c in range(NUM_DK):
+                    dk = c * BLOCK_DK + offs_k
+                    dk_ok = dk < head_dim
+                    q = _load_rows(q_base, offs_m, dk, s_qn, s_qd, m_ok, dk_ok, qb_base, s_qbd, HAS_BIAS)
+                    k = _load_rows(k_base, offs_kv, dk, s_kn, s_kd, n_ok, dk_ok, kb_base, s_kbd, HAS_BIAS)
+                    s = _dot(q, tl.trans(k), s, PREC, UPCAST)
+            # Online softmax in base 2: the scale carries log2(e), all in fp32.
+            s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_kv[:, None] * s_vn + offs_v[None, :] * s_vd,
+                        mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        if HAS_BIAS:  # v's bias passes through the (row-stochastic) softmax unchanged
+            out += tl.load(vb_ptr + h * s_vbh + offs_v * s_vbd, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+        o_base = o_ptr + b * s_ob + h * s_oh
+        tl.store(o_base + offs_m[:, None] * s_on + offs_v[None, :] * s_od, out.to(o_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & v_ok[None, :])
+
+    @triton.jit
+    def _out_proj_residual_kernel(
+        o_ptr, w_ptr, bias_ptr, x_ptr, y_ptr,
+        s_ob, s_on, s_ok, s_wc, s_wk, s_bias, s_xb, s_xc, s_xn, s_yb, s_yc, s_yn,
+        n_chan, n_tokens, k_dim,
+        BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+        PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # y[b, c, t] = x[b, c, t] + bias[c] + sum_k w[c, k] o[b, t, k]: a [channels, tokens] tile of
+        # the NCHW output, so the store (and the residual read) run along contiguous tokens.
+        pid_c = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_k = tl.arange(0, BLOCK_K)
+        c_ok = offs_c < n_chan
+        t_ok = offs_t < n_tokens
+        o_base = o_ptr + b * s_ob
+        acc = tl.zeros([BLOCK_C, BLOCK_T], tl.float32)
+        for k0 in range(0, k_dim, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < k_dim
+            w = tl.load(w_ptr + offs_c[:, None] * s_wc + kk[None, :] * s_wk,
+                        mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            o = tl.load(o_base + kk[:, None] * s_ok + offs_t[None, :] * s_on,
+                        mask=k_ok[:, None] & t_ok[None, :], other=0.0)
+            acc = _dot(w, o, acc, PREC, UPCAST)
+        mask = c_ok[:, None] & t_ok[None, :]
+        bias = tl.load(bias_ptr + offs_c * s_bias, mask=c_ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * s_xb + offs_c[:, None] * s_xc + offs_t[None, :] * s_xn, mask=mask, other=0.0)
+        y = acc + bias[:, None] + x.to(tl.float32)
+        tl.store(y_ptr + b * s_yb + offs_c[:, None] * s_yc + offs_t[None, :] * s_yn,
+                 y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not importable here; use ddpm_fast.ops.attention (reference fallback)")
+
+
+def _check_bias(name: str, t: Optional[torch.Tensor], heads: int, d: int, like: torch.Tensor) -> None:
+    if t is not None and (tuple(t.shape) != (heads, d) or t.dtype != like.dtype or t.device != like.device):
+        raise ValueError(f"flash_attention_triton: {name} must be [{heads}, {d}] {like.dtype} on {like.device}, "
+                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
+                           q_bias: Optional[torch.Tensor] = None, k_bias: Optional[torch.Tensor] = None,
+                           v_bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                           block_m: Optional[int] = None, block_n: Optional[int] = None,
+                           block_dk: Optional[int] = None, block_dv: Optional[int] = None) -> torch.Tensor:
+    """softmax((q + q_bias)(k + k_bias)^T * scale) (v + v_bias) with the Triton core.
+
+    q: [B, H, Nq, d], k and v: [B, H, Nk, d], any strides; the biases (all three or none): [H, d].
+    out: optional [B, H, Nq, d] buffer to write (any strides); otherwise one is allocated
+    token-major, i.e. the returned [B, H, Nq, d] tensor is a view of a contiguous [B, Nq, H, d].
+    block_*: override the tile sizes (powers of two >= 16), for tests of the tiling paths.
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    """
+    _require_triton()
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"flash_attention_triton: q, k, v must be 4-D [B, H, N, d], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    bsz, heads, n_q, d = q.shape
+    n_kv = k.shape[2]
+    if tuple(k.shape) != (bsz, heads, n_kv, d) or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"flash_attention_triton: k and v must be [{bsz}, {heads}, Nk, {d}] alike, got "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"flash_attention_triton: q, k, v must share one of {_DTYPES}, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise RuntimeError(f"flash_attention_triton: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    has_bias = q_bias is not None or k_bias is not None or v_bias is not None
+    if has_bias:
+        if q_bias is None or k_bias is None or v_bias is None:
+            raise ValueError("flash_attention_triton: give all of q_bias, k_bias, v_bias or none")
+        for name, t in (("q_bias", q_bias), ("k_bias", k_bias), ("v_bias", v_bias)):
+            _check_bias(name, t, heads, d, q)
+    if out is None:
+        out = torch.empty((bsz, n_q, heads, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    elif tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"flash_attention_triton: out must be {tuple(q.shape)} {q.dtype} on {q.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.numel() == 0:
+        return out
+    if n_kv == 0:
+        raise ValueError("flash_attention_triton: softmax over zero keys is undefined (Nk == 0)")
+
+    cfg = _flash_config(bsz * heads, n_q, n_kv, d, q.dtype, _programs_wanted(q.device))
+    for key, val in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_DK", block_dk), ("BLOCK_DV", block_dv)):
+        if val is not None:
+            if val < 16 or val & (val - 1):
+                raise ValueError(f"flash_attention_triton: {key.lower()} must be a power of two >= 16, got {val}")
+            cfg[key] = val
+    launch = _flash_launch_params(cfg, d, q.element_size())
+    qb, kb, vb = (q_bias, k_bias, v_bias) if has_bias else (q, q, q)  # unused pointers when no bias
+    sb = [s for t in (qb, kb, vb) for s in ((t.stride(0), t.stride(1)) if has_bias else (0, 0))]
+    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DV"]), bsz * heads)
+    wrap_triton(_flash_attn_fwd_kernel)[grid](
+        q, k, v, out, qb, kb, vb, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sb,
+        heads, n_q, n_kv, d, float(scale) * _LOG2E,
+        HAS_BIAS=has_bias, **cfg, **launch, **_dot_flags(q.dtype, q.device))
+    return out
+
+
+def _qkv_projection(x3: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """tokens @ weight^T (+ bias) -> [B, N, 3 * heads * d_k], reading x3 = [B, C, N] in place."""
+    bsz, c, n = x3.shape
+    tokens = x3.transpose(1, 2)  # [B, N, C] view: a transposed operand for cuBLAS, no copy
+    wt = weight.t()
+    if tokens.stride(0) == n * tokens.stride(1):  # channels_last input: one [B*N, C] GEMM
+        flat = tokens.reshape(bsz * n, c)
+        qkv = torch.mm(flat, wt) if bias is None else torch.addmm(bias, flat, wt)
+        return qkv.view(bsz, n, -1)
+    wt = wt.expand(bsz, c, wt.shape[1])  # stride-0 batch: a strided-batched GEMM, weight read once per batch
+    return torch.bmm(tokens, wt) if bias is None else torch.baddbmm(bias, tokens, wt)
+
+
+def attention_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+                     out_weight: torch.Tensor, out_bias: torch.Tensor, n_heads: int, d_k: int, *,
+                     core: Optional[str] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fast block (see the module docstring) without input validation: call `attention` instead.
+
+    core: None (the SDPA_CORE_SHAPES table decides), "triton" or "sdpa".
+    out: optional [B, C, H, W] buffer to write (any strides); otherwise a contiguous one is allocated.
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    """
+    _require_triton()
+    bsz, c, hgt, wid = x.shape
+    n = hgt * wid
+    hd = n_heads * d_k
+    if out is None:
+        out = torch.empty((bsz, c, hgt, wid), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if core is None:
+        core = core_backend(n, d_k, x.dtype)
+    if core not in ("triton", "sdpa"):
+        raise ValueError(f"attention_triton: core must be None, 'triton' or 'sdpa', got {core!r}")
+    x3 = x.reshape(bsz, c, n)  # a view for NCHW and channels_last inputs
+    scale = d_k ** -0.5
+
+    if core == "triton":
+        qkv = _qkv_projection(x3, proj_weight, None).view(bsz, n, n_heads, 3, d_k)
+        pb = proj_bias.view(n_heads, 3, d_k)
+        o_tok = torch.empty((bsz, n, n_heads, d_k), dtype=x.dtype, device=x.device)
+        flash_attention_triton(qkv[:, :, :, 0].transpose(1, 2), qkv[:, :, :, 1].transpose(1, 2),
+                               qkv[:, :, :, 2].transpose(1, 2), scale,
+                               q_bias=pb[:, 0], k_bias=pb[:, 1], v_bias=pb[:, 2], out=o_tok.transpose(1, 2))
+        o_tok = o_tok.view(bsz, n, hd)
+    else:
+        qkv = _qkv_projection(x3, proj_weight, proj_bias).view(bsz, n, n_heads, 3, d_k)
+        o = F.scaled_dot_product_attention(qkv[:, :, :, 0].transpose(1, 2), qkv[:, :, :, 1].transpose(1, 2),
+                                           qkv[:, :, :, 2].transpose(1, 2), scale=scale)
+        o_tok = o.transpose(1, 2).reshape(bsz, n, hd)  # a view when SDPA returns token-major storage
+
+    try:
+        y3 = out.view(bsz, c, n)  # NCHW and channels_last buffers both merge H and W
+    except RuntimeError:
+        raise ValueError(f"attention_triton: out's H and W dims cannot be merged (strides {out.stride()})") from None
+    cfg = _out_proj_config(bsz, n, c, x.dtype, _programs_wanted(x.device))
+    num_warps = cfg.pop("num_warps")
+    grid = (triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(n, cfg["BLOCK_T"]), bsz)
+    wrap_triton(_out_proj_residual_kernel)[grid](
+        o_tok, out_weight, out_bias, x3, y3, *o_tok.stride(), *out_weight.stride(), out_bias.stride(0),
+        *x3.stride(), *y3.stride(), c, n, hd, **cfg, **_dot_flags(x.dtype, x.device), num_warps=num_warps)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch.library op and its wrapper.
+# ---------------------------------------------------------------------------------------------
+def _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
+    # The reference returns a channels_last-strided view of its permute; the op promises contiguous.
+    return ref.attention(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k).contiguous()
+
+
+def _fake(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+if HAS_TRITON:
+
+    @triton_op("ddpm_fast::attention", mutates_args=())
+    def _attention_op(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+                      out_weight: torch.Tensor, out_bias: torch.Tensor, n_heads: int, d_k: int) -> torch.Tensor:
+        return attention_triton(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
+
+    # CPU tensors run the reference math (the interpreter is for tests, not for use).
+    _attention_op.register_kernel("cpu")(_reference_out)
+else:  # pragma: no cover - exercised only on machines without triton
+
+    @torch.library.custom_op("ddpm_fast::attention", mutates_args=())
+    def _attention_op(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+                      out_weight: torch.Tensor, out_bias: torch.Tensor, n_heads: int, d_k: int) -> torch.Tensor:
+        return _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
+
+# An explicit shape rule (triton_op would otherwise trace the launcher for it).
+_attention_op.register_fake(_fake)
+
+
+def _check(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k) -> None:
+    named = (("x", x), ("proj_weight", proj_weight), ("proj_bias", proj_bias), ("out_weight", out_weight),
+             ("out_bias", out_bias))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, v in (("n_heads", n_heads), ("d_k", d_k)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"attention: {name} must be an int, got {type(v).__name__}")
+        if v <= 0:
+            raise ValueError(f"attention: {name} must be positive, got {v}")
+    if x.dim() != 4:
+        raise ValueError(f"attention: x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"attention: x must be float32, float16 or bfloat16, got {x.dtype}")
+    c = x.shape[1]
+    hd = n_heads * d_k
+    expected = {"proj_weight": (3 * hd, c), "proj_bias": (3 * hd,), "out_weight": (c, hd), "out_bias": (c,)}
+    for name, t in named[1:]:
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"attention: {name} must have shape {expected[name]} for C={c}, n_heads={n_heads}, "
+                             f"d_k={d_k}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"attention: {name} has dtype {t.dtype} but x has {x.dtype}")
+        if t.device != x.device:
+            raise RuntimeError(f"attention: {name} is on {t.device} but x is on {x.device}")
+
+
+def attention(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor, out_weight: torch.Tensor,
+              out_bias: torch.Tensor, n_heads: int, d_k: int) -> torch.Tensor:
+    """labml's AttentionBlock forward, residual included: see `reference.functional.attention`.
+
+    x: [B, C, H, W] fp32/fp16/bf16 (NCHW or channels_last); proj_weight [3*n_heads*d_k, C],
+    proj_bias [3*n_heads*d_k], out_weight [C, n_heads*d_k], out_bias [C], all in x's dtype and on
+    x's device. Returns a new contiguous [B, C, H, W] tensor. CUDA: the fused Triton path; CPU: the
+    reference math.
+    """
+    _check(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
+    return torch.ops.ddpm_fast.attention(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)

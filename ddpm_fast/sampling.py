@@ -1,0 +1,401 @@
+"""Sampling: the DDPM/DDIM loop, argument checking, output conversion, and image-grid helpers.
+
+The loop is table driven. `Schedule.ddpm_coeffs / ddpm_coeffs_clipped / ddim_coeffs` turn the
+sampler choice (DDPM variant, DDIM eta, strided timesteps, x0 clipping) into one [S, 6] row of
+coefficients per step, and every step is the same two calls:
+    eps = model(x_t, t);  x_{t-1} = reverse_step(x_t, eps, i, coeffs, noise=z)
+so the reference loop here and the fast loop (ddpm_fast.fast_sampler) differ only in how they run
+those two calls, never in the math.
+
+Random numbers (the contract both loops follow): a CPU torch.Generator draws x_T first, then one
+z ~ N(0, I) of x_T's shape per step, in step order, whether or not that step's sigma is zero. All of
+it is drawn on the CPU and moved to the device, so a seed gives the same images on any device (up
+to the model's floating-point differences between devices).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .config import DiffusionConfig, ModelConfig, UNetConfig
+from .reference import functional
+from .reference.diffusion import DDPM_VARIANTS, Schedule
+
+__all__ = ["sample", "reference_loop", "make_grid", "save_image_atomic", "image_format_for_path",
+           "SAMPLERS", "OUTPUT_TYPES", "BACKENDS", "DDPM_VARIANTS", "DEFAULT_DDIM_STEPS"]
+
+SAMPLERS = ("ddpm", "ddim")
+OUTPUT_TYPES = ("pil", "np", "pt")
+BACKENDS = ("reference", "fast")
+DEFAULT_DDIM_STEPS = 50  # diffusers' DDIMPipeline default
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optional[int] = None,
+           sampler: str = "ddpm", eta: float = 0.0, generator: Optional[torch.Generator] = None,
+           output_type: str = "pil", progress: bool = True, device=None, dtype=None,
+           backend: str = "reference", variant: str = "labml", clip_x0: bool = False,
+           config: Optional[ModelConfig] = None, image_size: Union[int, Tuple[int, int], None] = None):
+    """Draw `batch_size` images from a DDPM model.
+
+    model_or_checkpoint: a UNet (any nn.Module mapping (x [B, C, H, W], t [B] int64) -> eps), or the path
+        of a checkpoint written by `save_checkpoint`.
+    config: the ModelConfig of a module (default: ModelConfig(unet=model.config) with the default
+        DiffusionConfig); must be None for a checkpoint, which carries its own.
+    num_inference_steps: S sampler steps, strided over the schedule by Schedule.timesteps(S);
+        default T (all steps) for "ddpm", 50 for "ddim".
+    sampler: "ddpm" (ancestral; `variant` "labml" = noise at every step as labml does, "paper" = no
+        noise at the last step, "posterior" = posterior variance beta_tilde) or "ddim" (`eta` in [0, 1];
+        eta must be 0 for "ddpm").
+    clip_x0: clamp the predicted x0 to config.diffusion.data_range at every step.
+    generator: a CPU torch.Generator (default: a fresh one seeded from torch's global RNG).
+    device: where to run (default: the module's device; for a checkpoint CUDA when available). A module
+        is moved there in place (nn.Module.to).
+    dtype: the model's compute dtype (default: the module's parameter dtype; float32 for a checkpoint);
+        x_t stays float32. A module in another dtype is run through a converted copy.
+    backend: "reference" (this file's loop) or "fast" (ddpm_fast.fast_sampler).
+    image_size: sample at another size than config.unet.image_size (int or (H, W)); the UNet is
+        convolutional, but H and W must be divisible by its total downsampling factor.
+    output_type: "pil" (list of PIL images; grayscale for 1 channel), "np" (float32 [B, H, W, C] in
+        [0, 1], diffusers' convention) or "pt" (float32 CPU tensor [B, C, H, W] in [0, 1]).
+    The model runs in eval mode under torch.inference_mode; its training flags are restored afterwards.
+    """
+    # -- cheap argument checks first, before anything is loaded --------------------------------
+    _check_int("batch_size", batch_size, low=1)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if variant not in DDPM_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {DDPM_VARIANTS}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    eta = float(eta)
+    if sampler == "ddpm" and eta != 0.0:
+        raise ValueError(f"eta={eta} only applies to sampler='ddim' (DDPM is DDIM with eta=1 and its own "
+                         "variance); use sampler='ddim' or eta=0")
+    if not isinstance(clip_x0, bool):
+        raise ValueError(f"clip_x0 must be a bool, got {clip_x0!r}")
+    if num_inference_steps is not None:
+        _check_int("num_inference_steps", num_inference_steps, low=1)
+    if generator is None:
+        # Seeded from the global RNG so torch.manual_seed(k) makes a default call reproducible.
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ()).item()))
+    elif not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    elif generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator (device-independent noise), got one on "
+                         f"{generator.device}")
+    run_dtype = _parse_dtype(dtype) if dtype is not None else None
+    dev = _parse_device(device) if device is not None else None
+
+    # -- the model and its config -------------------------------------------------------------
+    if isinstance(model_or_checkpoint, (str, os.PathLike)):
+        if config is not None:
+            raise ValueError("config must be None when sampling from a checkpoint (it carries its own config)")
+        from .checkpoint import load_checkpoint  # late: checkpoint imports safetensors
+        if dev is None:
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, config = load_checkpoint(model_or_checkpoint, device=dev, dtype=run_dtype or torch.float32)
+    elif isinstance(model_or_checkpoint, torch.nn.Module):
+        model = model_or_checkpoint
+        model_cfg = getattr(model, "config", None)
+        if config is None:
+            if not isinstance(model_cfg, UNetConfig):
+                raise ValueError("the model has no UNetConfig in .config; pass config=ModelConfig(...)")
+            config = ModelConfig(unet=model_cfg, diffusion=DiffusionConfig())
+        elif not isinstance(config, ModelConfig):
+            raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+        elif isinstance(model_cfg, UNetConfig) and model_cfg != config.unet:
+            diff = [f"{k}: model {getattr(model_cfg, k)!r} vs config {getattr(config.unet, k)!r}"
+                    for k in model_cfg.to_dict() if getattr(model_cfg, k) != getattr(config.unet, k)]
+            raise ValueError("config.unet does not describe this model (" + "; ".join(diff) + ")")
+        if dev is None:
+            dev = _module_device(model)
+    else:
+        raise ValueError("model_or_checkpoint must be an nn.Module or a checkpoint path, got "
+                         f"{type(model_or_checkpoint).__name__}")
+    if run_dtype is None:
+        run_dtype = _module_dtype(model)
+    if run_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {run_dtype}")
+
+    ucfg = config.unet
+    height, width = _image_hw(ucfg, image_size)
+    schedule = Schedule(config.diffusion)
+    n_steps = num_inference_steps
+    if n_steps is None:
+        n_steps = schedule.n_steps if sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, schedule.n_steps)
+    if n_steps > schedule.n_steps:
+        raise ValueError(f"num_inference_steps={n_steps} exceeds the schedule's T={schedule.n_steps}")
+    timesteps = schedule.timesteps(n_steps)
+    clip = config.diffusion.data_range if clip_x0 else None
+    if sampler == "ddim":
+        coeffs = schedule.ddim_coeffs(timesteps, eta)
+    elif clip_x0:
+        coeffs = schedule.ddpm_coeffs_clipped(timesteps, variant)
+    else:
+        coeffs = schedule.ddpm_coeffs(timesteps, variant)
+
+    loop, loop_kwargs = reference_loop, {}
+    if backend == "fast":
+        try:
+            from .fast_sampler import fast_loop
+        except ImportError as e:
+            raise RuntimeError(f"backend='fast' is not available: ddpm_fast.fast_sampler cannot be imported "
+                               f"({e}); use backend='reference'") from e
+        # The fast loop precomputes a time table over the schedule's T steps.
+        loop, loop_kwargs = fast_loop, {"n_steps": schedule.n_steps}
+
+    # The initial noise is drawn before anything else from the generator (see the module docstring).
+    x_T = torch.randn((batch_size, ucfg.image_channels, height, width), generator=generator,
+                      dtype=torch.float32).to(dev)
+    if _module_device(model) != dev:
+        model.to(dev)  # only now that every argument has been checked
+    run_model = model
+    if _module_dtype(model) != run_dtype:
+        run_model = copy.deepcopy(model).to(run_dtype)  # never cast the caller's weights in place
+    flags = [(m, m.training) for m in run_model.modules()]
+    run_model.eval()
+    try:
+        with torch.inference_mode():
+            x0 = loop(run_model, x_T, timesteps, coeffs.to(dev), generator=generator, clip=clip,
+                      dtype=run_dtype, progress=progress, **loop_kwargs)
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+
+    lo, hi = config.diffusion.data_range
+    # clone() outside inference mode gives the caller an ordinary tensor (usable with autograd later).
+    images = ((x0.to(torch.float32).cpu().clone() - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    if output_type == "pt":
+        return images.contiguous()
+    if output_type == "np":
+        return images.permute(0, 2, 3, 1).contiguous().numpy()
+    return [_pil_from_hwc(a) for a in _to_uint8_hwc(images)]
+
+
+def reference_loop(model, x_T: torch.Tensor, timesteps: torch.Tensor, coeffs: torch.Tensor,
+                   generator: torch.Generator, clip: Optional[Tuple[float, float]] = None,
+                   dtype: torch.dtype = torch.float32, progress: bool = True) -> torch.Tensor:
+    """The plain sampling loop: x_T (float32, on the device) -> x_0 (float32).
+
+    timesteps: CPU int64 [S] (descending); coeffs: float32 [S, 6] on x_T's device; noise drawn from the
+    CPU `generator`, one z per step. The caller sets eval mode and inference mode.
+    Same signature as ddpm_fast.fast_sampler.fast_loop.
+    """
+    device = x_T.device
+    x = x_T.to(torch.float32)
+    b = x.shape[0]
+    coeffs = coeffs.to(device)
+    rows = torch.arange(len(timesteps), device=device)  # row indices live on the device: no host sync
+    for i, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc="sampling", unit="step")):
+        t_batch = torch.full((b,), t, dtype=torch.long, device=device)
+        eps = model(x.to(dtype), t_batch).to(torch.float32)
+        z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
+        x = functional.reverse_step(x, eps, rows[i], coeffs, noise=z, clip=clip)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Image helpers
+# --------------------------------------------------------------------------------------------
+
+def make_grid(images, nrow: Optional[int] = None, padding: int = 2) -> Image.Image:
+    """Tile images into one PIL image, `nrow` images per row (default ceil(sqrt(n))), with `padding`
+    black pixels between and around them (torchvision's layout).
+
+    images: a list of PIL images of one size, a tensor [B, C, H, W] or an array [B, H, W, C] with
+    values in [0, 1] (C = 1 or 3). Grayscale in gives grayscale out.
+    """
+    arr = _images_to_uint8(images)
+    n, h, w, c = arr.shape
+    if nrow is None:
+        nrow = math.ceil(math.sqrt(n))
+    _check_int("nrow", nrow, low=1)
+    _check_int("padding", padding, low=0)
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = np.zeros((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        y, x = padding + r * (h + padding), padding + q * (w + padding)
+        grid[y:y + h, x:x + w] = arr[k]
+    return _pil_from_hwc(grid)
+
+
+def image_format_for_path(path) -> str:
+    """PIL's format name for `path`'s extension, after checking its directory is writable.
+
+    Raises ValueError naming the problem (unknown extension, missing or unwritable directory), so a
+    caller can refuse bad output paths before doing any work.
+    """
+    path = Path(path)
+    Image.init()
+    ext = path.suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"cannot write {path}: unknown image extension {ext or '(none)'!r} "
+                         "(use .png, .jpg, .bmp, ...)")
+    parent = path.parent
+    if not parent.exists():
+        raise ValueError(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: directory {parent} is not writable")
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory")
+    return fmt
+
+
+def save_image_atomic(image: Image.Image, path) -> Path:
+    """Write `image` to `path` (format from the extension) so that `path` is either untouched or
+    complete: the bytes go to a temporary file in the same directory, are flushed to disk, and
+    os.replace moves them into place. Returns the path.
+    """
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"save_image_atomic expects a PIL image, got {type(image).__name__}")
+    path = Path(path)
+    fmt = image_format_for_path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, (OSError, ValueError, KeyError)):
+            raise ValueError(f"cannot write {path}: {e}") from e
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Internals
+# --------------------------------------------------------------------------------------------
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return dtype
+
+
+def _parse_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _module_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _module_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _image_hw(ucfg: UNetConfig, image_size) -> Tuple[int, int]:
+    if image_size is None:
+        return ucfg.image_size, ucfg.image_size
+    hw = (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)
+    if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in hw):
+        raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+    down = 2 ** (len(ucfg.ch_mults) - 1)
+    if hw[0] % down or hw[1] % down:
+        raise ValueError(f"image_size {hw} does not fit the model: H and W must be divisible by {down} "
+                         f"({len(ucfg.ch_mults)} resolutions)")
+    return int(hw[0]), int(hw[1])
+
+
+def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] in [0, 1] -> uint8 [B, H, W, C]; one rounding rule for every output path."""
+    return (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _pil_from_hwc(a: np.ndarray) -> Image.Image:
+    c = a.shape[-1]
+    if c == 1:
+        return Image.fromarray(np.ascontiguousarray(a[..., 0]))
+    if c in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(a))
+    raise ValueError(f"cannot make a PIL image with {c} channels (need 1, 3 or 4)")
+
+
+def _images_to_uint8(images) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or not images.is_floating_point():
+            raise ValueError(f"expected a float tensor [B, C, H, W] in [0, 1], got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        arr = _to_uint8_hwc(images.detach().to(torch.float32))
+    elif isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.dtype.kind != "f":
+            raise ValueError(f"expected a float array [B, H, W, C] in [0, 1], got {images.dtype} {images.shape}")
+        arr = _to_uint8_hwc(torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32))
+    elif isinstance(images, Sequence) and all(isinstance(im, Image.Image) for im in images):
+        if not images:
+            raise ValueError("make_grid needs at least one image")
+        if len({im.size for im in images}) != 1:
+            raise ValueError(f"images differ in size: {sorted({im.size for im in images})}")
+        gray = all(im.mode == "L" for im in images)
+        arr = np.stack([np.asarray(im.convert("L" if gray else "RGB")) for im in images])
+        if gray:
+            arr = arr[..., None]
+    else:
+        raise ValueError("make_grid expects a list of PIL images, a [B, C, H, W] tensor or a [B, H, W, C] array")
+    if arr.shape[0] == 0:
+        raise ValueError("make_grid needs at least one image")
+    if arr.shape[-1] not in (1, 3):
+        raise ValueError(f"make_grid supports 1 or 3 channels, got {arr.shape[-1]}")
+    return arr
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

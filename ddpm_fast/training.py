@@ -1,0 +1,709 @@
+"""Train a DDPM (the reference labml UNet + labml's simple loss) on an image folder or the built-in digits.
+
+    ddpm-fast train --data digits --preset digits16 --steps 10000 --out runs/digits16
+    ddpm-fast train --data ~/my_images --preset tiny --steps 20000 --out runs/mine --resume
+    python -m ddpm_fast.training ...            (the same arguments, without the CLI front end)
+
+What a run does: Adam on MSE(eps, UNet(q_sample(x0, t, eps), t)) with t uniform over the schedule;
+gradient-norm clipping; an exponential moving average (EMA) of the weights, which is the model that
+is sampled and exported; optional mixed precision on CUDA (`amp="bf16"`: autocast only; `amp="fp16"`:
+autocast + GradScaler); a tqdm bar with the loss and it/s. `out_dir` receives:
+
+    checkpoint.safetensors   the full training state (see below), replaced atomically
+    model.safetensors        the EMA weights in the package's model format (load_checkpoint / sample)
+    loss.csv                 step, mean loss since the previous row, lr, it/s, elapsed seconds
+    samples/step_NNNNNNN.png a grid from the EMA model (DDIM, few steps, fixed seed) every sample_every
+
+Checkpoint format (no pickle anywhere): one safetensors file holding tensors `model.<name>`,
+`ema.<name>`, `optim.<param index>.<state key>` and `rng.cpu` / `rng.cuda`, and JSON metadata with the
+model config (`ddpm_fast_config`) and `train_state` (step, optimizer param groups and scalar state,
+GradScaler state, hyper-parameters). It is written to a temp file in the same folder, fsync'd and
+renamed over the old one, so a crash or `kill -9` at any moment leaves either the previous or the new
+checkpoint, never a torn one: `resume=True` loses at most the steps since the last checkpoint and then
+continues exactly as the uninterrupted run would (the data order and the per-step noise are functions
+of (seed, step), and the dropout RNG state is saved).
+
+Multi-GPU on one node (not testable on the CPU dev machine; written against torch.distributed's
+documented API):
+
+    torchrun --standalone --nproc_per_node=8 -m ddpm_fast.training --data DIR --preset cifar35m \
+        --steps 800000 --batch-size 128 --out runs/cifar --amp bf16
+
+Under torchrun (WORLD_SIZE > 1) each process trains on cuda:LOCAL_RANK inside DistributedDataParallel
+(find_unused_parameters=True, because labml's AttentionBlock owns a GroupNorm it never applies), each
+rank reads its shard of every epoch through a DistributedSampler, `batch_size` is the GLOBAL batch
+(split evenly across ranks, so the recipe does not change with the GPU count), and only rank 0 writes
+files. Resume works the same way; ranks other than 0 re-derive their RNG streams from (seed, rank, step).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Union
+
+import torch
+
+from .config import ModelConfig, get_preset
+from .reference import Schedule, UNet
+
+TRAIN_FORMAT = "ddpm_fast/train-1"
+MODEL_FORMAT = "ddpm_fast/1"
+CHECKPOINT_NAME = "checkpoint.safetensors"
+MODEL_NAME = "model.safetensors"
+LOSS_LOG = "loss.csv"
+LOSS_COLUMNS = ("step", "loss", "lr", "it_per_s", "elapsed_s")
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint is missing, corrupt, or belongs to a different model."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: Optional[float]
+    out_dir: Path
+    checkpoint: Path
+    model: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA
+# ---------------------------------------------------------------------------------------------
+def ema_decay_at(decay: float, n_updates: int) -> float:
+    """The decay used for the (n+1)-th EMA update: min(decay, (1 + n) / (10 + n)).
+
+    The warm-up keeps early EMA weights from being dominated by the random initialisation
+    (a plain 0.999 EMA would still be ~37% init after 1000 steps).
+    """
+    return min(decay, (1.0 + n_updates) / (10.0 + n_updates))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for every parameter; buffers are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (safetensors + JSON metadata; atomic replace)
+# ---------------------------------------------------------------------------------------------
+def _json_safe(obj):
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() != 1:
+            raise TypeError("a non-scalar tensor cannot go into JSON metadata")
+        return obj.item()
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in checkpoint metadata")
+
+
+def write_atomic(path: Union[str, Path], data: bytes) -> None:
+    """Write bytes to `path` via a temp file in the same folder, fsync, rename, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable (POSIX); not possible on every platform
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_train_checkpoint(path, model, ema, optimizer, step: int, config: ModelConfig,
+                          scaler=None, extra: Optional[Dict] = None) -> None:
+    """The full training state as one safetensors file (see the module docstring), atomically."""
+    from safetensors.torch import save
+
+    tensors: Dict[str, torch.Tensor] = {}
+    for prefix, module in (("model.", model), ("ema.", ema)):
+        for k, v in module.state_dict().items():
+            tensors[prefix + k] = v.detach().cpu().contiguous()
+    osd = optimizer.state_dict()
+    scalars = {}
+    for idx, st in osd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[k] = _json_safe(v)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    state = {"step": int(step), "optim_param_groups": _json_safe(osd["param_groups"]),
+             "optim_scalars": scalars, "scaler": _json_safe(scaler.state_dict()) if scaler is not None else None,
+             "hparams": _json_safe(extra or {})}
+    meta = {"format": TRAIN_FORMAT, "ddpm_fast_config": config.to_json(), "train_state": json.dumps(state)}
+    write_atomic(path, save(tensors, metadata=meta))
+
+
+def read_train_checkpoint(path) -> tuple:
+    """-> (tensors, config, state) from a training checkpoint, with clear errors for bad files."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training checkpoint {str(path)!r} does not exist")
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        meta = _read_metadata(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own and json/struct errors
+        raise CheckpointError(f"training checkpoint {str(path)!r} is corrupt or not a safetensors file "
+                              f"({type(e).__name__}: {e})") from None
+    if meta.get("format") != TRAIN_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a ddpm_fast training checkpoint "
+                              f"(format {meta.get('format')!r}, expected {TRAIN_FORMAT!r})")
+    try:
+        config = ModelConfig.from_json(meta["ddpm_fast_config"])
+        state = json.loads(meta["train_state"])
+        int(state["step"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"training checkpoint {str(path)!r} has bad metadata ({e})") from None
+    return tensors, config, state
+
+
+def _read_metadata(data: bytes) -> Dict[str, str]:
+    # safetensors layout: u64 little-endian header length, then the JSON header with "__metadata__".
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def load_train_checkpoint(path, model, ema, optimizer, scaler=None) -> dict:
+    """Restore model, EMA, optimizer (and scaler, RNG) in place; returns the checkpoint's train_state."""
+    path = Path(path)
+    tensors, config, state = read_train_checkpoint(path)
+    if config.unet != model.config:
+        raise CheckpointError(f"checkpoint {str(path)!r} is for a different model: {config.unet} "
+                              f"vs {model.config}")
+
+    def sub(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    try:
+        model.load_state_dict(sub("model."), strict=True)
+        ema.load_state_dict(sub("ema."), strict=True)
+        groups = state["optim_param_groups"]
+        for g in groups:  # JSON turned tuples (Adam's betas) into lists
+            for k, v in g.items():
+                if k != "params" and isinstance(v, list):
+                    g[k] = tuple(v)
+        ostate: Dict[int, Dict] = {}
+        for k, v in sub("optim.").items():
+            idx, key = k.split(".", 1)
+            ostate.setdefault(int(idx), {})[key] = v
+        for idx, sc in state.get("optim_scalars", {}).items():
+            ostate.setdefault(int(idx), {}).update(sc)
+        optimizer.load_state_dict({"state": ostate, "param_groups": groups})
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"training checkpoint {str(path)!r} does not match this model/optimizer: {e}") from None
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
+
+
+def export_model(checkpoint, dest, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a training checkpoint's EMA weights as a model file (load_checkpoint's format).
+
+    `dtype=torch.float16` halves the file (the shipped model); loaders upcast to float32.
+    """
+    from safetensors.torch import save
+
+    tensors, config, state = read_train_checkpoint(checkpoint)
+    weights = {k[4:]: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()
+               if k.startswith("ema.")}
+    meta = {"format": MODEL_FORMAT, "ddpm_fast_config": config.to_json(), "train_step": str(state["step"])}
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest, save(weights, metadata=meta))
+    return dest
+
+
+def _save_model_file(path, ema, config: ModelConfig, step: int) -> None:
+    try:
+        from .checkpoint import save_checkpoint
+    except ImportError:  # checkpoint.py not present: write the identical format directly
+        from safetensors.torch import save
+
+        sd = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+        write_atomic(path, save(sd, metadata={"format": MODEL_FORMAT, "ddpm_fast_config": config.to_json(),
+                                              "train_step": str(step)}))
+        return
+    save_checkpoint(path, ema, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order and noise: pure functions of (seed, rank, step), so resume is exact.
+# ---------------------------------------------------------------------------------------------
+class _BatchOrder:
+    """Per-rank index batches of step k: DistributedSampler's shard of epoch e's permutation."""
+
+    def __init__(self, dataset, per_rank_batch: int, seed: int, rank: int, world: int):
+        from torch.utils.data import DistributedSampler
+
+        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.bs = per_rank_batch
+        self.per_epoch = len(self.sampler) // per_rank_batch
+        self._epoch, self._indices = None, None
+
+    def batch(self, step: int):
+        e, j = divmod(step, self.per_epoch)
+        if e != self._epoch:
+            self.sampler.set_epoch(e)
+            self._epoch, self._indices = e, list(iter(self.sampler))
+        return self._indices[j * self.bs:(j + 1) * self.bs]
+
+
+class _StepsSampler(torch.utils.data.Sampler):
+    def __init__(self, order: _BatchOrder, start: int, stop: int):
+        self.order, self.start, self.stop = order, start, stop
+
+    def __iter__(self):
+        return (self.order.batch(s) for s in range(self.start, self.stop))
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def _noise_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919) * (1 << 32) % (1 << 62) + step
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample grids
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_grid(model, config: ModelConfig, n: int = 16, steps: int = 20, seed: int = 0, device=None):
+    """A PIL grid of n samples from `model` (DDIM, eta=0, `steps` steps, fixed seed)."""
+    device = torch.device(device or next(model.parameters()).device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    from .sampling import make_grid, sample
+
+    was_training = model.training
+    model.eval()
+    try:
+        images = sample(model, batch_size=n, num_inference_steps=steps, sampler="ddim", generator=gen,
+                        output_type="pil", progress=False, device=device, config=config)
+    finally:
+        model.train(was_training)
+    return make_grid(images, nrow=int(math.ceil(math.sqrt(n))))
+
+
+def _save_grid(path, grid) -> None:
+    from .sampling import save_image_atomic
+
+    save_image_atomic(grid, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss log
+# ---------------------------------------------------------------------------------------------
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop rows logged after `step` (a killed run may have logged past its last checkpoint)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f)]
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step] if rows else []
+    write_atomic(path, "".join(",".join(r) + "\n" for r in keep).encode())
+
+
+def plot_loss(csv_path, png_path, title: str = "training loss") -> bool:
+    """Plot loss.csv to a PNG (log-scale loss); False if matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps, losses = [], []
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            steps.append(int(row["step"]))
+            losses.append(float(row["loss"]))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (MSE on eps)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+def _resolve_amp(amp, device: torch.device) -> Optional[torch.dtype]:
+    if amp in (False, None, "off", "no", "fp32"):
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"mixed precision (amp={amp!r}) needs a CUDA device; this run is on {device}")
+    if amp is True:
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if amp not in table:
+        raise ValueError(f"amp must be False, True, 'bf16' or 'fp16', got {amp!r}")
+    return table[amp]
+
+
+def _setup_distributed(device):
+    """(rank, world size, device). WORLD_SIZE > 1 (torchrun) starts the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dev = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, dev
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dev, backend = torch.device("cuda", local), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def _check_args(steps, batch_size, lr, ema_decay, grad_clip, sample_every, checkpoint_every, log_every,
+                warmup_steps, num_workers, seed) -> None:
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(is_int(steps) and steps >= 1, f"steps must be a positive integer, got {steps!r}")
+    need(is_int(batch_size) and batch_size >= 1, f"batch_size must be a positive integer, got {batch_size!r}")
+    need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, f"lr must be a positive number, got {lr!r}")
+    need(isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay < 1.0, f"ema_decay must be in [0, 1), got {ema_decay!r}")
+    need(grad_clip is None or (isinstance(grad_clip, (int, float)) and grad_clip >= 0),
+         f"grad_clip must be >= 0 (0 or None disables clipping), got {grad_clip!r}")
+    for name, v in (("sample_every", sample_every), ("checkpoint_every", checkpoint_every),
+                    ("warmup_steps", warmup_steps), ("num_workers", num_workers)):
+        need(is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+    need(checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    need(is_int(log_every) and log_every >= 1, f"log_every must be a positive integer, got {log_every!r}")
+    need(is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+
+
+def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: int = 10_000,
+          batch_size: int = 64, lr: float = 3e-4, ema_decay: float = 0.999, grad_clip: Optional[float] = 1.0,
+          amp: Union[bool, str] = False, resume: bool = False, sample_every: int = 1000,
+          checkpoint_every: int = 500, seed: int = 0, device=None, progress: bool = True,
+          num_workers: int = 0, warmup_steps: int = 100, log_every: int = 50, sample_steps: int = 20,
+          n_samples: int = 16, callback: Optional[Callable[[int], None]] = None) -> TrainResult:
+    """Train a UNet for `steps` optimizer steps in total (a resumed run continues up to `steps`).
+
+    data: an image folder, "digits", a tensor [N, C, H, W] in the data range, or a map-style Dataset.
+    preset: a name from config.PRESETS or a ModelConfig. lr: Adam's rate after a linear warm-up of
+    `warmup_steps`. ema_decay: see `ema_decay_at`. amp: False, True (bf16 if supported else fp16),
+    "bf16" or "fp16" (CUDA only). resume: continue from out_dir/checkpoint.safetensors (required to
+    exist); without it an existing checkpoint in out_dir is an error rather than being overwritten.
+    callback(step) runs after every completed step (tests use it to interrupt a run).
+    """
+    from .data import load_dataset
+
+    _check_args(steps, batch_size, lr, ema_decay, grad_clip, sample_every, checkpoint_every, log_every,
+                warmup_steps, num_workers, seed)
+    config = preset if isinstance(preset, ModelConfig) else get_preset(preset)
+    rank, world, device = _setup_distributed(device)
+    amp_dtype = _resolve_amp(amp, device)
+    out = Path(out_dir)
+    ckpt_path, model_path, log_path = out / CHECKPOINT_NAME, out / MODEL_NAME, out / LOSS_LOG
+    if resume and not ckpt_path.is_file():
+        raise CheckpointError(f"resume=True but there is no checkpoint to resume in {str(out)!r}")
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(f"{str(out)!r} already holds a training checkpoint; pass resume=True "
+                              "(--resume) to continue it, or choose another output folder")
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
+    per_rank = batch_size // world
+
+    dataset = load_dataset(data, config)
+    order = _BatchOrder(dataset, per_rank, seed, rank, world)
+    if order.per_epoch < 1:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size}: "
+                         "lower batch_size")
+
+    torch.manual_seed(seed)
+    model = UNet(config.unet).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    start = 0
+    if resume:
+        start = int(load_train_checkpoint(ckpt_path, model, ema, optimizer, scaler)["step"])
+    if rank > 0:  # dropout streams: rank 0's state is in the checkpoint, the others follow from (seed, rank, step)
+        torch.manual_seed(_noise_seed(seed, rank, start) + 1)
+    hparams = dict(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
+                   amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off", seed=seed,
+                   warmup_steps=warmup_steps, world_size=world, data=str(data) if isinstance(data, (str, Path)) else type(data).__name__)
+
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  find_unused_parameters=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _truncate_log(log_path, start)
+        if not log_path.exists():
+            log_path.write_text(",".join(LOSS_COLUMNS) + "\n")
+
+    images = getattr(dataset, "images", None)
+    if isinstance(images, torch.Tensor) and images.numel() * 4 < (1 << 29):
+        images = images.to(device)  # small in-memory set: gather batches on the device, no loader
+        batches = (images[torch.as_tensor(order.batch(s), device=device)] for s in range(start, steps))
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=_StepsSampler(order, start, steps),
+                                             num_workers=num_workers, pin_memory=device.type == "cuda")
+        batches = iter(loader)
+
+    sched = Schedule(config.diffusion, device)
+    gen = torch.Generator(device=device)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, disable=not (progress and rank == 0), desc="train", unit="it",
+               dynamic_ncols=True)
+    stop = {"flag": False}
+    old_handler = None
+    if world == 1 and _in_main_thread():
+        # Ctrl-C: finish the current step, write a checkpoint, then stop (a second Ctrl-C stops at once).
+        def on_sigint(signum, frame):
+            if stop["flag"]:
+                raise KeyboardInterrupt
+            stop["flag"] = True
+        old_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    run_sum, run_n, t_last, t0, last_loss, done = torch.zeros((), device=device), 0, time.perf_counter(), time.perf_counter(), None, start
+    try:
+        for step in range(start, steps):
+            x0 = next(batches).to(device, non_blocking=True)
+            lr_now = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+            for g in optimizer.param_groups:
+                g["lr"] = lr_now
+            gen.manual_seed(_noise_seed(seed, rank, step))
+            t = torch.randint(0, sched.n_steps, (x0.shape[0],), generator=gen, device=device)
+            eps = torch.randn(x0.shape, generator=gen, device=device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = sched.loss(net, x0, t=t, eps=eps)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            ema_update(ema, model, ema_decay_at(ema_decay, step))
+            done = step + 1
+            run_sum += loss.detach().float()
+            run_n += 1
+            bar.update(1)
+
+            if done % log_every == 0 or done == steps:
+                # One host sync per log interval, not per step.
+                if world > 1:
+                    torch.distributed.all_reduce(run_sum)
+                    run_sum /= world
+                last_loss = run_sum.item() / run_n
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"the training loss became {last_loss} at step {done}; the last good "
+                                             f"checkpoint is {str(ckpt_path)!r} (try a lower lr)")
+                now = time.perf_counter()
+                if rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(f"{done},{last_loss:.6g},{lr_now:.6g},{run_n / (now - t_last):.4g},{now - t0:.1f}\n")
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                run_sum.zero_()
+                run_n, t_last = 0, now
+            if rank == 0 and (done % checkpoint_every == 0 or done == steps or stop["flag"]):
+                save_train_checkpoint(ckpt_path, model, ema, optimizer, done, config, scaler, hparams)
+                _save_model_file(model_path, ema, config, done)
+            if rank == 0 and sample_every and (done % sample_every == 0 or done == steps):
+                _write_samples(out, ema, config, done, n_samples, sample_steps, seed)
+            if callback is not None:
+                callback(done)
+            if stop["flag"]:
+                raise KeyboardInterrupt(f"training interrupted; checkpoint written at step {done}")
+        if rank == 0 and not model_path.exists() and ckpt_path.exists():
+            export_model(ckpt_path, model_path)  # resumed a finished run: make sure the model file is there
+    finally:
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    return TrainResult(step=done, loss=last_loss, out_dir=out, checkpoint=ckpt_path, model=model_path)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+_warned_no_sampler = []
+
+
+def _write_samples(out: Path, ema, config, step, n, steps, seed) -> None:
+    try:
+        grid = sample_grid(ema, config, n=n, steps=steps, seed=seed)
+    except ImportError as e:  # sampling.py is optional for training; say so once
+        if not _warned_no_sampler:
+            print(f"ddpm_fast.train: no sample grids ({e})", file=sys.stderr)
+            _warned_no_sampler.append(True)
+        return
+    (out / "samples").mkdir(exist_ok=True)
+    _save_grid(out / "samples" / f"step_{step:07d}.png", grid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `ddpm-fast train` (cli.py) and `python -m ddpm_fast.training`
+# ---------------------------------------------------------------------------------------------
+def _int_at_least(lo):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _float_in(lo, hi, lo_open=False, hi_open=True):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        bad = (not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and (v > hi or (hi_open and v == hi))))
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo}, "
+                                             f"{hi if hi is not None else 'inf'}{')' if hi_open else ']'}, got {s}")
+        return v
+    return parse
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `train` subcommand's flags; values are range-checked at parse time."""
+    from .config import PRESETS
+
+    a = parser.add_argument
+    a("--data", required=True, help="a folder of PNG/JPEG images (searched recursively), or 'digits' "
+      "(scikit-learn's handwritten digits, upscaled to 16x16)")
+    a("--out", required=True, help="run folder: checkpoint, model, loss.csv, samples/")
+    a("--preset", default="digits16", choices=sorted(PRESETS), help="model shape (default: digits16)")
+    a("--image-size", type=_int_at_least(1), default=None, help="override the preset's image size")
+    a("--channels", type=int, choices=(1, 3), default=None, help="override the preset's image channels")
+    a("--steps", type=_int_at_least(1), default=10_000, help="total optimizer steps (default: 10000)")
+    a("--batch-size", type=_int_at_least(1), default=64, help="global batch size (default: 64)")
+    a("--lr", type=_float_in(0.0, None, lo_open=True), default=3e-4, help="Adam learning rate (default: 3e-4)")
+    a("--warmup-steps", type=_int_at_least(0), default=100, help="linear lr warm-up steps (default: 100)")
+    a("--ema-decay", type=_float_in(0.0, 1.0), default=0.999, help="EMA decay in [0, 1) (default: 0.999)")
+    a("--grad-clip", type=_float_in(0.0, None), default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
+    a("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision on CUDA (default: off)")
+    a("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    a("--sample-every", type=_int_at_least(0), default=1000, help="steps between sample grids, 0 = off")
+    a("--checkpoint-every", type=_int_at_least(1), default=500, help="steps between checkpoints (default: 500)")
+    a("--log-every", type=_int_at_least(1), default=50, help="steps per loss.csv row (default: 50)")
+    a("--seed", type=_int_at_least(0), default=0)
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available); ignored under torchrun")
+    a("--num-workers", type=_int_at_least(0), default=0, help="DataLoader workers for image folders")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_train_from_args(args: argparse.Namespace) -> int:
+    """Validate parsed `train` arguments, run training, print where things went. Returns 0."""
+    import dataclasses
+
+    config = get_preset(args.preset)
+    over = {k: v for k, v in (("image_size", args.image_size), ("image_channels", args.channels)) if v is not None}
+    if over:
+        config = ModelConfig(dataclasses.replace(config.unet, **over), config.diffusion)
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device: not a device name: {args.device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.amp != "off" and not torch.cuda.is_available():
+        raise ValueError(f"--amp {args.amp} needs a CUDA device")
+    res = train(args.data, args.out, preset=config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                ema_decay=args.ema_decay, grad_clip=args.grad_clip, amp=args.amp, resume=args.resume,
+                sample_every=args.sample_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                device=args.device, progress=not args.no_progress, num_workers=args.num_workers,
+                warmup_steps=args.warmup_steps, log_every=args.log_every)
+    if int(os.environ.get("RANK", "0")) == 0:
+        loss = f"{res.loss:.4f}" if res.loss is not None else "n/a"
+        print(f"trained to step {res.step} (last logged loss {loss}); EMA model: {res.model}; "
+              f"checkpoint: {res.checkpoint}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from .data import DataError
+
+    parser = add_train_arguments(argparse.ArgumentParser(
+        prog="python -m ddpm_fast.training", description="Train a DDPM UNet (same flags as `ddpm-fast train`)."))
+    args = parser.parse_args(argv)
+    try:
+        return run_train_from_args(args)
+    except (DataError, CheckpointError, FileExistsError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

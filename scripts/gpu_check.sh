@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (torch preinstalled, no network): build the C++/CUDA extension,
+# run the whole test suite including the GPU-only tests, run the benchmarks, write the results.
+#
+#   bash scripts/gpu_check.sh [all|build|test|bench-ops|bench-e2e]     (default: all)
+#
+# Results go to $RESULTS_DIR (default: $OUT/results if $OUT is set, else benchmarks/results/gpu-<date>):
+#   env.txt (device, driver, versions, commit, date), build.log, tests.log, bench.json, report .md/.png.
+# Stages print one summary line each at the end, so the tail of the output is a short table.
+# Budget: the whole `all` run is meant to fit in one 10-minute call on an H100; bench-e2e honours
+# DDPM_FAST_BENCH_FULL=1 for the full grid (longer: run it as its own call).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${1:-all}
+DATE=$(date -u +%Y-%m-%d)
+if [ -n "${OUT:-}" ]; then RESULTS_DIR=${RESULTS_DIR:-$OUT/results}; else RESULTS_DIR=${RESULTS_DIR:-benchmarks/results/gpu-$DATE}; fi
+mkdir -p "$RESULTS_DIR"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 DDPM_FAST_REQUIRE_EXT=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# No pip install on the GPU machine (no network, and never touch its torch): build in place, import from here.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SUMMARY=()
+
+env_info() {
+  {
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+uncommitted changes)')"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
+    "$PY" - <<'PYEOF'
+import platform, torch
+print("python:", platform.python_version())
+print("torch:", torch.__version__, "cuda:", torch.version.cuda)
+try:
+    import triton; print("triton:", triton.__version__)
+except Exception as e:  # noqa: BLE001
+    print("triton: not importable:", e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, cc {p.major}.{p.minor}")
+PYEOF
+    nvcc --version 2>/dev/null | tail -1
+  } > "$RESULTS_DIR/env.txt" 2>&1
+  cat "$RESULTS_DIR/env.txt"
+}
+
+build() {
+  local t0=$SECONDS
+  "$PY" setup.py build_ext --inplace > "$RESULTS_DIR/build.log" 2>&1
+  local rc=$?
+  "$PY" -c "from ddpm_fast.ops.reverse_step import HAS_EXTENSION, EXTENSION_HAS_CUDA; assert HAS_EXTENSION and EXTENSION_HAS_CUDA, 'extension (with CUDA) did not load'; print('extension loaded with CUDA kernels')" >> "$RESULTS_DIR/build.log" 2>&1 || rc=1
+  tail -5 "$RESULTS_DIR/build.log"
+  SUMMARY+=("build        rc=$rc  $((SECONDS - t0)) s")
+  return $rc
+}
+
+run_tests() {
+  local t0=$SECONDS
+  "$PY" -m pytest -q -rs tests --junitxml="$RESULTS_DIR/junit.xml" 2>&1 | tee "$RESULTS_DIR/tests.log" | tail -40
+  local rc=${PIPESTATUS[0]}
+  SUMMARY+=("tests        rc=$rc  $((SECONDS - t0)) s  $(tail -1 "$RESULTS_DIR/tests.log")")
+  return $rc
+}
+
+bench() {  # $1: name, rest: pytest args
+  local name=$1; shift
+  local t0=$SECONDS
+  "$PY" -m pytest -q "$@" --benchmark-only --benchmark-json="$RESULTS_DIR/$name.json" \
+      --benchmark-columns=median,iqr,rounds 2>&1 | tee "$RESULTS_DIR/$name.log" | tail -25
+  local rc=${PIPESTATUS[0]}
+  "$PY" -m ddpm_fast bench-report "$RESULTS_DIR/$name.json" --out-dir "$RESULTS_DIR" >> "$RESULTS_DIR/$name.log" 2>&1 || rc=1
+  SUMMARY+=("$name  rc=$rc  $((SECONDS - t0)) s")
+  return $rc
+}
+
+env_info
+rc=0
+case "$STAGE" in
+  build) build || rc=1 ;;
+  test) build && run_tests || rc=1 ;;
+  bench-ops) build && bench bench-ops benchmarks --ignore=benchmarks/bench_unet.py --ignore=benchmarks/bench_sampling.py || rc=1 ;;
+  bench-e2e) build && bench bench-e2e benchmarks/bench_unet.py benchmarks/bench_sampling.py || rc=1 ;;
+  all)
+    build || rc=1
+    run_tests || rc=1
+    bench bench-ops benchmarks --ignore=benchmarks/bench_unet.py --ignore=benchmarks/bench_sampling.py || rc=1
+    bench bench-e2e benchmarks/bench_unet.py benchmarks/bench_sampling.py || rc=1
+    ;;
+  *) echo "usage: $0 [all|build|test|bench-ops|bench-e2e]" >&2; exit 2 ;;
+esac
+echo "== gpu_check summary ($STAGE) -> $RESULTS_DIR"
+printf '%s\n' "${SUMMARY[@]}"
+exit $rc

@@ -1,0 +1,233 @@
+"""ddpm_fast.bench_report: pytest-benchmark JSON -> markdown speedup table + PNG chart.
+
+Most tests build a small JSON by hand in pytest-benchmark's format (known medians, so the speedups
+are known); one runs a real two-provider benchmark through benchmarks/conftest.py's run_bench in a
+subprocess, so the report is also checked against the format the plugin actually writes.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddpm_fast import bench_report
+from ddpm_fast.bench_report import family, load_results, make_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(group, provider, median_s, *, params=None, extra=None, name=None):
+    params = {"provider": provider, **(params or {})}
+    pid = "-".join(str(v) for v in params.values())
+    base = name or "test_op"
+    info = {"provider": provider, "timer": "wall clock (pytest-benchmark median)", "device": "cpu"}
+    info.update(extra or {})
+    return {
+        "group": group, "name": f"{base}[{pid}]", "fullname": f"benchmarks/bench_op.py::{base}[{pid}]",
+        "params": params, "param": pid, "extra_info": info, "options": {},
+        "stats": {"min": median_s * 0.9, "max": median_s * 1.2, "mean": median_s, "stddev": 0.0,
+                  "rounds": 5, "median": median_s, "iqr": median_s * 0.1, "q1": median_s, "q3": median_s,
+                  "ops": 1.0 / median_s, "total": 5 * median_s, "iterations": 1},
+    }
+
+
+def _results(benchmarks):
+    return {
+        "machine_info": {
+            "node": "box", "machine": "x86_64", "python_version": "3.11.7",
+            "cpu": {"brand_raw": "Generic CPU", "count": 2},
+            "ddpm_fast": {"torch": "2.13.0+cpu", "triton": "3.9.0", "cuda": None, "gpu": None,
+                          "cpu_model": "Test EPYC 9999", "cpu_count": 2, "torch_threads": 2},
+        },
+        "commit_info": {"id": "0123456789abcdef0123", "branch": "main", "dirty": True},
+        "benchmarks": benchmarks,
+        "datetime": "2026-11-26T12:00:00+00:00",
+        "version": "5.2.3",
+    }
+
+
+def _write(tmp_path, data, name="results.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return p
+
+
+@pytest.fixture
+def sample_json(tmp_path):
+    benches = [
+        # A: every provider; fast 5x the reference, 2.5x the quickest compiled provider.
+        _bench("A", "reference", 10e-3, extra={"TFLOP/s": 1.0, "peak_mem_bytes": 3 << 20}),
+        _bench("A", "compiled", 6e-3),
+        _bench("A", "compiled-max-autotune", 5e-3),
+        _bench("A", "fast", 2e-3, extra={"TFLOP/s": 5.0, "peak_mem_bytes": 1 << 20}),
+        # B: the fast path is slower (0.5x).
+        _bench("B", "reference", 4e-3),
+        _bench("B", "fast", 8e-3, extra={"GB/s": 12.5}),
+        # C: fast skipped (missing provider).
+        _bench("C", "reference", 1e-3),
+        # D: only fast.
+        _bench("D", "fast", 1e-3),
+        # E: a non-"fast" name for a fast-path variant is a candidate of its own.
+        _bench("E", "reference", 2e-3),
+        _bench("E", "fast", 1e-3),
+        _bench("E", "table", 1e-4),
+        # No group set: derived from the parameters minus the provider; the CUDA-event median in
+        # extra_info wins over the wall-clock stats.median.
+        _bench(None, "reference", 1.0, params={"shape": "7x9"}, name="test_ungrouped",
+               extra={"median_ms": 3.0}),
+        _bench(None, "fast", 1.0, params={"shape": "7x9"}, name="test_ungrouped", extra={"median_ms": 1.0}),
+    ]
+    return _write(tmp_path, _results(benches))
+
+
+def _row(md, case):
+    rows = [line for line in md.splitlines() if line.startswith(f"| {case} |")]
+    assert len(rows) == 1, f"expected one summary row for {case!r}, got {rows}"
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def test_report_speedups_and_metadata(sample_json, tmp_path):
+    pytest.importorskip("matplotlib")
+    md_path, png_path = make_report(sample_json, tmp_path / "out")
+    assert md_path == tmp_path / "out" / "results.md"
+    md = md_path.read_text()
+    for text in ("Test EPYC 9999", "2 cores", "torch 2.13.0+cpu", "triton 3.9.0", "CUDA none",
+                 "2026-11-26T12:00:00", "0123456789ab", "uncommitted changes", "![speedups](results.png)"):
+        assert text in md, text
+    a = _row(md, "A")
+    assert a[1] == "fast" and a[2] == "10.00 ms" and a[4] == "2.00 ms"
+    assert a[3] == "5.00 ms (compiled-max-autotune)"  # the quickest compiled provider is the bar
+    assert a[5] == "5.00x" and a[6] == "2.50x"
+    assert a[7] == "5 TFLOP/s" and a[8] == "3.0 MiB / 1.0 MiB"
+    b = _row(md, "B")
+    assert b[5] == "0.50x" and b[6] == "—" and b[7] == "12.5 GB/s"
+    c = _row(md, "C")
+    assert c[1] == "missing" and c[5] == "—" and c[9] == "no fast"
+    d = _row(md, "D")
+    assert d[2] == "—" and d[5] == "—" and d[9] == "no reference"
+    u = _row(md, "test_ungrouped[7x9]")
+    assert u[2] == "3.00 ms" and u[4] == "1.00 ms" and u[5] == "3.00x"
+    # per test function and provider, the geometric mean over its cases (A, B, E: 5, 0.5, 2)
+    assert f"`fast`: vs reference {(5 * 0.5 * 2) ** (1 / 3):.2f}x, vs compiled 2.50x" in md
+    assert "`fast`: vs reference 3.00x, vs compiled —" in md  # test_ungrouped
+    assert "`table`: vs reference 20.00x" in md
+    e_rows = [line for line in md.splitlines() if line.startswith("| E |")]
+    assert [r.split("|")[2].strip() for r in e_rows] == ["fast", "table"]
+    assert png_path == tmp_path / "out" / "results.png"
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """As if matplotlib were not installed: every `import matplotlib...` raises ImportError."""
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, mod)  # a loaded submodule would import despite the parent
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_report_without_matplotlib(sample_json, tmp_path, no_matplotlib):
+    md_path, png_path = make_report(sample_json, tmp_path)
+    assert png_path is None and not (tmp_path / "results.png").exists()
+    md = md_path.read_text()
+    assert "No chart: matplotlib is not installed" in md and "![speedups]" not in md
+    assert _row(md, "A")[5] == "5.00x"  # the tables do not depend on matplotlib
+
+
+def test_chart_without_any_pair(tmp_path):
+    """Only references (the fast path not written yet): still a chart, of median times."""
+    pytest.importorskip("matplotlib")
+    p = _write(tmp_path, _results([_bench("A", "reference", 1e-3), _bench("B", "reference", 2e-3)]))
+    md_path, png_path = make_report(p, tmp_path)
+    assert png_path is not None and png_path.stat().st_size > 1000
+    assert "| A | missing |" in md_path.read_text()
+
+
+def test_default_out_dir_and_note(sample_json, no_matplotlib):
+    md_path, _ = make_report(sample_json, note="Shared machine: timings are noisy.")
+    assert md_path.parent == sample_json.parent
+    assert "> Shared machine: timings are noisy." in md_path.read_text()
+
+
+def test_family():
+    assert family("reference") == "reference"
+    assert family("compiled") == family("compiled-max-autotune") == "compiled"
+    assert family("fast") == family("fast-compiled") == "fast"
+    assert family("fastest") == family("ref") == "other"
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2, 3]", "not pytest-benchmark output"),
+    ('{"machine_info": {}}', "not pytest-benchmark output"),
+    ('{"benchmarks": []}', "holds no benchmarks"),
+    ('{"benchmarks": [{"name": "test_x[fast]", "stats": {"mean": 1.0}}]}', r"test_x\[fast\].*stats.median"),
+    ('{"benchmarks": [7]}', "not a JSON object"),
+], ids=["syntax", "list", "no-benchmarks", "empty", "no-median", "not-object"])
+def test_bad_input(tmp_path, content, match):
+    p = tmp_path / "bad.json"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        make_report(p, tmp_path)
+    assert not (tmp_path / "bad.md").exists()
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_results(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match="not a file"):
+        load_results(tmp_path)
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match="bin.json"):
+        load_results(tmp_path / "bin.json")
+
+
+def test_cli_entry_points(sample_json, tmp_path, capsys, no_matplotlib):
+    parser = bench_report.add_bench_report_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([str(sample_json), "--out-dir", str(tmp_path / "cli")])
+    assert bench_report.run_bench_report_from_args(args) == 0
+    out = capsys.readouterr().out
+    assert "results.md" in out and "matplotlib is not installed" in out
+    assert (tmp_path / "cli" / "results.md").exists()
+    with pytest.raises(SystemExit, match="bench-report: error: .*does not exist"):
+        bench_report.main([str(tmp_path / "missing.json")])
+
+
+_BENCH_FILE = '''
+import pytest
+import torch
+from conftest import run_bench
+
+X = torch.randn(256, 256)
+
+
+@pytest.mark.parametrize("provider", ["reference", "fast"])
+def test_sum(benchmark, provider):
+    fn = (lambda: X.sum()) if provider == "reference" else (lambda: X.view(-1).sum())
+    out = run_bench(benchmark, fn, nbytes=X.numel() * 4, rounds=3, memory=True)
+    assert torch.allclose(out, X.sum())
+'''
+
+
+def test_real_pytest_benchmark_json(tmp_path):
+    """run_bench -> pytest-benchmark JSON -> report, end to end (benchmarks/conftest.py's hooks,
+    bench_*.py collection, groups, provider and machine info all as the real suite makes them)."""
+    shutil.copy(REPO / "benchmarks" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "bench_sum.py").write_text(_BENCH_FILE)
+    out_json = tmp_path / "real.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path),
+                           "--benchmark-only", f"--benchmark-json={out_json}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out_json.read_text())
+    assert {b["extra_info"]["provider"] for b in data["benchmarks"]} == {"reference", "fast"}
+    assert {b["group"] for b in data["benchmarks"]} == {"test_sum"}
+    assert all(b["extra_info"]["peak_mem_bytes"] >= 0 and b["extra_info"]["GB/s"] > 0
+               for b in data["benchmarks"])
+    md_path, _ = make_report(out_json, tmp_path)
+    md = md_path.read_text()
+    row = _row(md, "test_sum")
+    assert row[1] == "fast" and row[5].endswith("x")
+    assert "torch " + data["machine_info"]["ddpm_fast"]["torch"] in md

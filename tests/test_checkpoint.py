@@ -1,0 +1,339 @@
+"""Checkpoints: the safetensors round trip, every bad-file error, and labml .pt state_dicts."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ddpm_fast import (DiffusionConfig, ModelConfig, UNet, UNetConfig, default_checkpoint_path, get_preset,
+                       load_checkpoint, load_labml_state_dict, save_checkpoint)
+from ddpm_fast.checkpoint import CONFIG_KEY, FORMAT, load_extra_tensors
+
+CFG = ModelConfig(UNetConfig(image_channels=1, n_channels=16, ch_mults=(1, 2), is_attn=(False, True), n_blocks=1,
+                             image_size=8, n_groups=4),
+                  DiffusionConfig(n_steps=100, beta_start=2e-4, beta_end=0.03, data_range=(0.0, 1.0)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small models on a busy 2-core machine: a second OpenMP thread only adds contention
+    # (measured 10 ms vs 400 ms per tiny forward under load).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def model():
+    return UNet(CFG.unet)
+
+
+@pytest.fixture()
+def ckpt(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, CFG)
+    return path
+
+
+def _state(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _rewrite(path, state, metadata):
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Round trip
+# --------------------------------------------------------------------------------------------
+def test_round_trip_is_exact(ckpt, model):
+    loaded, cfg = load_checkpoint(ckpt)
+    assert cfg == CFG and loaded.config == CFG.unet
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k]), k
+    assert not loaded.training  # ready to sample
+    model.eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 90])
+    assert torch.equal(loaded(x, t), model(x, t))
+
+
+def test_one_file_with_our_metadata_and_no_temp_left(ckpt):
+    assert os.listdir(ckpt.parent) == ["m.safetensors"]
+    _, meta = _state(ckpt)
+    assert meta["format"] == FORMAT and ModelConfig.from_json(meta[CONFIG_KEY]) == CFG
+
+
+def test_extra_tensors_round_trip(tmp_path, model):
+    flat = torch.randn(10)
+    extras = {"ema.image_proj.weight": torch.randn(16, 1, 3, 3), "step": torch.tensor(1234), "a": flat[:4],
+              "b": flat[4:]}  # views of one buffer are fine
+    path = save_checkpoint(tmp_path / "e.safetensors", model, CFG, extra_tensors=extras)
+    back = load_extra_tensors(path)
+    assert set(back) == set(extras) and all(torch.equal(back[k], extras[k]) for k in extras)
+    load_checkpoint(path)  # extras do not disturb the model's strict key check
+    assert load_extra_tensors(save_checkpoint(tmp_path / "n.safetensors", model, CFG)) == {}
+
+
+def test_load_in_another_dtype_and_overwrite(tmp_path, model):
+    path = save_checkpoint(tmp_path / "m.safetensors", model, CFG)
+    half, _ = load_checkpoint(path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    other = UNet(CFG.unet)
+    save_checkpoint(path, other, CFG)  # replaces atomically
+    back, _ = load_checkpoint(path)
+    assert torch.equal(back.final.weight, other.final.weight)
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_save_rejects_model_that_does_not_match_config(tmp_path, model):
+    with pytest.raises(ValueError, match="does not match config.unet"):
+        save_checkpoint(tmp_path / "x.safetensors", model, get_preset("tiny"))
+    with pytest.raises(TypeError, match="ModelConfig"):
+        save_checkpoint(tmp_path / "x.safetensors", model, CFG.unet)
+    with pytest.raises(ValueError, match="not a tensor"):
+        save_checkpoint(tmp_path / "x.safetensors", model, CFG, extra_tensors={"a": 1.0})
+    with pytest.raises(ValueError, match="does not exist"):
+        save_checkpoint(tmp_path / "nodir" / "x.safetensors", model, CFG)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_save_leaves_no_file(tmp_path, model, monkeypatch):
+    import ddpm_fast.checkpoint as ck
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "m.safetensors", model, CFG)
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Bad files: every error is a ValueError (FileNotFoundError when missing) naming the file
+# --------------------------------------------------------------------------------------------
+def _expect_error(path, match, exc=ValueError):
+    with pytest.raises(exc, match=match) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    _expect_error(tmp_path / "nope.safetensors", "not found", FileNotFoundError)
+    _expect_error(tmp_path, "not a file")
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(os.urandom(4096))
+    _expect_error(path, "not a valid safetensors file")
+
+
+def test_corrupt_header(ckpt):
+    data = bytearray(ckpt.read_bytes())
+    data[8:16] = b"\x00garbag"  # inside the JSON header
+    ckpt.write_bytes(bytes(data))
+    _expect_error(ckpt, "not a valid safetensors file")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 6 / 4096])
+def test_truncated_file(ckpt, keep):
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: max(1, int(len(data) * keep))])
+    _expect_error(ckpt, "not a valid safetensors file")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(b"")
+    _expect_error(path, "not a valid safetensors file")
+
+
+def test_pt_file_gets_a_hint(tmp_path, model):
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    _expect_error(path, "load_labml_state_dict")
+
+
+def test_wrong_shape_tensor(ckpt):
+    state, meta = _state(ckpt)
+    state["final.weight"] = torch.randn(1, 16, 5, 5)
+    _expect_error(_rewrite(ckpt, state, meta), r"shape mismatch.*final\.weight \(1, 16, 5, 5\) \(expected \(1, 16, 3, 3\)\)")
+
+
+def test_missing_key(ckpt):
+    state, meta = _state(ckpt)
+    del state["middle.attn.projection.bias"]
+    _expect_error(_rewrite(ckpt, state, meta), r"1 missing key\(s\): middle\.attn\.projection\.bias")
+
+
+def test_unexpected_key(ckpt):
+    state, meta = _state(ckpt)
+    state["middle.attn.bonus"] = torch.zeros(3)
+    _expect_error(_rewrite(ckpt, state, meta), r"1 unexpected key\(s\): middle\.attn\.bonus")
+
+
+def test_config_of_another_model(ckpt):
+    state, meta = _state(ckpt)
+    meta[CONFIG_KEY] = get_preset("tiny").to_json()
+    _expect_error(_rewrite(ckpt, state, meta), "do not match the UNet of its config")
+
+
+@pytest.mark.parametrize("meta,match", [
+    (None, "not a ddpm_fast checkpoint"), ({"format": FORMAT}, "not a ddpm_fast checkpoint"),
+    ({"format": "ddpm_fast/99", CONFIG_KEY: CFG.to_json()}, "not a ddpm_fast checkpoint"),
+    ({"format": FORMAT, CONFIG_KEY: "{not json"}, "bad config.*not valid JSON"),
+    ({"format": FORMAT, CONFIG_KEY: json.dumps({"unet": {"n_channels": -4}})}, "bad config.*n_channels"),
+    ({"format": FORMAT, CONFIG_KEY: json.dumps({"unet": {}, "extra": 1})}, "bad config"),
+    ({"format": FORMAT, CONFIG_KEY: "[1, 2]"}, "bad config"),
+])
+def test_bad_metadata(ckpt, meta, match):
+    state, _ = _state(ckpt)
+    _expect_error(_rewrite(ckpt, state, meta), match)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_tensor(ckpt, bad):
+    state, meta = _state(ckpt)
+    state["down.0.res.conv1.weight"][0, 0, 0, 0] = bad
+    _expect_error(_rewrite(ckpt, state, meta), r"NaN or Inf: down\.0\.res\.conv1\.weight")
+
+
+def test_integer_tensor(ckpt):
+    state, meta = _state(ckpt)
+    state["final.bias"] = torch.zeros(1, dtype=torch.int32)
+    _expect_error(_rewrite(ckpt, state, meta), r"floating point: final\.bias")
+
+
+def test_bad_device(ckpt):
+    with pytest.raises(ValueError, match="invalid device"):
+        load_checkpoint(ckpt, device="gpu7")
+
+
+# --------------------------------------------------------------------------------------------
+# labml .pt state_dicts
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("wrap", ["bare", "model", "state_dict", "ddp"])
+def test_labml_state_dict_loads(tmp_path, model, wrap):
+    sd = model.state_dict()
+    obj = {"bare": sd, "model": {"model": sd, "step": 10}, "state_dict": {"state_dict": sd, "epoch": 3},
+           "ddp": {f"module.{k}": v for k, v in sd.items()}}[wrap]
+    path = tmp_path / "labml.pt"
+    torch.save(obj, path)
+    loaded, cfg = load_labml_state_dict(path, CFG)
+    assert cfg == CFG and not loaded.training
+    for k, v in sd.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_labml_unet_config_defaults_to_unit_data_range(tmp_path, model):
+    path = tmp_path / "labml.pt"
+    torch.save(model.state_dict(), path)
+    _, cfg = load_labml_state_dict(path, CFG.unet)
+    assert cfg.unet == CFG.unet and cfg.diffusion.data_range == (0.0, 1.0)
+
+
+def test_labml_preset_name(tmp_path):
+    torch.manual_seed(0)
+    tiny = UNet(get_preset("tiny").unet)
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny.state_dict(), path)
+    loaded, cfg = load_labml_state_dict(path, "tiny")
+    assert cfg == get_preset("tiny") and torch.equal(loaded.final.weight, tiny.final.weight)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda sd: sd.pop("final.bias"), r"missing key\(s\): final\.bias"),
+    (lambda sd: sd.__setitem__("extra.w", torch.zeros(1)), r"unexpected key\(s\): extra\.w"),
+    (lambda sd: sd.__setitem__("final.bias", torch.zeros(2)), r"final\.bias \(2,\) \(expected \(1,\)\)"),
+    (lambda sd: sd.__setitem__("final.bias", torch.tensor([float("nan")])), "NaN or Inf"),
+])
+def test_labml_state_dict_errors(tmp_path, model, edit, match):
+    sd = dict(model.state_dict())
+    edit(sd)
+    path = tmp_path / "bad.pt"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=match) as info:
+        load_labml_state_dict(path, CFG)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("obj,match", [([1, 2, 3], "expected a state_dict"), ({}, "expected a state_dict"),
+                                       ({"a": torch.zeros(1), "b": 3}, "non-tensor entries: b")])
+def test_labml_not_a_state_dict(tmp_path, obj, match):
+    path = tmp_path / "x.pt"
+    torch.save(obj, path)
+    with pytest.raises(ValueError, match=match):
+        load_labml_state_dict(path, CFG)
+
+
+def test_labml_corrupt_and_truncated(tmp_path, model):
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable PyTorch file"):
+        load_labml_state_dict(path, CFG)
+    path.write_bytes(os.urandom(2048))
+    with pytest.raises(ValueError, match=str(path)):
+        load_labml_state_dict(path, CFG)
+    with pytest.raises(FileNotFoundError):
+        load_labml_state_dict(tmp_path / "none.pt", CFG)
+
+
+class Payload:
+    """Unpickling this calls open(marker, 'w'), creating the marker file: code execution made visible."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("container", ["torch.save", "raw pickle"])
+def test_hostile_pickle_is_never_executed(tmp_path, model, container):
+    # First prove the payload works: a plain pickle.load does run it.
+    proof = tmp_path / "proof"
+    pickle.loads(pickle.dumps(Payload(proof))).close()
+    assert proof.exists()
+
+    marker = tmp_path / "pwned"
+    obj = {"model": model.state_dict(), "hook": Payload(marker)}
+    path = tmp_path / "hostile.pt"
+    if container == "torch.save":
+        torch.save(obj, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+    with pytest.raises(ValueError, match="refused") as info:
+        load_labml_state_dict(path, CFG)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
+    # Nor through the safetensors loader.
+    with pytest.raises(ValueError):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped default
+# --------------------------------------------------------------------------------------------
+def test_default_checkpoint_path_is_valid_when_present():
+    path = default_checkpoint_path()
+    if path is None:
+        pytest.skip("no shipped default model yet (ddpm_fast/assets/digits16.safetensors)")
+    model, cfg = load_checkpoint(path)
+    assert path.is_file() and cfg.unet == get_preset("digits16").unet and model.config == cfg.unet

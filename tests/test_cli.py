@@ -1,0 +1,191 @@
+"""The `ddpm-fast` command, in-process through main() and once through `python -m ddpm_fast`."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import ddpm_fast.cli as cli
+from ddpm_fast import UNet, get_preset, save_checkpoint
+
+FAST = ["--preset", "tiny", "--steps", "2", "--num-images", "4", "--no-progress", "--device", "cpu"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a busy 2-core machine: a second OpenMP thread only adds contention.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def sample_cli(capsys, out, *extra):
+    code = cli.main(["sample", *FAST, "--out", str(out), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_writes_a_png_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code, stdout, err = sample_cli(capsys, out, "--seed", "1")
+    assert code == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (38, 38)  # 2 x 2 tiles of 16 + 2 px padding
+    lines = stdout.strip().splitlines()
+    assert lines[0] == str(out) and len(lines) == 2
+    assert "4 images" in lines[1] and "2 steps" in lines[1] and "ddpm" in lines[1] and "cpu" in lines[1]
+    assert lines[1].rstrip().endswith(" s")
+    assert "randomly initialised" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path) == ["grid.png"]  # no temporary files left behind
+
+
+def test_nrow_and_ddim(tmp_path, capsys):
+    out = tmp_path / "row.png"
+    code, _, _ = sample_cli(capsys, out, "--nrow", "4", "--sampler", "ddim", "--eta", "0.5", "--clip-x0")
+    assert code == 0
+    with Image.open(out) as im:
+        assert im.size == (4 * 18 + 2, 20)
+
+
+def test_same_seed_same_bytes_different_seed_different_images(tmp_path, capsys):
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    assert sample_cli(capsys, a, "--seed", "3")[0] == 0
+    assert sample_cli(capsys, b, "--seed", "3")[0] == 0
+    assert sample_cli(capsys, c, "--seed", "4")[0] == 0
+    assert a.read_bytes() == b.read_bytes()
+    with Image.open(a) as ia, Image.open(c) as ic:
+        assert ia.tobytes() != ic.tobytes()
+
+
+def test_checkpoint_argument(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = get_preset("digits16")
+    path = save_checkpoint(tmp_path / "d.safetensors", UNet(cfg.unet), cfg)
+    out = tmp_path / "d.png"
+    code = cli.main(["sample", "--checkpoint", str(path), "--steps", "2", "--num-images", "3", "--no-progress",
+                     "--device", "cpu", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0 and "note" not in captured.err
+    with Image.open(out) as im:
+        assert im.mode == "L" and im.size == (38, 38)  # 3 images: 2 per row, 2 rows
+
+
+def test_no_checkpoint_falls_back_to_random_tiny_with_a_notice(tmp_path, capsys, monkeypatch):
+    import ddpm_fast.checkpoint as ck
+    monkeypatch.setattr(ck, "default_checkpoint_path", lambda: None)
+    out = tmp_path / "g.png"
+    code = cli.main(["sample", "--steps", "2", "--num-images", "2", "--no-progress", "--device", "cpu",
+                     "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0 and out.exists()
+    assert err.count("\n") == 1 and "noise until a model is trained" in err
+
+
+def test_default_uses_the_shipped_model_when_present(tmp_path, capsys, monkeypatch):
+    import ddpm_fast.checkpoint as ck
+    torch.manual_seed(0)
+    cfg = get_preset("digits16")
+    shipped = save_checkpoint(tmp_path / "digits16.safetensors", UNet(cfg.unet), cfg)
+    monkeypatch.setattr(ck, "default_checkpoint_path", lambda: shipped)
+    out = tmp_path / "g.png"
+    code = cli.main(["sample", "--steps", "2", "--num-images", "2", "--no-progress", "--device", "cpu",
+                     "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0 and "note" not in captured.err and str(shipped) in captured.out
+    with Image.open(out) as im:
+        assert im.mode == "L"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--num-images", "0"], "--num-images"), (["--num-images", "-3"], "--num-images"),
+    (["--num-images", "two"], "--num-images"), (["--steps", "0"], "--steps"), (["--steps", "5000"], "exceeds"),
+    (["--sampler", "pndm"], "--sampler"), (["--eta", "1.5"], "--eta"), (["--eta", "0.3"], "ddim only"),
+    (["--variant", "x"], "--variant"), (["--dtype", "fp64"], "--dtype"), (["--backend", "cuda"], "--backend"),
+    (["--nrow", "0"], "--nrow"), (["--seed", "-1"], "--seed"), (["--preset", "huge"], "--preset"),
+    (["--device", "tpu9"], "invalid device"), (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_arguments(tmp_path, capsys, args, match):
+    out = tmp_path / "g.png"
+    code, stdout, err = sample_cli(capsys, out, *args)
+    assert code != 0 and stdout == ""
+    assert err.startswith("ddpm-fast: error: ") and err.endswith("\n") and err.count("\n") == 1
+    assert match in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "both-sources"])
+def test_bad_checkpoints(tmp_path, capsys, case):
+    path = tmp_path / "m.safetensors"
+    if case in ("corrupt", "truncated"):
+        cfg = get_preset("tiny")
+        save_checkpoint(path, UNet(cfg.unet), cfg)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3] if case == "truncated" else b"\xff" * 64 + data[64:])
+    extra = ["--preset", "tiny"] if case == "both-sources" else []
+    out = tmp_path / "g.png"
+    code = cli.main(["sample", "--checkpoint", str(path), *extra, "--steps", "2", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("ddpm-fast: error: ") and err.count("\n") == 1
+    assert not out.exists()
+    if case != "both-sources":
+        assert str(path) in err
+
+
+@pytest.mark.parametrize("out,match", [("missing/g.png", "does not exist"), ("file.txt/g.png", "not a directory"),
+                                       ("g.xyz", "unknown image extension"), ("g", "unknown image extension")])
+def test_bad_output_paths(tmp_path, capsys, out, match):
+    (tmp_path / "file.txt").write_text("x")
+    code, stdout, err = sample_cli(capsys, tmp_path / out)
+    assert code != 0 and err.startswith("ddpm-fast: error: ") and err.count("\n") == 1 and match in err
+    assert os.listdir(tmp_path) == ["file.txt"]
+
+
+def test_interrupt_writes_nothing(tmp_path, capsys, monkeypatch):
+    import ddpm_fast.sampling as sampling
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "sample", interrupted)
+    code, _, err = sample_cli(capsys, tmp_path / "g.png")
+    assert code == 130 and "interrupted" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_help_lists_available_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "sample" in text
+    for name, module, *_ in cli._DELEGATED:
+        available = importlib.util.find_spec(module) is not None and cli._optional_module(module) is not None
+        assert (name in text) == available, name
+    assert cli.main(["sample", "--help"]) == 0
+    assert "--checkpoint" in capsys.readouterr().out
+
+
+def test_no_command_is_a_one_line_error(capsys):
+    assert cli.main([]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("ddpm-fast: error: ") and err.count("\n") == 1
+
+
+def test_python_dash_m(tmp_path):
+    out = tmp_path / "grid.png"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ok = subprocess.run([sys.executable, "-m", "ddpm_fast", "sample", *FAST, "--out", str(out), "--seed", "9"],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[0] == str(out)
+    with Image.open(out) as im:
+        assert im.size == (38, 38)
+    bad = subprocess.run([sys.executable, "-m", "ddpm_fast", "sample", *FAST, "--steps", "0", "--out",
+                          str(tmp_path / "x.png")], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("ddpm-fast: error: ") and bad.stderr.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["grid.png"]

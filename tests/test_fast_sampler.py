@@ -1,0 +1,104 @@
+"""The fast sampling backend (issue 5): same images as the reference loop when given the same noise,
+CUDA-graph replay equal to eager, reproducible from a seed."""
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast.config import PRESETS
+from ddpm_fast.fast_sampler import fast_loop
+from ddpm_fast.reference import Schedule, UNet
+from ddpm_fast.sampling import reference_loop
+from tolerances import DEEP_FLOOR
+
+CFG = PRESETS["tiny"]
+
+
+def _model(device="cpu", seed=0):
+    torch.manual_seed(seed)
+    return UNet(CFG.unet).eval().to(device)
+
+
+def _table(sampler, n):
+    s = Schedule(CFG.diffusion)
+    ts = s.timesteps(n)
+    return ts, (s.ddim_coeffs(ts, 0.5) if sampler == "ddim" else s.ddpm_coeffs(ts, "labml"))
+
+
+def _x_T(batch, device, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    s = CFG.unet.image_size
+    return torch.randn(batch, CFG.unet.image_channels, s, s, generator=g).to(device)
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _run(loop, model, x_T, ts, coeffs, seed, **kw):
+    with torch.inference_mode():
+        return loop(model, x_T, ts, coeffs.to(x_T.device), generator=torch.Generator().manual_seed(seed),
+                    progress=False, **kw)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_fast_loop_matches_reference_trajectory_with_injected_noise_cpu(sampler):
+    model = _model()
+    ts, coeffs = _table(sampler, 20)
+    x_T = _x_T(2, "cpu")
+    ref = _run(reference_loop, model, x_T, ts, coeffs, seed=7)
+    fast = _run(fast_loop, model, x_T, ts, coeffs, seed=7, noise="generator", n_steps=CFG.diffusion.n_steps)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    assert not ddpm_fast.ops.is_fused(model), "fast_loop must leave the caller's model unfused"
+
+
+def test_fast_backend_reproducible_from_seed_cpu():
+    model = _model()
+
+    def run(seed):
+        return ddpm_fast.sample(model, batch_size=2, num_inference_steps=5, backend="fast", output_type="pt",
+                                generator=torch.Generator().manual_seed(seed), progress=False)
+
+    a, b, c = run(11), run(11), run(12)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.shape == (2, 3, 16, 16) and 0.0 <= a.min() and a.max() <= 1.0
+
+
+def test_fast_loop_rejects_bad_arguments():
+    model = _model()
+    ts, coeffs = _table("ddpm", 10)
+    with pytest.raises(ValueError, match="noise"):
+        _run(fast_loop, model, _x_T(1, "cpu"), ts, coeffs, seed=0, noise="bogus")
+    with pytest.raises(ValueError, match="rows"):
+        _run(fast_loop, model, _x_T(1, "cpu"), ts[:5], coeffs, seed=0)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        _run(fast_loop, model, _x_T(1, "cpu"), ts, coeffs, seed=0, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_cuda_graph_replay_equals_eager(sampler):
+    model = _model("cuda")
+    ts, coeffs = _table(sampler, 25)
+    x_T = _x_T(4, "cuda")
+    eager = _run(fast_loop, model, x_T, ts, coeffs, seed=5, cuda_graph=False)
+    graphed = _run(fast_loop, model, x_T, ts, coeffs, seed=5, cuda_graph=True)
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_fast_trajectory_within_tolerance_of_reference_cuda(sampler, dtype):
+    """20+ steps with identical injected noise: err(fast, ref64) <= 2 err(ref_dtype, ref64) + floor."""
+    model = _model("cuda")
+    ts, coeffs = _table(sampler, 24)
+    x_T = _x_T(4, "cuda")
+    ref64 = _run(reference_loop, model.double(), x_T.double(), ts, coeffs.double(), seed=9,
+                 dtype=torch.float64).float()
+    model.float()
+    ref_dt = _run(reference_loop, model.to(dtype), x_T, ts, coeffs, seed=9, dtype=dtype)
+    fast = _run(fast_loop, model, x_T, ts, coeffs, seed=9, dtype=dtype, noise="generator")
+    assert torch.isfinite(fast).all()
+    assert _rel_err(fast, ref64) <= 2 * _rel_err(ref_dt, ref64) + DEEP_FLOOR[dtype]
