@@ -5,7 +5,9 @@ test_attention_block: the whole block (qkv projection, attention, output project
   reference.functional.attention), `compiled` (it under torch.compile; GPU only), `sdpa` (an
   SDPA-based block: F.linear + F.scaled_dot_product_attention + F.linear + residual; the issue's
   bar: the fast block must beat it at every preset shape), `fast` (the registered op
-  `ddpm_fast::attention`: the Triton path on CUDA, the reference math on CPU).
+  `ddpm_fast::attention`: the Triton path on CUDA, the reference math on CPU); on GPU also
+  `sdpa-graph` and `fast-graph`, the same calls captured in a CUDA graph and replayed, as the
+  sampler runs them (the kernels' time without the per-call launch and Python cost).
 test_attention_core: the core alone, softmax(q k^T * d^-0.5) v over the block's strided q/k/v
   views, at each preset (tokens N, d_k, dtype). Providers: `triton` (flash_attention_triton) and
   `sdpa`. This is the measurement behind ddpm_fast.ops.attention.SDPA_CORE_SHAPES: add a row
@@ -37,7 +39,8 @@ if HAS_CUDA:
     _PRESETS = ["labml-cifar32", "cifar35m", "tiny", "digits16"]
     _BATCHES = ["1", "16", "64", "256"] if FULL else ["1", "64"]
     _DTYPES = ["fp32", "fp16", "bf16"] if FULL else ["fp32", "bf16"]
-    BLOCK_PROVIDERS = ["reference", "compiled", "sdpa", "fast"]
+    # *-graph: the call captured in a CUDA graph and replayed, as the sampler runs it (no launch cost).
+    BLOCK_PROVIDERS = ["reference", "compiled", "sdpa", "fast", "sdpa-graph", "fast-graph"]
 else:
     _PRESETS = ["tiny"]
     _BATCHES = ["1"]
@@ -97,6 +100,25 @@ def sdpa_block(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
     return y.transpose(1, 2).reshape(b, c, h, w)
 
 
+def cuda_graphed(fn):
+    """fn captured once in a CUDA graph; the returned callable replays it and returns its output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, cuBLAS picks kernels
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
 def _max_abs_err(out, want):
     return float((out.double() - want.double()).abs().max())
 
@@ -108,7 +130,8 @@ def _max_abs_err(out, want):
 def test_attention_block(benchmark, shape, batch, dtype, provider):
     (c, h, w, nh, dk), preset = shape
     args = block_inputs(batch, c, h, w, nh, dk, DTYPES[dtype])
-    fn = {"reference": ref.attention, "sdpa": sdpa_block, "fast": attn_ops.attention}.get(provider)
+    base = provider.removesuffix("-graph")
+    fn = {"reference": ref.attention, "sdpa": sdpa_block, "fast": attn_ops.attention}.get(base)
     if provider == "compiled":
         fn = compiled(ref.attention)
     n, hd, esize = h * w, nh * dk, args[0].element_size()
@@ -119,6 +142,8 @@ def test_attention_block(benchmark, shape, batch, dtype, provider):
         with torch.no_grad():
             return fn(*args, nh, dk)
 
+    if provider.endswith("-graph"):
+        call = cuda_graphed(call)
     out = run_bench(benchmark, call, flops=flops, nbytes=nbytes, preset=preset, C=c, tokens=n, heads=nh,
                     d_k=dk, batch=batch, dtype=dtype)
     want = ref.attention(*[a.double() for a in args], nh, dk)

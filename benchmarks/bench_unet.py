@@ -10,8 +10,8 @@ torch.utils.flop_counter) and TFLOP/s, peak memory (see conftest.measure_peak_me
 
 Grid: CPU runs tiny (batch 1 and 8) and cifar35m (batch 1) in fp32 so the file stays quick. GPU runs
 cifar35m at batch 1 and 64 in fp32 and bf16; DDPM_FAST_BENCH_FULL=1 runs every preset at batches
-1/16/64/256 in fp32/fp16/bf16 and adds the max-autotune and fast-compiled providers. DDPM_FAST_BENCH_PRESETS / _BATCHES /
-_DTYPES / _PROVIDERS narrow or widen any axis (comma-separated).
+1/16/64/256 in fp32/fp16/bf16 and adds the max-autotune and fast-compiled providers.
+DDPM_FAST_BENCH_PRESETS / _BATCHES / _DTYPES / _PROVIDERS narrow or widen any axis (comma-separated).
 """
 import pytest
 import torch

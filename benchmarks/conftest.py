@@ -40,7 +40,7 @@ FULL = os.environ.get("DDPM_FAST_BENCH_FULL", "0") == "1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Per-benchmark time budget for the timed rounds when the caller gives no `rounds` (seconds).
-_ROUND_BUDGET_S = 2.0 if HAS_CUDA else 0.5
+_ROUND_BUDGET_S = 2.0 if HAS_CUDA else 1.0
 # Calls longer than this are timed by wall clock alone (a do_bench run would repeat them ~8 times).
 _DO_BENCH_MAX_S = 0.1
 
@@ -100,15 +100,17 @@ def _cpu_peak_bytes(fn):
     return out, max(total for _, _, total in events) - start_level
 
 
-def measure_peak_memory(fn):
+def measure_peak_memory(fn, collect=True):
     """Run fn() once and return (its result, extra_info entries describing its peak memory).
 
     peak_mem_bytes: working memory the call adds on top of what was live before it (activations,
     workspaces, outputs; not the weights or inputs, nor a pool allocated earlier, e.g. a CUDA
     graph's, which only peak_mem_total_bytes shows). peak_mem_total_bytes (CUDA only): the absolute
-    peak of allocated device memory in the process during the call.
+    peak of allocated device memory in the process during the call. collect: gc.collect() first, so
+    garbage from earlier calls is not in the baseline.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     if HAS_CUDA:
         _sync()
         base = torch.cuda.memory_allocated()
@@ -201,9 +203,10 @@ def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, memory=Fal
     # is also the memory call (reading the allocator's peak costs nothing), which spares a long
     # benchmark (a 1000-step sampling loop) a call. The CPU memory path runs under the profiler,
     # so there it is a call of its own.
+    gc.collect()
     t0 = time.perf_counter()
     if memory and HAS_CUDA:
-        _, mem = measure_peak_memory(fn)
+        _, mem = measure_peak_memory(fn, collect=False)
         info.update(mem)
     else:
         fn()

@@ -11,13 +11,20 @@
 // CUDA parts use only device-generic c10 headers (DeviceGuard, VirtualGuardImpl, Stream::
 // native_handle) plus cuda_runtime_api.h, so this file also compiles against a CPU-only torch with
 // DDPM_FAST_WITH_CUDA defined (the tests syntax-check it that way).
-#include <torch/extension.h>
-
+// Narrow includes rather than torch/extension.h: this file is compiled twice (build, and the
+// tests' syntax check of the CUDA section), and the full torch API costs most of that time.
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
 
 #include <cmath>
+#include <optional>
+#include <vector>
 
 #include "reverse_step.h"
 

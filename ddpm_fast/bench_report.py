@@ -3,15 +3,18 @@
 Input: the file `pytest benchmarks/ --benchmark-only --benchmark-json=results.json` writes. Each
 benchmark there belongs to a group (one case: an op at one shape and dtype, the UNet at one preset,
 batch and dtype, ...) and names its provider in extra_info (benchmarks/conftest.py's run_bench does
-both). Providers fall into three families by name: `reference` (eager PyTorch, the baseline),
-`compiled*` (the reference under torch.compile) and `fast*` (this package's fast path); any other
-name (e.g. `table`, a precomputed lookup) is a fast-path variant too.
+both). Providers fall into families by name:
+  reference            eager PyTorch, the spec: the baseline every speedup is measured against
+  compiled*            the reference under torch.compile (the real bar on GPU)
+  sdpa*, eager*, torch*  another baseline a benchmark names (e.g. an SDPA-based attention block)
+  copy*, memcpy*       a bandwidth ceiling (a copy of the same bytes), not an implementation
+  anything else        a fast-path variant (fast, fast-injected, fast-graph, triton, table, ...)
 
 Output: <stem>.md, with the machine and software it came from, one summary row per group and
 fast-path provider (speedup = baseline median time / its median time, so > 1 means the fast path is
-faster; "vs compiled" uses the quickest compiled provider in the group) and every measurement
-in detail; and <stem>.png, a bar chart of the speedups (needs matplotlib; without it the report says
-so and there is no PNG).
+faster; each baseline column uses the quickest provider of that family in the group; "% of copy
+bandwidth" = its GB/s / the copy's GB/s) and every measurement in detail; and <stem>.png, a bar
+chart of the speedups (needs matplotlib; without it the report says so and there is no PNG).
 """
 from __future__ import annotations
 
@@ -28,16 +31,25 @@ from typing import Dict, List, Optional, Tuple
 __all__ = ["make_report", "load_results", "add_bench_report_arguments", "run_bench_report_from_args", "main"]
 
 REFERENCE = "reference"
+_OTHER_BASELINES = ("sdpa", "eager", "torch")
+_BOUNDS = ("copy", "memcpy")
+
+
+def _named(provider: str, prefixes) -> bool:
+    return any(provider == p or provider.startswith(p + "-") or provider.startswith(p + "_") for p in prefixes)
 
 
 def family(provider: str) -> str:
-    """reference | compiled | fast | other, from the provider's name."""
+    """reference | compiled | baseline | bound | fast, from the provider's name (see the module doc)."""
     if provider == REFERENCE:
         return "reference"
-    for fam in ("compiled", "fast"):
-        if provider == fam or provider.startswith(fam + "-") or provider.startswith(fam + "_"):
-            return fam
-    return "other"
+    if _named(provider, ("compiled",)):
+        return "compiled"
+    if _named(provider, _OTHER_BASELINES):
+        return "baseline"
+    if _named(provider, _BOUNDS):
+        return "bound"
+    return "fast"
 
 
 @dataclass
@@ -133,7 +145,8 @@ def describe_machine(data: dict, entries: List[Entry]) -> Dict[str, str]:
     cpu_model = ours.get("cpu_model") or cpu.get("brand_raw") or mi.get("processor") or "unknown CPU"
     cores = ours.get("cpu_count") or cpu.get("count")
     threads = ours.get("torch_threads")
-    cpu_text = f"{cpu_model}" + (f", {cores} cores" if cores else "") + (f", torch threads {threads}" if threads else "")
+    cpu_text = (f"{cpu_model}" + (f", {cores} cores" if cores else "")
+                + (f", torch threads {threads}" if threads else ""))
     gpu = ours.get("gpu")
     if not gpu:  # older JSON without our machine_info: the per-benchmark device, if any names a GPU
         devices = {str(b.get("extra_info", {}).get("device")) for b in data["benchmarks"] if isinstance(b, dict)}
@@ -168,21 +181,37 @@ def describe_machine(data: dict, entries: List[Entry]) -> Dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Row:
-    """One summary line: a group and one fast provider against its baselines."""
+    """One summary line: a group and one fast-path provider against its baselines."""
 
     section: str
     group: str
     fast: Optional[Entry]
     reference: Optional[Entry]
     compiled: Optional[Entry]  # the quickest compiled provider of the group
+    baseline: Optional[Entry] = None  # the quickest other baseline (sdpa, ...)
+    bound: Optional[Entry] = None  # the copy of the same bytes, when measured
+    interpreted: bool = False  # a Triton-interpreter run: plumbing, not a timing
+
+    def _vs(self, base: Optional[Entry]) -> Optional[float]:
+        return base.median_s / self.fast.median_s if self.fast and base else None
 
     @property
     def vs_reference(self) -> Optional[float]:
-        return self.reference.median_s / self.fast.median_s if self.fast and self.reference else None
+        return self._vs(self.reference)
 
     @property
     def vs_compiled(self) -> Optional[float]:
-        return self.compiled.median_s / self.fast.median_s if self.fast and self.compiled else None
+        return self._vs(self.compiled)
+
+    @property
+    def vs_baseline(self) -> Optional[float]:
+        return self._vs(self.baseline)
+
+    @property
+    def bandwidth_fraction(self) -> Optional[float]:
+        mine = dict(self.fast.throughput if self.fast else [])
+        ceiling = dict(self.bound.throughput if self.bound else [])
+        return mine["GB/s"] / ceiling["GB/s"] if "GB/s" in mine and ceiling.get("GB/s") else None
 
 
 def group_entries(entries: List[Entry]) -> Dict[Tuple[str, str], List[Entry]]:
@@ -192,18 +221,21 @@ def group_entries(entries: List[Entry]) -> Dict[Tuple[str, str], List[Entry]]:
     return groups
 
 
-def summary_rows(entries: List[Entry]) -> List[Row]:
+def summary_rows(entries: List[Entry], triton_interpreted: bool = False) -> List[Row]:
     rows = []
     for (section, group), members in group_entries(entries).items():
         by_family: Dict[str, List[Entry]] = {}
         for e in members:
             by_family.setdefault(family(e.provider), []).append(e)
+
+        def quickest(fam):
+            return min(by_family.get(fam, []), key=lambda e: e.median_s, default=None)
+
         ref = by_family.get("reference", [None])[0]
-        comp = min(by_family.get("compiled", []), key=lambda e: e.median_s, default=None)
-        # Every provider that is not a baseline is a candidate: fast*, and any other name a benchmark
-        # uses for a fast-path variant (e.g. a precomputed table).
-        for fast in by_family.get("fast", []) + by_family.get("other", []) or [None]:
-            rows.append(Row(section, group, fast, ref, comp))
+        for fast in by_family.get("fast") or [None]:
+            interp = bool(triton_interpreted and fast and "triton" in fast.provider)
+            rows.append(Row(section, group, fast, ref, quickest("compiled"), quickest("baseline"),
+                            quickest("bound"), interp))
     return rows
 
 
@@ -256,6 +288,47 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
     return out
 
 
+def _named_time(e: Optional[Entry]) -> str:
+    return f"{fmt_time(e.median_s)} ({e.provider})" if e else "—"
+
+
+def _note(r: Row) -> str:
+    missing = [n for n, e in (("fast-path provider", r.fast), ("reference", r.reference)) if e is None]
+    notes = (["no " + " or ".join(missing)] if missing else [])
+    if r.interpreted:
+        notes.append("ran in the Triton interpreter: plumbing, not a timing")
+    return "; ".join(notes)
+
+
+def _mem_pair(r: Row) -> str:
+    ref, mine = (r.reference.peak_mem if r.reference else None), (r.fast.peak_mem if r.fast else None)
+    return "—" if ref is None and mine is None else f"{fmt_bytes(ref)} / {fmt_bytes(mine)}"
+
+
+# (header, cell, always shown)
+_SUMMARY_COLUMNS = [
+    ("case", lambda r: r.group, True),
+    ("provider", lambda r: r.fast.provider if r.fast else "missing", True),
+    ("median", lambda r: fmt_time(r.fast.median_s if r.fast else None), True),
+    ("reference", lambda r: fmt_time(r.reference.median_s if r.reference else None), True),
+    ("vs reference", lambda r: fmt_speedup(r.vs_reference), True),
+    ("compiled (best)", lambda r: _named_time(r.compiled), False),
+    ("vs compiled", lambda r: fmt_speedup(r.vs_compiled), False),
+    ("baseline (best)", lambda r: _named_time(r.baseline), False),
+    ("vs baseline", lambda r: fmt_speedup(r.vs_baseline), False),
+    ("throughput", lambda r: fmt_throughput(r.fast), False),
+    ("% of copy BW", lambda r: f"{100 * r.bandwidth_fraction:.0f}%" if r.bandwidth_fraction else "—", False),
+    ("peak mem ref / this", _mem_pair, False),
+    ("note", _note, False),
+]
+
+
+def _table_dropping_empty(columns, rows: List[Row]) -> List[str]:
+    cells = [[fn(r) for _, fn, _ in columns] for r in rows]
+    keep = [i for i, (_, _, always) in enumerate(columns) if always or any(c[i] not in ("—", "") for c in cells)]
+    return _table([columns[i][0] for i in keep], [[c[i] for i in keep] for c in cells])
+
+
 def render_markdown(meta: Dict[str, str], entries: List[Entry], rows: List[Row], source: str,
                     chart_name: Optional[str], chart_note: Optional[str], note: Optional[str] = None) -> str:
     lines = [f"# Benchmark report ({meta['kind'].upper()})", ""]
@@ -268,9 +341,11 @@ def render_markdown(meta: Dict[str, str], entries: List[Entry], rows: List[Row],
               f"- Timers: {meta['timers']}", ""]
     if note:
         lines += [f"> {note}", ""]
-    lines += ["Speedup = baseline median time / fast median time (above 1x: the fast path is faster). "
-              "\"vs compiled\" compares with the quickest torch.compile provider of the case. "
-              "A dash means that provider was not measured for the case (skipped or not part of this run).", ""]
+    lines += ["Speedup = baseline median time / the fast-path provider's median time (above 1x: the fast "
+              "path is faster). Each baseline column uses the quickest provider of that kind in the case "
+              "(compiled: torch.compile modes; baseline: another implementation a benchmark names, e.g. "
+              "SDPA). \"% of copy BW\" = its GB/s over a plain copy's of the same bytes. A dash: not "
+              "measured for the case (skipped, or not part of this run); empty columns are left out.", ""]
     if chart_name:
         lines += [f"![speedups]({chart_name})", ""]
     if chart_note:
@@ -282,26 +357,15 @@ def render_markdown(meta: Dict[str, str], entries: List[Entry], rows: List[Row],
     lines += ["## Summary", ""]
     for section, srows in sections.items():
         lines += [f"### {section}", ""]
-        for prov in dict.fromkeys(r.fast.provider for r in srows if r.fast):
-            mine = [r for r in srows if r.fast and r.fast.provider == prov]
-            gm_ref = geomean([r.vs_reference for r in mine])
-            gm_comp = geomean([r.vs_compiled for r in mine])
-            if gm_ref is not None or gm_comp is not None:
-                lines += [f"Geometric mean over the cases, `{prov}`: vs reference {fmt_speedup(gm_ref)}, "
-                          f"vs compiled {fmt_speedup(gm_comp)}.", ""]
-        table = []
-        for r in srows:
-            missing = [n for n, e in (("fast", r.fast), ("reference", r.reference)) if e is None]
-            table.append([r.group, r.fast.provider if r.fast else "missing",
-                          fmt_time(r.reference.median_s if r.reference else None),
-                          (f"{fmt_time(r.compiled.median_s)} ({r.compiled.provider})" if r.compiled else "—"),
-                          fmt_time(r.fast.median_s if r.fast else None),
-                          fmt_speedup(r.vs_reference), fmt_speedup(r.vs_compiled), fmt_throughput(r.fast),
-                          f"{fmt_bytes(r.reference.peak_mem if r.reference else None)} / "
-                          f"{fmt_bytes(r.fast.peak_mem if r.fast else None)}",
-                          ("no " + " or ".join(missing)) if missing else ""])
-        lines += _table(["case", "fast provider", "reference", "compiled (best)", "fast", "fast vs reference",
-                         "fast vs compiled", "fast throughput", "peak mem ref / fast", "note"], table)
+        for prov in dict.fromkeys(r.fast.provider for r in srows if r.fast and not r.interpreted):
+            mine = [r for r in srows if r.fast and r.fast.provider == prov and not r.interpreted]
+            parts = [f"vs {name} {fmt_speedup(gm)}" for name, gm in
+                     (("reference", geomean([r.vs_reference for r in mine])),
+                      ("compiled", geomean([r.vs_compiled for r in mine])),
+                      ("baseline", geomean([r.vs_baseline for r in mine]))) if gm is not None]
+            if parts:
+                lines += [f"Geometric mean over the cases, `{prov}`: " + ", ".join(parts) + ".", ""]
+        lines += _table_dropping_empty(_SUMMARY_COLUMNS, srows)
         lines.append("")
 
     lines += ["## All measurements", "",
@@ -335,17 +399,19 @@ def make_chart(rows: List[Row], entries: List[Entry], meta: Dict[str, str], png_
     except ImportError:
         return False
 
-    pairs = [r for r in rows if r.vs_reference is not None or r.vs_compiled is not None]
+    pairs = [r for r in rows if not r.interpreted and any(v is not None for v in
+                                                          (r.vs_reference, r.vs_compiled, r.vs_baseline))]
     if pairs:
         labels = [f"{r.group} [{r.fast.provider}]" if r.fast.provider != "fast" else r.group for r in pairs]
-        series = [("fast vs reference", [r.vs_reference for r in pairs], "#4C72B0"),
-                  ("fast vs compiled", [r.vs_compiled for r in pairs], "#DD8452")]
+        series = [("vs reference", [r.vs_reference for r in pairs], "#4C72B0"),
+                  ("vs compiled (best)", [r.vs_compiled for r in pairs], "#DD8452"),
+                  ("vs other baseline (best)", [r.vs_baseline for r in pairs], "#55A868")]
         xlabel = "speedup (baseline median / fast median), log scale; > 1 = fast path faster"
     else:
         groups = group_entries(entries)
         labels = [g for (_, g) in groups]
         providers = list(dict.fromkeys(e.provider for e in entries))
-        colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3"]
+        colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
         series = [(p, [next((e.median_s * 1e3 for e in m if e.provider == p), None) for m in groups.values()],
                    colors[i % len(colors)]) for i, p in enumerate(providers)]
         xlabel = "median time (ms), log scale (no fast/baseline pair in these results)"
@@ -422,7 +488,9 @@ def make_report(json_path, out_dir=None, note: Optional[str] = None) -> Tuple[Pa
     data = load_results(json_path)
     entries = parse_entries(data)
     meta = describe_machine(data, entries)
-    rows = summary_rows(entries)
+    ours = data.get("machine_info", {}).get("ddpm_fast", {}) if isinstance(data.get("machine_info"), dict) else {}
+    rows = summary_rows(entries, triton_interpreted=isinstance(ours, dict) and
+                        str(ours.get("triton_interpret", "0")) == "1")
     out = Path(out_dir) if out_dir is not None else json_path.parent
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / (json_path.stem + ".md")

@@ -16,6 +16,7 @@ Every dataset here returns single images [C, H, W] float32; in-memory ones also 
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
@@ -135,11 +136,13 @@ class ImageFolder(Dataset):
     Each file's header is checked up front (cheap: no pixel decoding), so missing, empty or
     unreadable inputs raise `DataError` naming the file before training starts. A file that passes
     the header check but fails to decode later also raises `DataError` with its path.
-    `cache=True` keeps decoded images in memory (fine for small sets, the usual CPU case).
+    `cache` keeps the decoded images in memory as one tensor (`.images`): True, False, or "auto"
+    (the default: cache when that tensor stays under 1 GiB, e.g. ~87k RGB images at 32x32).
     """
 
     def __init__(self, root: Union[str, Path], image_size: int, channels: int = 3,
-                 data_range: Tuple[float, float] = (-1.0, 1.0), cache: bool = True, verify: bool = True):
+                 data_range: Tuple[float, float] = (-1.0, 1.0), cache: Union[bool, str] = "auto",
+                 verify: bool = True):
         if channels not in (1, 3):
             raise DataError(f"image channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.root = Path(root)
@@ -150,6 +153,8 @@ class ImageFolder(Dataset):
         if verify:
             self._verify_headers()
         self.images = None
+        if cache == "auto":
+            cache = len(self.files) * channels * self.image_size ** 2 * 4 < (1 << 30)
         if cache:
             self.images = torch.stack([self._load(i) for i in range(len(self.files))])
 
@@ -178,13 +183,19 @@ class ImageFolder(Dataset):
         return f"ImageFolder({str(self.root)!r}, {len(self)} images, {self.channels}x{self.image_size}x{self.image_size})"
 
 
-def digits_images(image_size: int = 16) -> torch.Tensor:
+def digits_images(image_size: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits as float32 [1797, 1, image_size, image_size] in [0, 1], and labels.
 
     The raw values are 0..16 ink intensities (white-on-black); they are scaled to [0, 1] and
     upscaled with antialiased bicubic resampling, clamped back into [0, 1] (bicubic overshoots).
-    Returns (images, labels).
+    Returns (images, labels) as fresh tensors (the decoded set is cached per size).
     """
+    x, y = _digits_cached(int(image_size))
+    return x.clone(), y.clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _digits_cached(image_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -210,7 +221,7 @@ def digits_dataset(image_size: int = 16, channels: int = 1,
     return TensorImages(to_data_range(x, data_range), name="digits")
 
 
-def load_dataset(spec, config: ModelConfig, cache: bool = True) -> Dataset:
+def load_dataset(spec, config: ModelConfig, cache: Union[bool, str] = "auto") -> Dataset:
     """Resolve the trainer's `data` argument into a dataset of images matching `config`."""
     u, rng = config.unet, config.diffusion.data_range
     if isinstance(spec, torch.Tensor):
@@ -220,7 +231,10 @@ def load_dataset(spec, config: ModelConfig, cache: bool = True) -> Dataset:
     elif isinstance(spec, (str, os.PathLike)):
         s = str(spec)
         if s in BUILTIN_DATASETS and not Path(s).exists():
-            return digits_dataset(u.image_size, u.image_channels, rng)
+            try:
+                return digits_dataset(u.image_size, u.image_channels, rng)
+            except ImportError as e:  # a missing optional extra is bad input here, not a broken install
+                raise DataError(str(e)) from None
         ds = ImageFolder(s, u.image_size, u.image_channels, rng, cache=cache)
     else:
         raise DataError(f"data must be a folder path, one of {BUILTIN_DATASETS}, a tensor [N, C, H, W] "

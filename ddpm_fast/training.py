@@ -63,8 +63,10 @@ LOSS_LOG = "loss.csv"
 LOSS_COLUMNS = ("step", "loss", "lr", "it_per_s", "elapsed_s")
 
 
-class CheckpointError(RuntimeError):
-    """A training checkpoint is missing, corrupt, or belongs to a different model."""
+class CheckpointError(ValueError):
+    """A training checkpoint is missing, corrupt, or belongs to a different model.
+
+    A ValueError, like checkpoint.load_checkpoint's errors, so the CLI reports it as bad input."""
 
 
 @dataclass
@@ -304,27 +306,13 @@ def _noise_seed(seed: int, rank: int, step: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Sample grids
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_grid(model, config: ModelConfig, n: int = 16, steps: int = 20, seed: int = 0, device=None):
-    """A PIL grid of n samples from `model` (DDIM, eta=0, `steps` steps, fixed seed)."""
-    device = torch.device(device or next(model.parameters()).device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+def sample_grid(model, config: ModelConfig, n: int = 16, steps: int = 20, seed: int = 0):
+    """A PIL grid of n samples from `model` (DDIM, eta=0, `steps` steps, fixed seed), on its device."""
     from .sampling import make_grid, sample
 
-    was_training = model.training
-    model.eval()
-    try:
-        images = sample(model, batch_size=n, num_inference_steps=steps, sampler="ddim", generator=gen,
-                        output_type="pil", progress=False, device=device, config=config)
-    finally:
-        model.train(was_training)
+    images = sample(model, batch_size=n, num_inference_steps=steps, sampler="ddim", progress=False,
+                    generator=torch.Generator().manual_seed(seed), output_type="pil", config=config)
     return make_grid(images, nrow=int(math.ceil(math.sqrt(n))))
-
-
-def _save_grid(path, grid) -> None:
-    from .sampling import save_image_atomic
-
-    save_image_atomic(grid, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,15 +551,18 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 run_sum.zero_()
                 run_n, t_last = 0, now
-            if rank == 0 and (done % checkpoint_every == 0 or done == steps or stop["flag"]):
+            stopping = stop["flag"]  # read once: a Ctrl-C from here on is handled after the next step
+            if rank == 0 and (done % checkpoint_every == 0 or done == steps or stopping):
                 save_train_checkpoint(ckpt_path, model, ema, optimizer, done, config, scaler, hparams)
                 _save_model_file(model_path, ema, config, done)
             if rank == 0 and sample_every and (done % sample_every == 0 or done == steps):
                 _write_samples(out, ema, config, done, n_samples, sample_steps, seed)
             if callback is not None:
                 callback(done)
-            if stop["flag"]:
-                raise KeyboardInterrupt(f"training interrupted; checkpoint written at step {done}")
+            if stopping:
+                print(f"\ntraining interrupted: checkpoint written at step {done}; continue with resume=True "
+                      "(--resume)", file=sys.stderr)
+                raise KeyboardInterrupt(f"training interrupted at step {done}")
         if rank == 0 and not model_path.exists() and ckpt_path.exists():
             export_model(ckpt_path, model_path)  # resumed a finished run: make sure the model file is there
     finally:
@@ -592,6 +583,8 @@ _warned_no_sampler = []
 
 def _write_samples(out: Path, ema, config, step, n, steps, seed) -> None:
     try:
+        from .sampling import save_image_atomic
+
         grid = sample_grid(ema, config, n=n, steps=steps, seed=seed)
     except ImportError as e:  # sampling.py is optional for training; say so once
         if not _warned_no_sampler:
@@ -599,34 +592,25 @@ def _write_samples(out: Path, ema, config, step, n, steps, seed) -> None:
             _warned_no_sampler.append(True)
         return
     (out / "samples").mkdir(exist_ok=True)
-    _save_grid(out / "samples" / f"step_{step:07d}.png", grid)
+    save_image_atomic(grid, out / "samples" / f"step_{step:07d}.png")
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line: `ddpm-fast train` (cli.py) and `python -m ddpm_fast.training`
 # ---------------------------------------------------------------------------------------------
-def _int_at_least(lo):
-    def parse(s):
+def _number(kind, lo, hi=None, lo_open=False, hi_open=True):
+    """An argparse type: `kind` (int or float) in the given range, with a clear message otherwise."""
+    def parse(text):
         try:
-            v = int(s)
+            v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-    return parse
-
-
-def _float_in(lo, hi, lo_open=False, hi_open=True):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        bad = (not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and (v > hi or (hi_open and v == hi))))
-        if bad:
-            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo}, "
-                                             f"{hi if hi is not None else 'inf'}{')' if hi_open else ']'}, got {s}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}" if kind is int and hi is None else
+                                             f"must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}"
+                                             f"{')' if hi_open or hi is None else ']'}, got {text}")
         return v
     return parse
 
@@ -640,22 +624,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       "(scikit-learn's handwritten digits, upscaled to 16x16)")
     a("--out", required=True, help="run folder: checkpoint, model, loss.csv, samples/")
     a("--preset", default="digits16", choices=sorted(PRESETS), help="model shape (default: digits16)")
-    a("--image-size", type=_int_at_least(1), default=None, help="override the preset's image size")
+    a("--image-size", type=_number(int, 1), default=None, help="override the preset's image size")
     a("--channels", type=int, choices=(1, 3), default=None, help="override the preset's image channels")
-    a("--steps", type=_int_at_least(1), default=10_000, help="total optimizer steps (default: 10000)")
-    a("--batch-size", type=_int_at_least(1), default=64, help="global batch size (default: 64)")
-    a("--lr", type=_float_in(0.0, None, lo_open=True), default=3e-4, help="Adam learning rate (default: 3e-4)")
-    a("--warmup-steps", type=_int_at_least(0), default=100, help="linear lr warm-up steps (default: 100)")
-    a("--ema-decay", type=_float_in(0.0, 1.0), default=0.999, help="EMA decay in [0, 1) (default: 0.999)")
-    a("--grad-clip", type=_float_in(0.0, None), default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
+    a("--steps", type=_number(int, 1), default=10_000, help="total optimizer steps (default: 10000)")
+    a("--batch-size", type=_number(int, 1), default=64, help="global batch size (default: 64)")
+    a("--lr", type=_number(float, 0.0, lo_open=True), default=3e-4, help="Adam learning rate (default: 3e-4)")
+    a("--warmup-steps", type=_number(int, 0), default=100, help="linear lr warm-up steps (default: 100)")
+    a("--ema-decay", type=_number(float, 0.0, 1.0), default=0.999, help="EMA decay in [0, 1) (default: 0.999)")
+    a("--grad-clip", type=_number(float, 0.0), default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
     a("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision on CUDA (default: off)")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    a("--sample-every", type=_int_at_least(0), default=1000, help="steps between sample grids, 0 = off")
-    a("--checkpoint-every", type=_int_at_least(1), default=500, help="steps between checkpoints (default: 500)")
-    a("--log-every", type=_int_at_least(1), default=50, help="steps per loss.csv row (default: 50)")
-    a("--seed", type=_int_at_least(0), default=0)
+    a("--sample-every", type=_number(int, 0), default=1000, help="steps between sample grids, 0 = off")
+    a("--checkpoint-every", type=_number(int, 1), default=500, help="steps between checkpoints (default: 500)")
+    a("--log-every", type=_number(int, 1), default=50, help="steps per loss.csv row (default: 50)")
+    a("--seed", type=_number(int, 0), default=0)
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available); ignored under torchrun")
-    a("--num-workers", type=_int_at_least(0), default=0, help="DataLoader workers for image folders")
+    a("--num-workers", type=_number(int, 0), default=0, help="DataLoader workers for image folders")
     a("--no-progress", action="store_true", help="no progress bar")
     return parser
 

@@ -118,6 +118,19 @@ def test_block_odd_shapes(shape, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("shape,dtype", [((2, 64, 8, 8, 1, 64), torch.float32),
+                                         ((1, 256, 4, 4, 1, 256), torch.bfloat16),
+                                         ((3, 96, 7, 9, 2, 48), torch.float16)],
+                         ids=["tiny-C64", "C256-4x4", "odd"])
+def test_block_with_gpu_tile_choice(monkeypatch, shape, dtype):
+    # On CPU the tiles are chosen for a 1-program "device"; run the small tiles a 132-SM H100 gets at
+    # small batch (split head dim and channels), which the other block tests do not reach.
+    monkeypatch.setattr(attn_mod, "_programs_wanted", lambda device: 132)
+    b, c, h, w, nh, dk = shape
+    check_block(make_inputs(b, c, h, w, nh, dk, dtype), nh, dk)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_block_channels_last_input(dtype):
     args = make_inputs(2, 96, 7, 9, 2, 48, dtype)
@@ -279,7 +292,8 @@ def test_module_imports_and_falls_back_without_triton():
         "import importlib; m = importlib.import_module('ddpm_fast.ops.attention')\n"
         "from ddpm_fast.reference import functional as ref\n"
         "assert not m.HAS_TRITON\n"
-        "a = [torch.randn(2, 32, 3, 3), torch.randn(96, 32), torch.randn(96), torch.randn(32, 32), torch.randn(32)]\n"
+        "a = [torch.randn(2, 32, 3, 3), torch.randn(96, 32), torch.randn(96), torch.randn(32, 32),\n"
+        "     torch.randn(32)]\n"
         "assert torch.equal(m.attention(*a, 1, 32), ref.attention(*a, 1, 32))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -40,7 +40,8 @@ def _results(benchmarks):
             "node": "box", "machine": "x86_64", "python_version": "3.11.7",
             "cpu": {"brand_raw": "Generic CPU", "count": 2},
             "ddpm_fast": {"torch": "2.13.0+cpu", "triton": "3.9.0", "cuda": None, "gpu": None,
-                          "cpu_model": "Test EPYC 9999", "cpu_count": 2, "torch_threads": 2},
+                          "cpu_model": "Test EPYC 9999", "cpu_count": 2, "torch_threads": 2,
+                          "triton_interpret": "1"},
         },
         "commit_info": {"id": "0123456789abcdef0123", "branch": "main", "dirty": True},
         "benchmarks": benchmarks,
@@ -63,17 +64,26 @@ def sample_json(tmp_path):
         _bench("A", "compiled", 6e-3),
         _bench("A", "compiled-max-autotune", 5e-3),
         _bench("A", "fast", 2e-3, extra={"TFLOP/s": 5.0, "peak_mem_bytes": 1 << 20}),
-        # B: the fast path is slower (0.5x).
+        # B: the fast path is slower (0.5x), at a quarter of a plain copy's bandwidth.
         _bench("B", "reference", 4e-3),
         _bench("B", "fast", 8e-3, extra={"GB/s": 12.5}),
+        _bench("B", "copy", 1e-3, extra={"GB/s": 50.0}),
         # C: fast skipped (missing provider).
         _bench("C", "reference", 1e-3),
         # D: only fast.
         _bench("D", "fast", 1e-3),
-        # E: a non-"fast" name for a fast-path variant is a candidate of its own.
+        # E: a fast-path variant with another name is a candidate of its own.
         _bench("E", "reference", 2e-3),
         _bench("E", "fast", 1e-3),
         _bench("E", "table", 1e-4),
+        # F: another named baseline; the quickest of its family is the bar.
+        _bench("F", "reference", 4e-3),
+        _bench("F", "sdpa", 2e-3),
+        _bench("F", "sdpa-graph", 1e-3),
+        _bench("F", "fast", 2e-3),
+        # G: a Triton-interpreter run (the JSON says TRITON_INTERPRET=1): flagged, not averaged.
+        _bench("G", "sdpa", 1e-5),
+        _bench("G", "triton", 2e-2),
         # No group set: derived from the parameters minus the provider; the CUDA-event median in
         # extra_info wins over the wall-clock stats.median.
         _bench(None, "reference", 1.0, params={"shape": "7x9"}, name="test_ungrouped",
@@ -83,10 +93,23 @@ def sample_json(tmp_path):
     return _write(tmp_path, _results(benches))
 
 
+def _rows(md, case):
+    """The summary rows of `case` as {column header: cell}, one dict per provider row."""
+    found, header = [], None
+    for line in md.splitlines():
+        if line.startswith("| case |"):
+            header = [c.strip() for c in line.strip("|").split("|")]
+        elif line.startswith(f"| {case} |") and header:
+            found.append(dict(zip(header, [c.strip() for c in line.strip("|").split("|")])))
+        elif line.startswith("## All measurements"):
+            break
+    return found
+
+
 def _row(md, case):
-    rows = [line for line in md.splitlines() if line.startswith(f"| {case} |")]
+    rows = _rows(md, case)
     assert len(rows) == 1, f"expected one summary row for {case!r}, got {rows}"
-    return [c.strip() for c in rows[0].strip("|").split("|")]
+    return rows[0]
 
 
 def test_report_speedups_and_metadata(sample_json, tmp_path):
@@ -98,24 +121,29 @@ def test_report_speedups_and_metadata(sample_json, tmp_path):
                  "2026-11-26T12:00:00", "0123456789ab", "uncommitted changes", "![speedups](results.png)"):
         assert text in md, text
     a = _row(md, "A")
-    assert a[1] == "fast" and a[2] == "10.00 ms" and a[4] == "2.00 ms"
-    assert a[3] == "5.00 ms (compiled-max-autotune)"  # the quickest compiled provider is the bar
-    assert a[5] == "5.00x" and a[6] == "2.50x"
-    assert a[7] == "5 TFLOP/s" and a[8] == "3.0 MiB / 1.0 MiB"
+    assert (a["provider"], a["median"], a["reference"], a["vs reference"]) == ("fast", "2.00 ms", "10.00 ms", "5.00x")
+    assert a["compiled (best)"] == "5.00 ms (compiled-max-autotune)" and a["vs compiled"] == "2.50x"
+    assert a["throughput"] == "5 TFLOP/s" and a["peak mem ref / this"] == "3.0 MiB / 1.0 MiB"
     b = _row(md, "B")
-    assert b[5] == "0.50x" and b[6] == "—" and b[7] == "12.5 GB/s"
+    assert b["vs reference"] == "0.50x" and b["vs compiled"] == "—" and b["throughput"] == "12.5 GB/s"
+    assert b["% of copy BW"] == "25%"  # the copy is a ceiling, not a candidate: B has one row
     c = _row(md, "C")
-    assert c[1] == "missing" and c[5] == "—" and c[9] == "no fast"
+    assert c["provider"] == "missing" and c["vs reference"] == "—" and c["note"] == "no fast-path provider"
     d = _row(md, "D")
-    assert d[2] == "—" and d[5] == "—" and d[9] == "no reference"
+    assert d["reference"] == "—" and d["vs reference"] == "—" and d["note"] == "no reference"
+    assert [r["provider"] for r in _rows(md, "E")] == ["fast", "table"]
+    f = _row(md, "F")
+    assert f["baseline (best)"] == "1.00 ms (sdpa-graph)" and f["vs baseline"] == "0.50x"
+    g = _row(md, "G")
+    assert g["provider"] == "triton" and "Triton interpreter" in g["note"]
     u = _row(md, "test_ungrouped[7x9]")
-    assert u[2] == "3.00 ms" and u[4] == "1.00 ms" and u[5] == "3.00x"
-    # per test function and provider, the geometric mean over its cases (A, B, E: 5, 0.5, 2)
-    assert f"`fast`: vs reference {(5 * 0.5 * 2) ** (1 / 3):.2f}x, vs compiled 2.50x" in md
-    assert "`fast`: vs reference 3.00x, vs compiled —" in md  # test_ungrouped
-    assert "`table`: vs reference 20.00x" in md
-    e_rows = [line for line in md.splitlines() if line.startswith("| E |")]
-    assert [r.split("|")[2].strip() for r in e_rows] == ["fast", "table"]
+    assert u["reference"] == "3.00 ms" and u["median"] == "1.00 ms" and u["vs reference"] == "3.00x"
+    # per test function and provider, the geometric mean over its cases (A, B, E, F: 5, 0.5, 2, 2)
+    assert (f"`fast`: vs reference {(5 * 0.5 * 2 * 2) ** 0.25:.2f}x, vs compiled 2.50x, vs baseline 0.50x."
+            in md)
+    assert "`fast`: vs reference 3.00x." in md  # test_ungrouped
+    assert "`table`: vs reference 20.00x." in md
+    assert "`triton`" not in md  # interpreter rows are not averaged
     assert png_path == tmp_path / "out" / "results.png"
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -133,7 +161,7 @@ def test_report_without_matplotlib(sample_json, tmp_path, no_matplotlib):
     assert png_path is None and not (tmp_path / "results.png").exists()
     md = md_path.read_text()
     assert "No chart: matplotlib is not installed" in md and "![speedups]" not in md
-    assert _row(md, "A")[5] == "5.00x"  # the tables do not depend on matplotlib
+    assert _row(md, "A")["vs reference"] == "5.00x"  # the tables do not depend on matplotlib
 
 
 def test_chart_without_any_pair(tmp_path):
@@ -142,7 +170,7 @@ def test_chart_without_any_pair(tmp_path):
     p = _write(tmp_path, _results([_bench("A", "reference", 1e-3), _bench("B", "reference", 2e-3)]))
     md_path, png_path = make_report(p, tmp_path)
     assert png_path is not None and png_path.stat().st_size > 1000
-    assert "| A | missing |" in md_path.read_text()
+    assert _row(md_path.read_text(), "A")["provider"] == "missing"
 
 
 def test_default_out_dir_and_note(sample_json, no_matplotlib):
@@ -154,8 +182,9 @@ def test_default_out_dir_and_note(sample_json, no_matplotlib):
 def test_family():
     assert family("reference") == "reference"
     assert family("compiled") == family("compiled-max-autotune") == "compiled"
-    assert family("fast") == family("fast-compiled") == "fast"
-    assert family("fastest") == family("ref") == "other"
+    assert family("sdpa") == family("sdpa-graph") == "baseline"
+    assert family("copy") == "bound"
+    assert family("fast") == family("fast-compiled") == family("triton") == family("table") == "fast"
 
 
 @pytest.mark.parametrize("content, match", [
@@ -229,5 +258,5 @@ def test_real_pytest_benchmark_json(tmp_path):
     md_path, _ = make_report(out_json, tmp_path)
     md = md_path.read_text()
     row = _row(md, "test_sum")
-    assert row[1] == "fast" and row[5].endswith("x")
+    assert row["provider"] == "fast" and row["vs reference"].endswith("x")
     assert "torch " + data["machine_info"]["ddpm_fast"]["torch"] in md

@@ -4,6 +4,10 @@ reference, and the per-model time-projection table (TimeTable) against the compu
 On CPU the Triton kernel runs through the interpreter (`time_embedding_triton`); the op's CPU kernel
 is the reference itself. CUDA runs both when present.
 """
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -138,10 +142,37 @@ def test_launcher_rejects_bad_out():
         time_embedding_triton(_steps(3), *w, out=torch.empty(3, 128, dtype=torch.float16))
 
 
+def test_module_works_without_triton():
+    # In a fresh interpreter where `import triton` fails (and with the ops package's other modules
+    # kept out of the way), the module imports, the op runs the reference, the launcher refuses.
+    code = textwrap.dedent("""
+        import os, sys, types
+        sys.modules["triton"] = None
+        import torch, ddpm_fast
+        pkg = types.ModuleType("ddpm_fast.ops")
+        pkg.__path__ = [os.path.join(os.path.dirname(ddpm_fast.__file__), "ops")]
+        sys.modules["ddpm_fast.ops"] = pkg
+        from ddpm_fast.ops.time_embedding import HAS_TRITON, time_embedding, time_embedding_triton
+        from ddpm_fast.reference.functional import time_embedding as ref
+        assert not HAS_TRITON
+        w = [torch.randn(128, 32), torch.randn(128), torch.randn(128, 128), torch.randn(128)]
+        t = torch.tensor([0, 999])
+        assert torch.equal(time_embedding(t, *w), ref(t, *w))
+        try:
+            time_embedding_triton(t, *w)
+        except RuntimeError as e:
+            assert "triton is not importable" in str(e)
+        else:
+            raise AssertionError("launcher ran without triton")
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_opcheck_cuda(dtype):
-    torch.library.opcheck(torch.ops.ddpm_fast.time_embedding.default, (_steps(5, "cuda"), *_weights(256, dtype, "cuda")))
+    args = (_steps(5, "cuda"), *_weights(256, dtype, "cuda"))
+    torch.library.opcheck(torch.ops.ddpm_fast.time_embedding.default, args)
 
 
 @pytest.mark.gpu

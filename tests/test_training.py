@@ -241,6 +241,20 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
         train(data, tmp_path / "none", resume=True, **kw)
 
 
+def test_ctrl_c_writes_a_checkpoint_and_stops(tmp_path):
+    def interrupt_at_3(step):
+        if step == 3:
+            # Lands after step 3 was already judged, like a Ctrl-C during step 4: step 4 finishes,
+            # is checkpointed, then the run stops.
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(bars(16), tmp_path / "r", preset=TINY, steps=50, batch_size=8, checkpoint_every=100,
+              callback=interrupt_at_3, **QUIET)
+    assert read_train_checkpoint(tmp_path / "r" / "checkpoint.safetensors")[2]["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
@@ -339,9 +353,18 @@ def test_bad_data_folders_give_clear_errors(tmp_path):
 def test_training_on_an_image_folder(tmp_path):
     for i in range(10):
         _png(tmp_path / "imgs" / f"{i}.png", size=(10, 12), mode="RGB")
-    res = train(tmp_path / "imgs", tmp_path / "run", preset=TINY, steps=2, batch_size=4, num_workers=0,
-                checkpoint_every=1, **QUIET)
-    assert res.step == 2 and res.checkpoint.is_file()
+    kw = dict(preset=TINY, steps=2, batch_size=4, checkpoint_every=1, **QUIET)
+    cached = train(tmp_path / "imgs", tmp_path / "run", **kw)  # small folder: decoded once, in memory
+    # The DataLoader path (no cache) sees the same batches, so it trains to the same weights.
+    streamed = train(ImageFolder(tmp_path / "imgs", 8, 1, cache=False), tmp_path / "run2", **kw)
+    assert cached.step == streamed.step == 2
+    a, b = saved(cached.checkpoint), saved(streamed.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A file that breaks after the up-front check still fails with its name when it is decoded.
+    (tmp_path / "imgs" / "0.png").write_bytes(b"garbage")
+    lazy = ImageFolder(tmp_path / "imgs", 8, 1, cache=False, verify=False)
+    with pytest.raises(DataError, match="0.png"):
+        train(lazy, tmp_path / "run3", **kw)
 
 
 def test_digits_dataset():
@@ -352,9 +375,14 @@ def test_digits_dataset():
 
 
 def test_digits_needs_scikit_learn(monkeypatch):
+    from ddpm_fast import data
+
+    data._digits_cached.cache_clear()  # force a fresh import of scikit-learn
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"ddpm_fast\[data\]"):
         digits_dataset(16)
+    with pytest.raises(DataError, match=r"needs scikit-learn"):
+        load_dataset("digits", ModelConfig(UNetConfig(**{**TINY.unet.to_dict(), "image_size": 16})))
 
 
 # --- arguments -----------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Fused AttentionBlock: `ddpm_fast::attention`, the fast path of `reference.functional.attention`.
 
-The block is three launches, none of which makes a layout copy:
+The block is three launches, none of which makes a layout copy (with the Triton core):
 
 1. qkv = tokens @ proj_weight^T on cuBLAS (no bias). x is read in place as the transposed operand
    x.reshape(B, C, N)^T, so the NCHW -> tokens permute costs nothing. This is the biggest GEMM of
-   the block (3 * heads * d_k outputs per token) and has no epilogue worth fusing (its bias is
-   folded into step 2), so cuBLAS's tuned kernels beat a hand-written Triton GEMM here.
+   the block (3 * heads * d_k outputs per token) and has no epilogue left to fuse (its bias is
+   folded into step 2), so nothing is gained by writing it in Triton, and cuBLAS's tuned kernels
+   are the safer bet for speed across batch sizes (C up to 1024, 3 * C outputs).
 2. The attention core, a flash-attention style Triton kernel over strided q/k/v views of qkv
    (labml's per-head interleaving: the row of head h is [q_h | k_h | v_h], each d_k wide). Online
    softmax in fp32, no N x N matrix in memory. The projection bias is added to q and k tiles as they
@@ -15,12 +16,13 @@ The block is three launches, none of which makes a layout copy:
    cheap exactly where it is used (few tokens, or a grid too small to fill the GPU) and keeps the
    fp32 accumulator in registers. The output is written token-major [B, N, heads * d_k].
 3. The output projection in Triton, with bias + residual + NCHW store in its epilogue. On cuBLAS this
-   would be a GEMM, a bias/residual pass and a permute copy (three reads and writes of [B, C, N]);
-   here it is one kernel. The GEMM is small (C <= 1024 outputs per token), where a Triton tl.dot
-   tile loop runs close to cuBLAS, so the fused epilogue is the win.
+   would be a GEMM (+ bias), a residual-add pass and a token-major -> NCHW copy: two extra reads
+   and writes of [B, C, N] and two extra launches; here it is one kernel. The GEMM is small (C <= 1024
+   outputs per token, K = heads * d_k), a size where a plain tl.dot tile loop should run close to
+   cuBLAS, so the fused epilogue is expected to win (bench_attention.py measures it).
 
 SDPA dispatch: `SDPA_CORE_SHAPES` names the (tokens, d_k, dtype) core shapes where a GPU measurement
-(benchmarks/bench_attention.py, test_core) showed torch SDPA faster than the Triton core; there the
+(benchmarks/bench_attention.py::test_attention_core) showed torch SDPA faster than the Triton core; there the
 core runs through F.scaled_dot_product_attention and steps 1 and 3 stay as above.
 
 Numerics: scores, scale and softmax in fp32; P is rounded to the input dtype for the P V product (as
@@ -55,8 +57,9 @@ _LOG2E = 1.4426950408889634
 # SDPA dispatch: the one place that decides which core runs at a shape.
 # Key: (tokens N, head width d_k, dtype). Value: the measurement that decided it, e.g.
 #   "H100 bf16 B=64: sdpa 41.0 us vs triton 55.2 us (benchmarks/results/attention-<date>.json)".
-# EMPTY until measured: no GPU has run benchmarks/bench_attention.py::test_core yet, so every shape
-# runs the Triton core. Add a row only for a shape where sdpa beat triton at every benchmarked batch.
+# EMPTY until measured: no GPU has run benchmarks/bench_attention.py::test_attention_core yet, so
+# every shape runs the Triton core. Add a row only for a shape where sdpa beat triton at every
+# benchmarked batch (its extra_info `table_key` is the key to add).
 # ---------------------------------------------------------------------------------------------
 SDPA_CORE_SHAPES: Dict[Tuple[int, int, torch.dtype], str] = {}
 
@@ -321,7 +324,8 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
         raise TypeError(f"flash_attention_triton: q, k, v must share one of {_DTYPES}, got "
                         f"{q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
-        raise RuntimeError(f"flash_attention_triton: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+        raise RuntimeError(f"flash_attention_triton: q, k, v on different devices: "
+                           f"{q.device}, {k.device}, {v.device}")
     has_bias = q_bias is not None or k_bias is not None or v_bias is not None
     if has_bias:
         if q_bias is None or k_bias is None or v_bias is None:
@@ -409,7 +413,8 @@ def attention_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torc
     try:
         y3 = out.view(bsz, c, n)  # NCHW and channels_last buffers both merge H and W
     except RuntimeError:
-        raise ValueError(f"attention_triton: out's H and W dims cannot be merged (strides {out.stride()})") from None
+        raise ValueError(f"attention_triton: out's H and W dims cannot be merged "
+                         f"(strides {out.stride()})") from None
     cfg = _out_proj_config(bsz, n, c, x.dtype, _programs_wanted(x.device))
     num_warps = cfg.pop("num_warps")
     grid = (triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(n, cfg["BLOCK_T"]), bsz)

@@ -4,29 +4,30 @@ Spec: `ddpm_fast.reference.functional.groupnorm_swish`. The ResidualBlock runs i
 (norm1 + act1, and `h + time_proj` -> norm2 -> act2), and the UNet's final norm once more, so it is the
 most frequent memory-bound op in the network.
 
-Work split: a program owns GB groups of one sample (GB = 1 for NCHW; for channels_last GB grows so a
-tile row is >= 32 contiguous channels) and sees them as a [HW, GB * C/G] tile addressed through three
-strides (sample, channel, flattened H*W), so NCHW and channels_last share every kernel; Triton's
-specialisation of stride == 1 tells the compiler which axis is contiguous, which is what coalescing needs.
+Work split: a program owns GB groups of one sample (GB = 1 for NCHW; for channels_last GB grows towards
+a tile row of 32 contiguous channels) and sees them as a [HW, GB * C/G] tile addressed through three
+strides (sample, channel, flattened H*W), so NCHW, channels_last and channel slices share every kernel;
+Triton specialises an int argument equal to 1, so the compiler knows which axis is contiguous, which
+is what coalesced loads need. Group statistics come from per-column sums through a [columns, GB]
+one-hot matrix, so C/G need not be a power of two (C/G = 3, 12, 40 occur).
 
 Three execution plans (bytes: N = B*C*H*W elements of size e; add/weight/bias are O(B*C) and ignored):
   fused   one kernel, the whole group block held in registers: statistics then normalise from the
           same registers. Reads x once, writes y once: 2*N*e bytes. Used when the padded tile fits
-          (<= MAX_FUSED_TILE elements) and there are enough programs to fill the GPU.
+          (<= MAX_FUSED_TILE elements, true for every preset shape) and no split is chosen.
   looped  two kernels (S = 1): `_stats` loops over H*W tiles merging per-channel moments (Chan et al.),
           `_apply` loops again to normalise. Reads x twice: 3*N*e bytes (+ B*G*12 workspace).
           Used when the group is too large for registers.
   split   the same two kernels with S > 1 programs per (sample, group block), each owning a slice of
-          H*W; `_apply` first merges the S partial moments. 3*N*e bytes, but the second read usually
-          hits L2 because split is only chosen for small problems (B * G below the SM count).
+          H*W; `_apply` first merges the S partial moments. 3*N*e bytes (+ B*G*S*12), but the second
+          read usually hits L2: split is only chosen for small problems (B * G/GB <= SMs / 2).
 Statistics are fp32 and the variance is always a sum of squared deviations from a mean (two-pass within
-a tile, Chan's parallel merge across tiles and splits), never E[x^2] - E[x]^2, so a large mean offset
-(x = 1000 + N(0, 1)) loses nothing.
+a tile, Chan's parallel merge across tiles and splits), never E[x^2] - E[x]^2; moments are taken about
+a data value of the group (see `_prologue`), so a large mean offset (x = 1000 + N(0, 1)) loses nothing.
 """
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -55,9 +56,10 @@ MAX_GROUP_CHANNELS = 4096
 # channels_last: gather groups until a tile row spans this many contiguous channels (>= one 32 B sector
 # even in fp16), so a warp's loads are not 2-channel slivers strided by C.
 CL_ROW_CHANNELS = 32
-# Split only when a program would own at least this many elements and B * G/GB < SM count: below it one
-# program finishes in about the time of the extra launch. Each split keeps >= SPLIT_MIN_CHUNK elements.
-# Both are first guesses, not GPU measurements; tune them with benchmarks/bench_groupnorm_swish.py.
+# Split only when at most half the SMs would get a program (B * G/GB <= SMs / 2) and a program would own
+# at least SPLIT_MIN_ELEMS elements: with less, one program finishes in about the time of the second
+# launch. Splits aim at 2 programs per SM, each keeping >= SPLIT_MIN_CHUNK elements.
+# All three are first guesses, not GPU measurements; tune them with benchmarks/bench_groupnorm_swish.py.
 SPLIT_MIN_ELEMS = 8192
 SPLIT_MIN_CHUNK = 2048
 
@@ -123,7 +125,7 @@ def plan(batch: int, channels: int, hw: int, num_groups: int, channels_last: boo
 
     if split is None:
         s = 1
-        if sm_count and n_prog < sm_count and work >= SPLIT_MIN_ELEMS:
+        if sm_count and 2 * n_prog <= sm_count and work >= SPLIT_MIN_ELEMS:
             s = min(-(-2 * sm_count // n_prog), work // SPLIT_MIN_CHUNK)
     else:
         s = max(1, int(split))
@@ -156,41 +158,43 @@ if HAS_TRITON:
         return v.to(dtype)
 
     @triton.jit
-    def _load_add(add_base, ch, col_ok, sa_c, dtype: tl.constexpr, HAS_ADD: tl.constexpr,
-                  SOFT_BF16: tl.constexpr):
-        """add[b, ch] as fp32 holding values of x's dtype (the reference casts add to x's dtype); 0 if none."""
-        a = tl.zeros_like(ch).to(tl.float32)
-        if HAS_ADD:
-            a = tl.load(add_base + ch * sa_c, mask=col_ok, other=0.0).to(tl.float32)
-            a = _round_to(a, dtype, SOFT_BF16).to(tl.float32)
-        return a
+    def _prologue(x_ptr, add_ptr, pid, n_gblocks, Cg, sx_b, sx_c, sa_b, sa_c, GB: tl.constexpr,
+                  BLOCK_CC: tl.constexpr, HAS_ADD: tl.constexpr, SOFT_BF16: tl.constexpr):
+        """Program pid's sample, tile columns (its GB groups' channels), the add per column and the pivot.
 
-    @triton.jit
-    def _with_add(x, a, HAS_ADD: tl.constexpr, SOFT_BF16: tl.constexpr):
-        """x + a as fp32, the sum rounded to x's dtype first: the reference adds in x's dtype, so its
-        statistics see the rounded sum. Mirroring that costs a conversion in registers."""
-        if HAS_ADD:
-            x = _round_to(x.to(tl.float32) + a, x.dtype, SOFT_BF16)
-        return x.to(tl.float32)
-
-    @triton.jit
-    def _group_pivot(x_base, add_base, ch, cols, col_ok, Cg, sx_c, sa_c,
-                     HAS_ADD: tl.constexpr, SOFT_BF16: tl.constexpr):
-        """Per column, (x + add)[b, first channel of the column's group, hw = 0].
-
-        All moments are taken of x - pivot. The shift is exact when x is near the pivot (Sterbenz), so a
-        large common offset (x = 1000 + N(0, 1)) costs the sums nothing, and the mean is kept as a small
-        offset from an exact data value: an fp32 mean of ~1000 alone is only good to ulp(1000)/2 = 3e-5.
-        Every program of a group (all splits) loads the same element, so partial moments share an origin."""
+        add: fp32 holding values of x's dtype (the reference casts add to x's dtype); zeros without one.
+        pivot: per column, (x + add)[b, first channel of the column's group, hw = 0]. All moments are
+        taken of x - pivot: the shift is exact when x is near the pivot (Sterbenz), so a large common
+        offset (x = 1000 + N(0, 1)) costs the sums nothing, and the mean is kept as a small offset from
+        an exact data value (an fp32 mean of ~1000 alone is only good to ulp(1000)/2 = 3e-5). Every
+        program of a group (all splits) uses the same pivot, so partial moments share an origin.
+        """
+        b = (pid // n_gblocks).to(tl.int64)  # int64 sample offsets: B*C*H*W may exceed 2^31
+        cols = tl.arange(0, BLOCK_CC)
+        col_ok = cols < GB * Cg
+        ch = (pid % n_gblocks) * (GB * Cg) + cols
         gch = ch - cols % Cg
-        a = _load_add(add_base, gch, col_ok, sa_c, x_base.dtype.element_ty, HAS_ADD, SOFT_BF16)
-        return _with_add(tl.load(x_base + gch * sx_c, mask=col_ok, other=0.0), a, HAS_ADD, SOFT_BF16)
+        x_base = x_ptr + b * sx_b
+        pivot = tl.load(x_base + gch * sx_c, mask=col_ok, other=0.0)
+        a = tl.zeros([BLOCK_CC], dtype=tl.float32)
+        if HAS_ADD:
+            add_base = add_ptr + b * sa_b
+            dt = x_ptr.dtype.element_ty
+            a = _round_to(tl.load(add_base + ch * sa_c, mask=col_ok, other=0.0).to(tl.float32), dt, SOFT_BF16)
+            a = a.to(tl.float32)
+            a_g = _round_to(tl.load(add_base + gch * sa_c, mask=col_ok, other=0.0).to(tl.float32), dt, SOFT_BF16)
+            pivot = _round_to(pivot.to(tl.float32) + a_g.to(tl.float32), dt, SOFT_BF16)
+        return b, cols, col_ok, ch, x_base, a, pivot.to(tl.float32)
 
     @triton.jit
     def _load_tile(x_base, a, pivot, ch, hw, mask, sx_c, sx_hw, HAS_ADD: tl.constexpr, SOFT_BF16: tl.constexpr):
         """[BLOCK_HW, BLOCK_CC] tile of (x + add) - pivot in fp32, zero where masked (sums skip padding)."""
         x = tl.load(x_base + ch[None, :] * sx_c + hw[:, None] * sx_hw, mask=mask, other=0.0)
-        return tl.where(mask, _with_add(x, a[None, :], HAS_ADD, SOFT_BF16) - pivot[None, :], 0.0)
+        if HAS_ADD:
+            # The reference adds in x's dtype, so its statistics see the sum rounded to x's dtype:
+            # mirror that rounding (a conversion in registers) rather than be more exact than the spec.
+            x = _round_to(x.to(tl.float32) + a[None, :], x.dtype, SOFT_BF16)
+        return tl.where(mask, x.to(tl.float32) - pivot[None, :], 0.0)
 
     @triton.jit
     def _onehot(cols, Cg, GB: tl.constexpr):
@@ -214,17 +218,10 @@ if HAS_TRITON:
                          GB: tl.constexpr, BLOCK_CC: tl.constexpr, BLOCK_HW: tl.constexpr,
                          HAS_ADD: tl.constexpr, SWISH: tl.constexpr, SOFT_BF16: tl.constexpr):
         """One program = GB whole groups of one sample, held in registers: one read, one write."""
-        pid = tl.program_id(0)
-        b = (pid // n_gblocks).to(tl.int64)  # int64 sample offsets: B*C*H*W may exceed 2^31
-        cols = tl.arange(0, BLOCK_CC)
-        col_ok = cols < GB * Cg
-        ch = (pid % n_gblocks) * (GB * Cg) + cols
+        b, cols, col_ok, ch, x_base, a, pivot = _prologue(x_ptr, add_ptr, tl.program_id(0), n_gblocks, Cg, sx_b,
+                                                          sx_c, sa_b, sa_c, GB, BLOCK_CC, HAS_ADD, SOFT_BF16)
         hw = tl.arange(0, BLOCK_HW)
         mask = (hw < HW)[:, None] & col_ok[None, :]
-        x_base = x_ptr + b * sx_b
-        add_base = add_ptr + b * sa_b
-        a = _load_add(add_base, ch, col_ok, sa_c, x_ptr.dtype.element_ty, HAS_ADD, SOFT_BF16)
-        pivot = _group_pivot(x_base, add_base, ch, cols, col_ok, Cg, sx_c, sa_c, HAS_ADD, SOFT_BF16)
         x = _load_tile(x_base, a, pivot, ch, hw, mask, sx_c, sx_hw, HAS_ADD, SOFT_BF16)
 
         oh = _onehot(cols, Cg, GB)
@@ -248,15 +245,8 @@ if HAS_TRITON:
         """Moments (mean - pivot, M2, count) of each of GB groups over one H*W slice -> ws[b, g, s, :]."""
         pid = tl.program_id(0)
         s = tl.program_id(1)
-        b = (pid // n_gblocks).to(tl.int64)
-        gblock = pid % n_gblocks
-        cols = tl.arange(0, BLOCK_CC)
-        col_ok = cols < GB * Cg
-        ch = gblock * (GB * Cg) + cols
-        x_base = x_ptr + b * sx_b
-        add_base = add_ptr + b * sa_b
-        a = _load_add(add_base, ch, col_ok, sa_c, x_ptr.dtype.element_ty, HAS_ADD, SOFT_BF16)
-        pivot = _group_pivot(x_base, add_base, ch, cols, col_ok, Cg, sx_c, sa_c, HAS_ADD, SOFT_BF16)
+        b, cols, col_ok, ch, x_base, a, pivot = _prologue(x_ptr, add_ptr, pid, n_gblocks, Cg, sx_b, sx_c, sa_b,
+                                                          sa_c, GB, BLOCK_CC, HAS_ADD, SOFT_BF16)
         hw_start = s * HW_PER_SPLIT
         hw_end = tl.minimum(hw_start + HW_PER_SPLIT, HW)
 
@@ -283,7 +273,7 @@ if HAS_TRITON:
         g_mean = tl.sum(oh * mean[:, None], axis=0) / (Cg * 1.0)
         spread = mean - tl.sum(oh * g_mean[None, :], axis=1)
         g_m2 = tl.sum(oh * (m2 + n_col * spread * spread)[:, None], axis=0)
-        g = gblock * GB + tl.arange(0, GB)
+        g = (pid % n_gblocks) * GB + tl.arange(0, GB)
         off = (((pid // n_gblocks) * (n_gblocks * GB) + g) * tl.num_programs(1) + s) * 3
         tl.store(ws_ptr + off, g_mean)
         tl.store(ws_ptr + off + 1, g_m2)
@@ -298,9 +288,7 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         s = tl.program_id(1)
         n_split = tl.num_programs(1)
-        b = (pid // n_gblocks).to(tl.int64)
-        gblock = pid % n_gblocks
-        g = gblock * GB + tl.arange(0, GB)
+        g = (pid % n_gblocks) * GB + tl.arange(0, GB)
         ws_row = ((pid // n_gblocks) * (n_gblocks * GB) + g) * n_split * 3
 
         n = tl.zeros([GB], dtype=tl.float32)
@@ -317,19 +305,14 @@ if HAS_TRITON:
             n = n_new
         rstd = 1.0 / tl.sqrt(m2 / n + eps)
 
-        cols = tl.arange(0, BLOCK_CC)
-        col_ok = cols < GB * Cg
-        ch = gblock * (GB * Cg) + cols
+        b, cols, col_ok, ch, x_base, a, pivot = _prologue(x_ptr, add_ptr, pid, n_gblocks, Cg, sx_b, sx_c, sa_b,
+                                                          sa_c, GB, BLOCK_CC, HAS_ADD, SOFT_BF16)
         oh = _onehot(cols, Cg, GB)
         mean_c = tl.sum(oh * mean[None, :], axis=1)
         w = tl.load(w_ptr + ch, mask=col_ok, other=0.0).to(tl.float32)
         scale_c = tl.sum(oh * rstd[None, :], axis=1) * w
         bias = tl.load(b_ptr + ch, mask=col_ok, other=0.0).to(tl.float32)
-        x_base = x_ptr + b * sx_b
-        add_base = add_ptr + b * sa_b
         y_base = y_ptr + b * sy_b
-        a = _load_add(add_base, ch, col_ok, sa_c, x_ptr.dtype.element_ty, HAS_ADD, SOFT_BF16)
-        pivot = _group_pivot(x_base, add_base, ch, cols, col_ok, Cg, sx_c, sa_c, HAS_ADD, SOFT_BF16)
         hw_start = s * HW_PER_SPLIT
         hw_end = tl.minimum(hw_start + HW_PER_SPLIT, HW)
         for hw0 in range(hw_start, hw_end, BLOCK_HW):
@@ -390,8 +373,8 @@ def groupnorm_swish_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 def _reference_out(x, weight, bias, num_groups, eps, add, swish):
     """The reference math, returned in the op's output memory format (the CPU kernel and fallback)."""
     y = _ref.groupnorm_swish(x, weight, bias, num_groups, eps, add, swish)
-    out = _new_output(x)
-    return y if y.stride() == out.stride() else out.copy_(y)
+    fmt = _out_format(x)
+    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
 def _fake(x, weight, bias, num_groups, eps, add, swish):
@@ -403,7 +386,9 @@ if HAS_TRITON:
     @triton_op("ddpm_fast::groupnorm_swish", mutates_args=())
     def _groupnorm_swish_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
                             eps: float, add: Optional[torch.Tensor], swish: bool) -> torch.Tensor:
-        if x.shape[1] // num_groups > MAX_GROUP_CHANNELS:
+        # torch.compile traces this body (not the registered kernels): CPU tensors trace the reference
+        # math, as the CPU kernel runs it, so compile and opcheck also work on CPU.
+        if x.device.type == "cpu" or x.shape[1] // num_groups > MAX_GROUP_CHANNELS:
             return _reference_out(x, weight, bias, num_groups, eps, add, swish)
         return groupnorm_swish_triton(x, weight, bias, num_groups, eps, add, swish)
 

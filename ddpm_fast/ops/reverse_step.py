@@ -11,7 +11,8 @@ Ops registered in the `ddpm_fast` namespace (schemas in csrc/bindings.cpp):
     reverse_step_(Tensor(a!) x_t, <same arguments>) -> ()          # writes x_{t-1} into x_t
 If `ddpm_fast._C` is missing or fails to load, ONE warning is emitted and both ops are defined here
 with the reference as their implementation, so `reverse_step` always works (slower, and without
-CUDA-graph safety: the reference reads the step on the host).
+CUDA-graph safety: the reference reads the step on the host). DDPM_FAST_DISABLE_EXT=1 (set before
+import) forces that fallback, for comparisons and tests.
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def _step_arg(step) -> torch.Tensor:
     return torch.tensor(operator.index(step), dtype=torch.int64)
 
 
-def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step, coeffs: torch.Tensor,
+def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeffs: torch.Tensor,
                  noise: Optional[torch.Tensor] = None, seed: int = 0,
                  clip: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     """One reverse step x_t -> x_{t-1} from the coefficient row `coeffs[step]`, fused in one kernel.
@@ -190,7 +191,7 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step, coeffs: torch.Tenso
                                             do_clip)
 
 
-def reverse_step_(x_t: torch.Tensor, eps: torch.Tensor, step, coeffs: torch.Tensor,
+def reverse_step_(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeffs: torch.Tensor,
                   noise: Optional[torch.Tensor] = None, seed: int = 0,
                   clip: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     """In-place `reverse_step`: writes x_{t-1} into x_t and returns x_t.

@@ -167,7 +167,9 @@ def _next_pow2(n: int) -> int:
 def _launch(kernel_runner, t, w1, b1, w2, b2, out) -> None:
     """Pick tiles and launch. `kernel_runner` is the jitted kernel or its wrap_triton wrapper."""
     b = t.shape[0]
-    e = w2.shape[0]
+    # E is a model constant and the tiles depend on it: specialise it (under torch.compile's dynamic
+    # shapes too), so the frequency scale below is a plain float, not a symbolic one.
+    e = int(w2.shape[0])
     e4 = e // 4
     half = e4 // 2
     if b == 0:
@@ -179,7 +181,7 @@ def _launch(kernel_runner, t, w1, b1, w2, b2, out) -> None:
     block_k = 64
     block_f = max(16, _next_pow2(e4))
     interpreting = w1.device.type == "cpu"
-    native = (w1.dtype != torch.float32) and not interpreting
+    native = w1.dtype in (torch.float16, torch.bfloat16) and not interpreting
     grid = (triton.cdiv(b, block_b), triton.cdiv(e, block_n))
     kernel_runner[grid](
         t, w1, b1, w2, b2, out,
@@ -292,9 +294,13 @@ class TimeTable:
     `lookup(t)` gathers rows on the device (index_select: no host sync, CUDA-graph capturable) and
     splits them into [B, out_c] views, one per block, in res_blocks() order.
 
-    Never silently stale: the identity, version counter, dtype and device of every parameter of the
-    time path are recorded at build time and checked (on the host, cheaply) by each lookup, which
-    rebuilds when anything changed. `refresh()` rebuilds explicitly (needed after `p.data` writes).
+    Never silently stale: the identity of every Linear and parameter of the time path, and each
+    parameter's version counter, data pointer, dtype and device, are recorded at build time and
+    checked on the host by each lookup (no device work; ~50 parameters for the largest preset),
+    which rebuilds when anything changed. `refresh()` rebuilds explicitly: needed after writes
+    through `p.data` and after replacing whole ResidualBlocks. A rebuild follows the model's
+    dtype and device. `copy.deepcopy(model)` gives the copy its own table, bound to the copy
+    (rebuilt at its first lookup: its parameters live in new storage).
     While autograd would record the time path (grad mode on and its weights require grad), lookup
     computes the projections instead, so training through an attached table keeps its gradients.
     """
@@ -303,7 +309,8 @@ class TimeTable:
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(f"TimeTable: n_steps must be a positive int, got {n_steps!r}")
         if not (hasattr(model, "time_emb") and hasattr(model, "res_blocks")):
-            raise TypeError(f"TimeTable: expected a ddpm_fast UNet (time_emb, res_blocks()), got {type(model).__name__}")
+            raise TypeError("TimeTable: expected a ddpm_fast UNet (time_emb, res_blocks()), "
+                            f"got {type(model).__name__}")
         self.model = model
         self.n_steps = n_steps
         self.table: Optional[torch.Tensor] = None

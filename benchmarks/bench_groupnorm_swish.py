@@ -1,0 +1,137 @@
+"""groupnorm_swish: GroupNorm (+ per-channel add) + Swish at the presets' real layer shapes.
+
+Providers, side by side per case (one benchmark group per shape / batch / dtype / layout):
+  reference  eager PyTorch, the spec: x + add, F.group_norm, x * sigmoid(x) (several kernels)
+  compiled   torch.compile of the reference (fullgraph, static shapes); GPU only: the bar to beat
+  fast       the registered op ddpm_fast::groupnorm_swish: the Triton kernel on CUDA; on CPU its CPU
+             kernel, which is the reference math (CPU numbers only show the op's overhead)
+  copy       y.copy_(x) of the same tensor: reads and writes the bytes the fused op must move, so
+             its GB/s is the bandwidth ceiling (the issue's target: fast >= 80% of it at batch >= 32)
+
+bytes (extra_info) = x read + y written + add, weight and bias read once: the fewest the op can
+move. The fused plan moves exactly that; the looped/split plans read x twice (see the op module).
+On CUDA the fast provider also records the copy's GB/s on the same bytes and its own fraction of it
+(`copy_GB/s`, `frac_of_copy`), and the plan it ran (`plan`).
+
+Grid: shapes measured from the presets' UNets (ddpm_fast.ops.groupnorm_swish.unet_groupnorm_shapes).
+CPU: two small shapes, batch 1, fp32, NCHW: seconds. GPU: a representative shape per kind for
+labml-cifar32 and cifar35m at batch 1 and 64, fp32 and bf16, NCHW; DDPM_FAST_BENCH_FULL=1 takes every
+distinct preset shape, batches 1/32/64/256, fp32/fp16/bf16 and both layouts.
+Knobs (comma-separated): DDPM_FAST_BENCH_BATCHES, DDPM_FAST_BENCH_DTYPES, DDPM_FAST_BENCH_LAYOUTS
+(nchw, cl), DDPM_FAST_BENCH_PRESETS (restricts the shapes to those presets).
+"""
+import importlib
+
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, compiled, env_list, run_bench
+from ddpm_fast.config import PRESETS
+from ddpm_fast.reference import functional as ref
+
+M = importlib.import_module("ddpm_fast.ops.groupnorm_swish")
+
+# (preset, C, H, W, groups, has_add): every shape is checked against the preset's measured list below.
+if HAS_CUDA:
+    _REPRESENTATIVE = [
+        ("labml-cifar32", 64, 32, 32, 32, True),     # norm2 at 32x32 (2 channels per group, add)
+        ("labml-cifar32", 64, 32, 32, 8, False),     # final GroupNorm(8) at 32x32
+        ("labml-cifar32", 256, 8, 8, 32, True),
+        ("labml-cifar32", 2048, 4, 4, 32, False),    # widest up block
+        ("cifar35m", 128, 32, 32, 8, False),         # largest group: 16 x 1024
+        ("cifar35m", 256, 32, 32, 32, False),
+        ("cifar35m", 256, 16, 16, 32, True),
+        ("cifar35m", 512, 4, 4, 32, False),
+    ]
+    _BATCHES = ["1", "32", "64", "256"] if FULL else ["1", "64"]
+    _DTYPES = ["fp32", "fp16", "bf16"] if FULL else ["fp32", "bf16"]
+    _LAYOUTS = ["nchw", "cl"] if FULL else ["nchw"]
+else:
+    _REPRESENTATIVE = [("tiny", 32, 16, 16, 8, True), ("digits16", 256, 4, 4, 8, False)]
+    _BATCHES, _DTYPES, _LAYOUTS = ["1"], ["fp32"], ["nchw"]
+
+_MEASURED = {name: M.unet_groupnorm_shapes(cfg.unet) for name, cfg in PRESETS.items()}
+for _p, *_s in _REPRESENTATIVE:
+    assert tuple(_s) in _MEASURED[_p], f"{_p} has no GroupNorm of shape {_s}"
+
+_PRESET_FILTER = env_list("DDPM_FAST_BENCH_PRESETS", [])
+if FULL:
+    _SHAPES = []
+    for _p in ("labml-cifar32", "cifar35m", "tiny", "digits16"):
+        for _s in _MEASURED[_p]:
+            if all(_s != s[1:] for s in _SHAPES):  # a shape shared by two presets runs once
+                _SHAPES.append((_p, *_s))
+else:
+    _SHAPES = list(_REPRESENTATIVE)
+SHAPES = [s for s in _SHAPES if not _PRESET_FILTER or s[0] in _PRESET_FILTER]
+BATCHES = [int(b) for b in env_list("DDPM_FAST_BENCH_BATCHES", _BATCHES)]
+BENCH_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", _DTYPES)
+LAYOUTS = env_list("DDPM_FAST_BENCH_LAYOUTS", _LAYOUTS)
+BENCH_PROVIDERS = PROVIDERS + ["copy"]
+
+
+def shape_id(s):
+    p, c, h, w, g, add = s
+    return f"{p}-C{c}-{h}x{w}-G{g}" + ("-add" if add else "")
+
+
+def _inputs(shape, batch, dtype, layout):
+    _, c, h, w, g, has_add = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c, h, w, generator=gen) * 1.5 + 0.3
+    weight = 1.0 + 0.5 * torch.randn(c, generator=gen)
+    bias = 0.5 * torch.randn(c, generator=gen)
+    add = torch.randn(batch, c, generator=gen) if has_add else None
+    dt = DTYPES[dtype]
+    x = x.to(device=DEVICE, dtype=dt)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    weight, bias = weight.to(DEVICE, dt), bias.to(DEVICE, dt)
+    add = add.to(DEVICE, dt) if add is not None else None
+    return x, weight, bias, g, add
+
+
+def _nbytes(x, weight, bias, add):
+    n = 2 * x.numel() * x.element_size() + (weight.numel() + bias.numel()) * weight.element_size()
+    return n + (add.numel() * add.element_size() if add is not None else 0)
+
+
+def _copy_gbs(x, nbytes):
+    import triton.testing
+
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+@pytest.mark.parametrize("provider", BENCH_PROVIDERS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", BENCH_DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_groupnorm_swish(benchmark, shape, batch, dtype, layout, provider):
+    x, weight, bias, g, add = _inputs(shape, batch, dtype, layout)
+    nbytes = _nbytes(x, weight, bias, add)
+    info = dict(preset=shape[0], C=shape[1], H=shape[2], W=shape[3], groups=g, add=add is not None,
+                batch=batch, dtype=dtype, layout=layout)
+    if provider == "reference":
+        fn = lambda: ref.groupnorm_swish(x, weight, bias, g, 1e-5, add)  # noqa: E731
+    elif provider == "compiled":
+        cfn = compiled(ref.groupnorm_swish)
+        fn = lambda: cfn(x, weight, bias, g, 1e-5, add)  # noqa: E731
+    elif provider == "fast":
+        fn = lambda: M.groupnorm_swish(x, weight, bias, g, 1e-5, add)  # noqa: E731
+        if HAS_CUDA:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            cl = x.stride(1) == 1 and x.shape[1] > 1
+            p = M.plan(batch, x.shape[1], x.shape[2] * x.shape[3], g, cl, sms)
+            info["plan"] = f"{p['variant']} GB={p['GB']} S={p['S']} tile={p['BLOCK_HW']}x{p['BLOCK_CC']}"
+            copy_gbs = _copy_gbs(x, nbytes)
+            info["copy_GB/s"] = copy_gbs
+    else:  # copy: the same bytes (x read, y written), no arithmetic
+        y = torch.empty_like(x)
+        fn = lambda: y.copy_(x)  # noqa: E731
+    out = run_bench(benchmark, fn, nbytes=nbytes, **info)
+    assert out.shape == x.shape and out.dtype == x.dtype and bool(torch.isfinite(out).all())
+    if provider == "fast" and "GB/s" in benchmark.extra_info and "copy_GB/s" in info:
+        benchmark.extra_info["frac_of_copy"] = benchmark.extra_info["GB/s"] / info["copy_GB/s"]
