@@ -14,9 +14,10 @@ setup:
 sample: setup
 	$(PYTHON) -m ddpm_fast sample --out $(OUT)
 
+# One BLAS/OpenMP thread: the Triton interpreter's dots and torch's CPU kernels oversubscribe 2 cores.
 test: setup
-	$(PYTHON) -m pytest -q tests
-	$(PYTHON) -m pytest -q benchmarks --benchmark-disable
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q benchmarks --benchmark-disable
 
 bench: setup
 	$(PYTHON) -m pytest benchmarks --benchmark-only

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -149,7 +148,8 @@ def describe_machine(data: dict, entries: List[Entry]) -> Dict[str, str]:
                 + (f", torch threads {threads}" if threads else ""))
     gpu = ours.get("gpu")
     if not gpu:  # older JSON without our machine_info: the per-benchmark device, if any names a GPU
-        devices = {str(b.get("extra_info", {}).get("device")) for b in data["benchmarks"] if isinstance(b, dict)}
+        devices = {str(b["extra_info"].get("device")) for b in data["benchmarks"]
+                   if isinstance(b, dict) and isinstance(b.get("extra_info"), dict)}
         devices.discard("None")
         devices.discard("cpu")
         gpu = ", ".join(sorted(devices)) or None
@@ -323,10 +323,24 @@ _SUMMARY_COLUMNS = [
 ]
 
 
-def _table_dropping_empty(columns, rows: List[Row]) -> List[str]:
+def _table_dropping_empty(columns, rows) -> List[str]:
+    """A table of (header, cell function, always shown) columns; optional all-empty columns left out."""
     cells = [[fn(r) for _, fn, _ in columns] for r in rows]
     keep = [i for i, (_, _, always) in enumerate(columns) if always or any(c[i] not in ("—", "") for c in cells)]
     return _table([columns[i][0] for i in keep], [[c[i] for i in keep] for c in cells])
+
+
+_DETAIL_COLUMNS = [
+    ("case", lambda e: f"{e.section} {e.group}", True),
+    ("provider", lambda e: e.provider, True),
+    ("median", lambda e: fmt_time(e.median_s), True),
+    ("min", lambda e: fmt_time(e.min_s), False),
+    ("IQR", lambda e: fmt_time(e.iqr_s), False),
+    ("rounds", lambda e: str(e.rounds) if e.rounds is not None else "—", False),
+    ("throughput", lambda e: ", ".join(f"{v:.4g} {u}" for u, v in e.throughput) or "—", False),
+    ("peak mem", lambda e: fmt_bytes(e.peak_mem), False),
+    ("peak mem total", lambda e: fmt_bytes(e.peak_mem_total), False),
+]
 
 
 def render_markdown(meta: Dict[str, str], entries: List[Entry], rows: List[Row], source: str,
@@ -373,15 +387,8 @@ def render_markdown(meta: Dict[str, str], entries: List[Entry], rows: List[Row],
               "median came from CUDA events rather than the rounds). Peak memory: the working memory "
               "one call adds on top of what was live before it (see benchmarks/README.md); total = the "
               "absolute device peak (CUDA only).", ""]
-    detail = []
-    for (section, group), members in group_entries(entries).items():
-        for e in members:
-            detail.append([f"{section} {group}", e.provider, fmt_time(e.median_s), fmt_time(e.min_s),
-                           fmt_time(e.iqr_s), str(e.rounds) if e.rounds is not None else "—",
-                           ", ".join(f"{v:.4g} {u}" for u, v in e.throughput) or "—",
-                           fmt_bytes(e.peak_mem), fmt_bytes(e.peak_mem_total)])
-    lines += _table(["case", "provider", "median", "min", "IQR", "rounds", "throughput", "peak mem",
-                     "peak mem total"], detail)
+    ordered = [e for members in group_entries(entries).values() for e in members]
+    lines += _table_dropping_empty(_DETAIL_COLUMNS, ordered)
     lines.append("")
     return "\n".join(lines)
 
@@ -418,26 +425,31 @@ def make_chart(rows: List[Row], entries: List[Entry], meta: Dict[str, str], png_
     series = [s for s in series if any(v is not None for v in s[1])]
 
     n = len(labels)
-    height = max(2.5, 0.32 * n * max(1, len(series)) + 1.5)
+    # Each row's bars are centred on its label: only the series that row has take a slot.
+    present = [[k for k, (_, values, _) in enumerate(series) if values[i] is not None] for i in range(n)]
+    per_row = max((len(p) for p in present), default=1) or 1
+    height = min(200.0, max(2.5, 0.22 * n * (1 + per_row) + 1.5))  # inches; Agg caps images at 2^16 px
     fig = Figure(figsize=(10, height))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    bar_h = 0.8 / max(1, len(series))
+    bar_h = 0.8 / per_row
     for k, (name, values, color) in enumerate(series):
-        ys = [i + (k - (len(series) - 1) / 2) * bar_h for i in range(n)]
-        if pairs:
-            # Bars grow from 1x, right for a speedup and left for a slowdown (log scale).
-            left = [1.0] * n
-            widths = [(v - 1.0) if v is not None else 0.0 for v in values]
-        else:
-            left = [0.0] * n
-            widths = [v if v is not None else 0.0 for v in values]
-        ax.barh(ys, widths, left=left, height=bar_h, label=name, color=color)
-        for y, v in zip(ys, values):
-            if v is not None:
-                text = f"{v:.2f}x" if pairs else f"{v:.3g}"
-                ax.text(v, y, (" " + text) if v >= 1.0 or not pairs else (text + " "), va="center",
-                        ha="left" if v >= 1.0 or not pairs else "right", fontsize=7)
+        ys, lefts, widths, shown_values = [], [], [], []
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            slot = present[i].index(k)
+            ys.append(i + (slot - (len(present[i]) - 1) / 2) * bar_h)
+            # Speedup bars grow from 1x, right for faster and left for slower (log scale).
+            lefts.append(1.0 if pairs else 0.0)
+            widths.append(v - 1.0 if pairs else v)
+            shown_values.append(v)
+        ax.barh(ys, widths, left=lefts, height=bar_h, label=name, color=color)
+        for y, v in zip(ys, shown_values):
+            right = v >= 1.0 or not pairs
+            text = f"{v:.2f}x" if pairs else f"{v:.3g}"
+            ax.text(v, y, " " + text if right else text + " ", va="center", ha="left" if right else "right",
+                    fontsize=7)
     ax.set_xscale("log")
     shown = [v for _, values, _ in series for v in values if v]
     if pairs:
@@ -451,7 +463,7 @@ def make_chart(rows: List[Row], entries: List[Entry], meta: Dict[str, str], png_
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yticks(range(n))
     ax.set_yticklabels(labels, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(n - 0.5, -0.5)  # first case on top, no empty margin
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_title(f"{meta['device']}\ntorch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
                  f"{meta['date'][:10]}, commit {meta['commit'].split(' ')[0]}", fontsize=8)
@@ -467,14 +479,16 @@ def make_chart(rows: List[Row], entries: List[Entry], meta: Dict[str, str], png_
 # Entry points
 # ---------------------------------------------------------------------------------------------
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    # A plain open() of a sibling temp file (not mkstemp, whose 0600 mode would survive the rename)
+    # keeps the usual umask permissions; the rename means no reader ever sees half a report.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
         raise
 
 

@@ -113,6 +113,7 @@ def test_fused_unet_matches_reference_cuda(preset, dtype):
 @pytest.mark.gpu
 def test_compiled_fused_unet_fullgraph_no_recompiles_across_t():
     import torch._dynamo
+    import torch._dynamo.testing
 
     cfg = PRESETS["tiny"]
     model = ops.fused(UNet(cfg.unet).eval().cuda())
