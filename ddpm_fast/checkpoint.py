@@ -14,15 +14,15 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from .atomic import write_atomic
 from .config import DiffusionConfig, ModelConfig, UNetConfig, get_preset
 from .reference.unet import UNet
 
@@ -72,22 +72,8 @@ def save_checkpoint(path: PathLike, model: torch.nn.Module, config: ModelConfig,
     parent = path.parent
     if not parent.is_dir():
         raise ValueError(f"cannot save {path}: directory {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    data = save(tensors, metadata=metadata)
+    write_atomic(path, lambda f: f.write(data))
     return path
 
 

@@ -18,15 +18,15 @@ import copy
 import math
 import numbers
 import os
-import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .atomic import write_atomic
 from .config import DiffusionConfig, ModelConfig, UNetConfig
 from .reference import functional
 from .reference.diffusion import DDPM_VARIANTS, Schedule
@@ -272,24 +272,9 @@ def save_image_atomic(image: Image.Image, path) -> Path:
     path = Path(path)
     fmt = image_format_for_path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise ValueError(f"cannot write {path}: {e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, (OSError, ValueError, KeyError)):
-            raise ValueError(f"cannot write {path}: {e}") from e
-        raise
+        write_atomic(path, lambda f: image.save(f, format=fmt))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot write {path}: {e}") from e
     return path
 
 
@@ -395,7 +380,3 @@ def _images_to_uint8(images) -> np.ndarray:
     return arr
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import json
 import math
 import os
 import signal
@@ -48,25 +47,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from .config import ModelConfig, get_preset
 from .reference import Schedule, UNet
+from .atomic import write_atomic
+# Re-exported: the training API (tests, scripts/train_default_model.sh) imports these from here.
+from .train_checkpoint import (CheckpointError, _save_model_file, export_model,  # noqa: F401
+                               load_train_checkpoint, read_train_checkpoint, save_train_checkpoint)
 
-TRAIN_FORMAT = "ddpm_fast/train-1"
-MODEL_FORMAT = "ddpm_fast/1"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
 LOSS_LOG = "loss.csv"
 LOSS_COLUMNS = ("step", "loss", "lr", "it_per_s", "elapsed_s")
-
-
-class CheckpointError(ValueError):
-    """A training checkpoint is missing, corrupt, or belongs to a different model.
-
-    A ValueError, like checkpoint.load_checkpoint's errors, so the CLI reports it as bad input."""
 
 
 @dataclass
@@ -97,172 +92,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (safetensors + JSON metadata; atomic replace)
-# ---------------------------------------------------------------------------------------------
-def _json_safe(obj):
-    if isinstance(obj, torch.Tensor):
-        if obj.numel() != 1:
-            raise TypeError("a non-scalar tensor cannot go into JSON metadata")
-        return obj.item()
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store {type(obj).__name__} in checkpoint metadata")
-
-
-def write_atomic(path: Union[str, Path], data: bytes) -> None:
-    """Write bytes to `path` via a temp file in the same folder, fsync, rename, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable (POSIX); not possible on every platform
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def save_train_checkpoint(path, model, ema, optimizer, step: int, config: ModelConfig,
-                          scaler=None, extra: Optional[Dict] = None) -> None:
-    """The full training state as one safetensors file (see the module docstring), atomically."""
-    from safetensors.torch import save
-
-    tensors: Dict[str, torch.Tensor] = {}
-    for prefix, module in (("model.", model), ("ema.", ema)):
-        for k, v in module.state_dict().items():
-            tensors[prefix + k] = v.detach().cpu().contiguous()
-    osd = optimizer.state_dict()
-    scalars = {}
-    for idx, st in osd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[k] = _json_safe(v)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    state = {"step": int(step), "optim_param_groups": _json_safe(osd["param_groups"]),
-             "optim_scalars": scalars, "scaler": _json_safe(scaler.state_dict()) if scaler is not None else None,
-             "hparams": _json_safe(extra or {})}
-    meta = {"format": TRAIN_FORMAT, "ddpm_fast_config": config.to_json(), "train_state": json.dumps(state)}
-    write_atomic(path, save(tensors, metadata=meta))
-
-
-def read_train_checkpoint(path) -> tuple:
-    """-> (tensors, config, state) from a training checkpoint, with clear errors for bad files."""
-    from safetensors.torch import load
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"training checkpoint {str(path)!r} does not exist")
-    data = path.read_bytes()
-    try:
-        tensors = load(data)
-        meta = _read_metadata(data)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own and json/struct errors
-        raise CheckpointError(f"training checkpoint {str(path)!r} is corrupt or not a safetensors file "
-                              f"({type(e).__name__}: {e})") from None
-    if meta.get("format") != TRAIN_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a ddpm_fast training checkpoint "
-                              f"(format {meta.get('format')!r}, expected {TRAIN_FORMAT!r})")
-    try:
-        config = ModelConfig.from_json(meta["ddpm_fast_config"])
-        state = json.loads(meta["train_state"])
-        int(state["step"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"training checkpoint {str(path)!r} has bad metadata ({e})") from None
-    return tensors, config, state
-
-
-def _read_metadata(data: bytes) -> Dict[str, str]:
-    # safetensors layout: u64 little-endian header length, then the JSON header with "__metadata__".
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
-
-
-def load_train_checkpoint(path, model, ema, optimizer, scaler=None) -> dict:
-    """Restore model, EMA, optimizer (and scaler, RNG) in place; returns the checkpoint's train_state."""
-    path = Path(path)
-    tensors, config, state = read_train_checkpoint(path)
-    if config.unet != model.config:
-        raise CheckpointError(f"checkpoint {str(path)!r} is for a different model: {config.unet} "
-                              f"vs {model.config}")
-
-    def sub(prefix):
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    try:
-        model.load_state_dict(sub("model."), strict=True)
-        ema.load_state_dict(sub("ema."), strict=True)
-        groups = state["optim_param_groups"]
-        for g in groups:  # JSON turned tuples (Adam's betas) into lists
-            for k, v in g.items():
-                if k != "params" and isinstance(v, list):
-                    g[k] = tuple(v)
-        ostate: Dict[int, Dict] = {}
-        for k, v in sub("optim.").items():
-            idx, key = k.split(".", 1)
-            ostate.setdefault(int(idx), {})[key] = v
-        for idx, sc in state.get("optim_scalars", {}).items():
-            ostate.setdefault(int(idx), {}).update(sc)
-        optimizer.load_state_dict({"state": ostate, "param_groups": groups})
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"training checkpoint {str(path)!r} does not match this model/optimizer: {e}") from None
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if "rng.cpu" in tensors:
-        torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return state
-
-
-def export_model(checkpoint, dest, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a training checkpoint's EMA weights as a model file (load_checkpoint's format).
-
-    `dtype=torch.float16` halves the file (the shipped model); loaders upcast to float32.
-    """
-    from safetensors.torch import save
-
-    tensors, config, state = read_train_checkpoint(checkpoint)
-    weights = {k[4:]: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()
-               if k.startswith("ema.")}
-    meta = {"format": MODEL_FORMAT, "ddpm_fast_config": config.to_json(), "train_step": str(state["step"])}
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(dest, save(weights, metadata=meta))
-    return dest
-
-
-def _save_model_file(path, ema, config: ModelConfig, step: int) -> None:
-    try:
-        from .checkpoint import save_checkpoint
-    except ImportError:  # checkpoint.py not present: write the identical format directly
-        from safetensors.torch import save
-
-        sd = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
-        write_atomic(path, save(sd, metadata={"format": MODEL_FORMAT, "ddpm_fast_config": config.to_json(),
-                                              "train_step": str(step)}))
-        return
-    save_checkpoint(path, ema, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,33 +154,8 @@ def _truncate_log(path: Path, step: int) -> None:
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f)]
     keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step] if rows else []
-    write_atomic(path, "".join(",".join(r) + "\n" for r in keep).encode())
-
-
-def plot_loss(csv_path, png_path, title: str = "training loss") -> bool:
-    """Plot loss.csv to a PNG (log-scale loss); False if matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    steps, losses = [], []
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            steps.append(int(row["step"]))
-            losses.append(float(row["loss"]))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, losses, lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (MSE on eps)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return True
+    data = "".join(",".join(r) + "\n" for r in keep).encode()
+    write_atomic(path, lambda f: f.write(data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,6 +278,9 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
                   find_unused_parameters=True)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for name in (CHECKPOINT_NAME, MODEL_NAME, LOSS_LOG):  # temp files of a run killed mid-write
+            for stale in out.glob(f".{name}.*tmp*"):
+                stale.unlink(missing_ok=True)
         if resume:
             _truncate_log(log_path, start)
         if not log_path.exists():

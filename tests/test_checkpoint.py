@@ -17,16 +17,6 @@ CFG = ModelConfig(UNetConfig(image_channels=1, n_channels=16, ch_mults=(1, 2), i
                   DiffusionConfig(n_steps=100, beta_start=2e-4, beta_end=0.03, data_range=(0.0, 1.0)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small models on a busy 2-core machine: a second OpenMP thread only adds contention
-    # (measured 10 ms vs 400 ms per tiny forward under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture()
 def model():
     return UNet(CFG.unet)
@@ -107,16 +97,33 @@ def test_save_rejects_model_that_does_not_match_config(tmp_path, model):
 
 
 def test_failed_save_leaves_no_file(tmp_path, model, monkeypatch):
-    import ddpm_fast.checkpoint as ck
+    # The bytes are written, then the disk "fills" at fsync: no file, no temp file may remain, and an
+    # existing checkpoint at the target path must stay untouched.
+    import ddpm_fast.atomic as atomic
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    target = tmp_path / "m.safetensors"
+    save_checkpoint(target, model, CFG)
+    before = target.read_bytes()
+
+    def full_disk(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", broken)
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path / "m.safetensors", model, CFG)
+        save_checkpoint(target, model, CFG)
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+    assert target.read_bytes() == before
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path):
+    from ddpm_fast.atomic import write_atomic
+
+    def partial(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "x.bin", partial)
     assert os.listdir(tmp_path) == []
 
 

@@ -16,15 +16,6 @@ FAST = ["--preset", "tiny", "--steps", "2", "--num-images", "4", "--no-progress"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a busy 2-core machine: a second OpenMP thread only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sample_cli(capsys, out, *extra):
     code = cli.main(["sample", *FAST, "--out", str(out), *extra])
     captured = capsys.readouterr()

@@ -92,9 +92,10 @@ def test_samples_are_near_the_digits_not_noise(sources, digits):
     train, held_out = x[200:], x[:200]
     real = nn_distance(held_out, train)
     dist = {k: nn_distance(v, train) for k, v in sources.items()}
-    # Samples are about as close to training digits as real unseen digits are (measured ~1.0-1.3x) ...
+    # Samples are about as close to training digits as real unseen digits are (measured 0.96x) ...
     assert dist["model"] < 1.8 * real, (real, dist)
-    # ... and every non-digit source is far further away (measured >= 2.5x the model's distance).
+    # ... and every non-digit source is far further away (measured 2.2x for matched noise, 3.7x
+    # for uniform noise, 5x for the untrained model).
     for k in ("untrained", "uniform noise", "matched noise"):
         assert dist["model"] < 0.6 * dist[k], (k, dist)
 
@@ -107,9 +108,9 @@ def test_a_digit_classifier_recognises_the_samples(sources, digits):
     clf = LogisticRegression(max_iter=200, C=0.05).fit(x[200:], y[200:])
     real = float(clf.predict_proba(x[:200]).max(1).mean())  # held-out real digits
     conf = {k: float(clf.predict_proba(v).max(1).mean()) for k, v in sources.items()}
-    assert conf["model"] > 0.75 * real, (real, conf)
+    assert conf["model"] > 0.75 * real, (real, conf)  # measured 0.79 vs 0.79 on real digits
     for k in ("untrained", "uniform noise", "matched noise"):
-        assert conf["model"] > conf[k] + 0.2, (k, conf)
+        assert conf["model"] > conf[k] + 0.2, (k, conf)  # measured 0.23 to 0.33
     # Diverse: many classes appear, none dominates.
     counts = np.bincount(clf.predict(sources["model"]), minlength=10)
     assert (counts > 0).sum() >= 7 and counts.max() <= N // 3, counts

@@ -13,16 +13,6 @@ from tolerances import tol
 LABML_CIFAR32_PARAMS = 167_777_987  # REFERENCE_SPEC.md, measured on labml's own code
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small models on a busy 2-core machine: a second OpenMP thread only adds contention
-    # (measured 10 ms vs 400 ms per tiny forward under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------
 # The state_dict the spec describes, written from the spec's prose (module names, shapes, order of
 # levels) without reading unet.py: a labml state_dict has exactly these keys and shapes.

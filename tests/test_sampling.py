@@ -15,16 +15,6 @@ TINY = get_preset("tiny")
 STEPS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: on a busy 2-core machine, OpenMP's second thread only adds contention
-    # (measured 10 ms vs 400 ms per tiny forward under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -291,6 +291,24 @@ def test_sigkill_loses_at_most_the_work_since_the_last_checkpoint(tmp_path):
     res = train(bars(32), out, preset=TINY, steps=step + 2, batch_size=8, checkpoint_every=2, resume=True,
                 callback=seen.append, **QUIET)
     assert seen == [step + 1, step + 2] and res.step == step + 2
+    assert not list(out.glob(".*tmp*"))  # temp files a kill left behind are cleaned up
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_on_cuda(amp, tmp_path):
+    data = bars()
+    torch.manual_seed(0)
+    before = fixed_loss(UNet(TINY.unet).state_dict(), TINY, data)
+    kw = dict(preset=TINY, batch_size=16, lr=3e-3, warmup_steps=0, amp=amp, device="cuda", checkpoint_every=20,
+              **QUIET)
+    res = train(data, tmp_path / "r", steps=40, **kw)
+    after = fixed_loss(saved(res.checkpoint), TINY, data)
+    assert after < 0.6 * before, (before, after)
+    state = read_train_checkpoint(res.checkpoint)[2]
+    assert state["hparams"]["amp"] == {"bf16": "bfloat16", "fp16": "float16"}[amp]
+    assert (state["scaler"] is not None) == (amp == "fp16")  # GradScaler only for fp16
+    assert train(data, tmp_path / "r", steps=42, resume=True, **kw).step == 42
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -323,6 +341,17 @@ def test_image_folder_resizes_crops_and_scales(tmp_path):
     rgb = ImageFolder(tmp_path, image_size=8, channels=3, data_range=(0.0, 1.0))
     assert rgb[1].shape == (3, 8, 8) and rgb[1].min() >= 0.0
     torch.testing.assert_close(rgb[1][0], rgb[1][2])  # grayscale replicated to RGB
+
+
+def test_16_bit_and_transparent_images(tmp_path):
+    from PIL import Image
+
+    from ddpm_fast.data import load_image
+
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "white16.png")  # mode I;16
+    assert torch.all(load_image(tmp_path / "white16.png", 4, 1) == 1.0)  # not clipped at 255/65535
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8), "RGBA").save(tmp_path / "clear.png")
+    assert torch.all(load_image(tmp_path / "clear.png", 4, 3) == 1.0)  # transparent -> white
 
 
 def test_bad_data_folders_give_clear_errors(tmp_path):

@@ -1,0 +1,158 @@
+"""Training checkpoints: the full training state (model, EMA, optimizer, RNG, step) as one
+safetensors file with JSON metadata, no pickle anywhere, written atomically; and the export of a
+run's EMA weights as a model file (load_checkpoint's format). See training.py's docstring."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from .atomic import write_atomic
+from .config import ModelConfig
+
+TRAIN_FORMAT = "ddpm_fast/train-1"
+MODEL_FORMAT = "ddpm_fast/1"
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint is missing, corrupt, or belongs to a different model.
+
+    A ValueError, like checkpoint.load_checkpoint's errors, so the CLI reports it as bad input."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (safetensors + JSON metadata; atomic replace)
+# ---------------------------------------------------------------------------------------------
+def _json_safe(obj):
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() != 1:
+            raise TypeError("a non-scalar tensor cannot go into JSON metadata")
+        return obj.item()
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in checkpoint metadata")
+
+
+def save_train_checkpoint(path, model, ema, optimizer, step: int, config: ModelConfig,
+                          scaler=None, extra: Optional[Dict] = None) -> None:
+    """The full training state as one safetensors file (see the module docstring), atomically."""
+    from safetensors.torch import save
+
+    tensors: Dict[str, torch.Tensor] = {}
+    for prefix, module in (("model.", model), ("ema.", ema)):
+        for k, v in module.state_dict().items():
+            tensors[prefix + k] = v.detach().cpu().contiguous()
+    osd = optimizer.state_dict()
+    scalars = {}
+    for idx, st in osd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[k] = _json_safe(v)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    state = {"step": int(step), "optim_param_groups": _json_safe(osd["param_groups"]),
+             "optim_scalars": scalars, "scaler": _json_safe(scaler.state_dict()) if scaler is not None else None,
+             "hparams": _json_safe(extra or {})}
+    meta = {"format": TRAIN_FORMAT, "ddpm_fast_config": config.to_json(), "train_state": json.dumps(state)}
+    write_atomic(path, lambda f: f.write(save(tensors, metadata=meta)))
+
+
+def read_train_checkpoint(path) -> tuple:
+    """-> (tensors, config, state) from a training checkpoint, with clear errors for bad files."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training checkpoint {str(path)!r} does not exist")
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        meta = _read_metadata(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own and json/struct errors
+        raise CheckpointError(f"training checkpoint {str(path)!r} is corrupt or not a safetensors file "
+                              f"({type(e).__name__}: {e})") from None
+    if meta.get("format") != TRAIN_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a ddpm_fast training checkpoint "
+                              f"(format {meta.get('format')!r}, expected {TRAIN_FORMAT!r})")
+    try:
+        config = ModelConfig.from_json(meta["ddpm_fast_config"])
+        state = json.loads(meta["train_state"])
+        int(state["step"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"training checkpoint {str(path)!r} has bad metadata ({e})") from None
+    return tensors, config, state
+
+
+def _read_metadata(data: bytes) -> Dict[str, str]:
+    # safetensors layout: u64 little-endian header length, then the JSON header with "__metadata__".
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def load_train_checkpoint(path, model, ema, optimizer, scaler=None) -> dict:
+    """Restore model, EMA, optimizer (and scaler, RNG) in place; returns the checkpoint's train_state."""
+    path = Path(path)
+    tensors, config, state = read_train_checkpoint(path)
+    if config.unet != model.config:
+        raise CheckpointError(f"checkpoint {str(path)!r} is for a different model: {config.unet} "
+                              f"vs {model.config}")
+
+    def sub(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    try:
+        model.load_state_dict(sub("model."), strict=True)
+        ema.load_state_dict(sub("ema."), strict=True)
+        groups = state["optim_param_groups"]
+        for g in groups:  # JSON turned tuples (Adam's betas) into lists
+            for k, v in g.items():
+                if k != "params" and isinstance(v, list):
+                    g[k] = tuple(v)
+        ostate: Dict[int, Dict] = {}
+        for k, v in sub("optim.").items():
+            idx, key = k.split(".", 1)
+            ostate.setdefault(int(idx), {})[key] = v
+        for idx, sc in state.get("optim_scalars", {}).items():
+            ostate.setdefault(int(idx), {}).update(sc)
+        optimizer.load_state_dict({"state": ostate, "param_groups": groups})
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"training checkpoint {str(path)!r} does not match this model/optimizer: {e}") from None
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
+
+
+def export_model(checkpoint, dest, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a training checkpoint's EMA weights as a model file (load_checkpoint's format).
+
+    `dtype=torch.float16` halves the file (the shipped model); loaders upcast to float32.
+    """
+    from safetensors.torch import save
+
+    tensors, config, state = read_train_checkpoint(checkpoint)
+    weights = {k[4:]: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()
+               if k.startswith("ema.")}
+    meta = {"format": MODEL_FORMAT, "ddpm_fast_config": config.to_json(), "train_step": str(state["step"])}
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest, lambda f: f.write(save(weights, metadata=meta)))
+    return dest
+
+
+def _save_model_file(path, ema, config: ModelConfig, step: int) -> None:
+    from .checkpoint import save_checkpoint
+
+    save_checkpoint(path, ema, config)
