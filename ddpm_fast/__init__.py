@@ -7,4 +7,13 @@ from .sampling import make_grid, sample, save_image_atomic
 __version__ = "0.1.0"
 __all__ = ["PRESETS", "DiffusionConfig", "ModelConfig", "UNetConfig", "get_preset", "Schedule", "UNet",
            "sample", "make_grid", "save_image_atomic", "save_checkpoint", "load_checkpoint",
-           "load_labml_state_dict", "default_checkpoint_path"]
+           "load_labml_state_dict", "default_checkpoint_path", "train"]
+
+
+def __getattr__(name):
+    # `ddpm_fast.train` without importing the training stack (data loading, optimizers) at startup.
+    if name == "train":
+        from .training import train
+
+        return train
+    raise AttributeError(f"module 'ddpm_fast' has no attribute {name!r}")

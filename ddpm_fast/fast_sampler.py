@@ -14,13 +14,14 @@ table when it saves work, so the fast backend is never slower than the reference
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import ops
+from .ops.reverse_step import EXTENSION_HAS_CUDA
 from .ops.time_embedding import attach_time_table, detach_time_table
 
 NOISE_MODES = ("philox", "generator")
@@ -57,13 +58,17 @@ def _fast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
 def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor, coeffs: torch.Tensor, *,
               generator: Optional[torch.Generator] = None, clip: Optional[Tuple[float, float]] = None,
               dtype: Optional[torch.dtype] = None, progress: bool = True, noise: str = "philox",
-              seed: Optional[int] = None, cuda_graph: Optional[bool] = None, n_steps: int = 1000) -> torch.Tensor:
+              seed: Optional[int] = None, cuda_graph: Optional[bool] = None, n_steps: int = 1000,
+              fuse: Optional[bool] = None) -> torch.Tensor:
     """Run the reverse process from x_T over `timesteps` with coefficient rows `coeffs`; returns x_0 (fp32).
 
     noise="philox": z drawn inside the fused step (seed from `seed`, else drawn from `generator`);
     noise="generator": z drawn from the CPU `generator` per step in the reference sampler's order and
     copied in, so the result matches the reference backend for the same generator (for checking).
-    cuda_graph: default True on CUDA. x_t stays fp32 whatever the UNet's dtype.
+    cuda_graph: default True on CUDA when the C++ extension has its CUDA kernel (the reference
+    fallback of reverse_step reads the step on the host, which a graph capture cannot do).
+    fuse: run the UNet on the fast ops (default: on CUDA only; on CPU their kernels are the reference
+    math, so fusing there only exercises the dispatch). x_t stays fp32 whatever the UNet's dtype.
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
@@ -74,16 +79,24 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
         raise ValueError(f"coeffs has {coeffs.shape[0]} rows for {timesteps.numel()} timesteps")
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator)) if noise == "philox" else 0
+    graph_ok = EXTENSION_HAS_CUDA
     if cuda_graph is None:
-        cuda_graph = device.type == "cuda"
+        cuda_graph = device.type == "cuda" and graph_ok
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs CUDA tensors")
+    if cuda_graph and not graph_ok:
+        raise RuntimeError("cuda_graph=True needs ddpm_fast._C built with CUDA: the reference fallback of "
+                           "reverse_step syncs on the step index, which is illegal during graph capture")
 
     on_gpu = device.type == "cuda"
     # The table replaces S per-step time-path passes over B rows by one pass over T rows: on the GPU
     # always worth it (it also makes the step graph-capturable); on CPU when S * B >= T.
     use_table = on_gpu or len(timesteps) * x_T.shape[0] >= n_steps
-    with _fast_model(model, dtype, device, n_steps, fuse=on_gpu, table=use_table) as net:
+    # Triton launches on the *current* CUDA device and the side stream / graph below are created
+    # on it too, so make x_T's device current (a no-op on a single-GPU machine).
+    device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
+    fuse = on_gpu if fuse is None else fuse
+    with device_ctx, _fast_model(model, dtype, device, n_steps, fuse=fuse, table=use_table) as net:
         state = _StepState(net, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator")
         draw = (lambda: torch.randn(x_T.shape, generator=generator)) if noise == "generator" else None
         run = _graphed(state) if cuda_graph else state.step
@@ -129,7 +142,11 @@ def _graphed(state: _StepState) -> Callable[[], None]:
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.inference_mode():
         for _ in range(3):
+            # Every warm-up step is step 0: warm-up must not run past the last step (S < 3), where
+            # the timesteps gather would index out of range (a device-side assert that kills the
+            # CUDA context); and the capture below starts from the initial state.
             state.step()
+            state.reset()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.inference_mode(), torch.cuda.graph(graph):

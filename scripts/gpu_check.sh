@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (torch preinstalled, no network): build the C++/CUDA extension,
-# run the whole test suite including the GPU-only tests, run the benchmarks, write the results.
+# run the whole test suite including the GPU-only tests (see Tests below), run the benchmarks, write the results.
 #
 #   bash scripts/gpu_check.sh [all|build|test|bench-ops|bench-e2e]     (default: all)
 #
-# Results go to $RESULTS_DIR (default: $OUT/results if $OUT is set, else benchmarks/results/gpu-<date>):
+# Results go to $RESULTS_DIR (default: benchmarks/results/gpu-<date>). When $OUT is set (the device
+# tool, which returns at most 8 files from $OUT), the whole folder is also packed into ONE file,
+# $OUT/gpu_check_results.tar.gz, next to $OUT/summary.txt; unpack it with `tar xzf`. Contents:
 #   env.txt (device, driver, versions, commit, date), build.log, tests.log, bench.json, report .md/.png.
 # Stages print one summary line each at the end, so the tail of the output is a short table.
-# Budget: the whole `all` run is meant to fit in one 10-minute call on an H100; bench-e2e honours
-# DDPM_FAST_BENCH_FULL=1 for the full grid (longer: run it as its own call).
+# Budget: a device call is at most 10 minutes and a session has 30 in all. `all` is unlikely to fit
+# one call on a cold machine (Triton JIT + torch.compile); run `test`, `bench-e2e` and `bench-ops` as
+# separate calls, narrowing benchmarks with DDPM_FAST_BENCH_PROVIDERS / _PRESETS / _BATCHES
+# (benchmarks/README.md); DDPM_FAST_BENCH_FULL=1 selects the full grid.
+# Tests: the whole suite runs with the GPU visible. Tests marked `interpreter` launch Triton kernels
+# on CPU tensors, which needs TRITON_INTERPRET=1 (set by tests/conftest.py only when no GPU is
+# visible): there their CPU variants skip and their CUDA variants run. GPU_CHECK_CPU_TESTS=1 adds a
+# second pass with the GPU hidden (CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1), as CI runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
 DATE=$(date -u +%Y-%m-%d)
-if [ -n "${OUT:-}" ]; then RESULTS_DIR=${RESULTS_DIR:-$OUT/results}; else RESULTS_DIR=${RESULTS_DIR:-benchmarks/results/gpu-$DATE}; fi
+RESULTS_DIR=${RESULTS_DIR:-benchmarks/results/gpu-$DATE}
 mkdir -p "$RESULTS_DIR"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 DDPM_FAST_REQUIRE_EXT=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -56,9 +64,18 @@ build() {
 
 run_tests() {
   local t0=$SECONDS
-  "$PY" -m pytest -q -rs tests --junitxml="$RESULTS_DIR/junit.xml" 2>&1 | tee "$RESULTS_DIR/tests.log" | tail -40
+  "$PY" -m pytest -q -rs tests --junitxml="$RESULTS_DIR/junit.xml" 2>&1 \
+      | tee "$RESULTS_DIR/tests.log" | tail -40
   local rc=${PIPESTATUS[0]}
-  SUMMARY+=("tests        rc=$rc  $((SECONDS - t0)) s  $(tail -1 "$RESULTS_DIR/tests.log")")
+  SUMMARY+=("tests-gpu    rc=$rc  $((SECONDS - t0)) s  $(tail -1 "$RESULTS_DIR/tests.log")")
+  if [ "${GPU_CHECK_CPU_TESTS:-0}" = "1" ]; then
+    local t1=$SECONDS
+    CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 "$PY" -m pytest -q -rs tests --junitxml="$RESULTS_DIR/junit-cpu.xml" \
+        2>&1 | tee "$RESULTS_DIR/tests-cpu.log" | tail -20
+    local rc_cpu=${PIPESTATUS[0]}
+    SUMMARY+=("tests-cpu    rc=$rc_cpu  $((SECONDS - t1)) s  $(tail -1 "$RESULTS_DIR/tests-cpu.log")")
+    [ "$rc_cpu" -ne 0 ] && rc=$rc_cpu
+  fi
   return $rc
 }
 
@@ -90,4 +107,9 @@ case "$STAGE" in
 esac
 echo "== gpu_check summary ($STAGE) -> $RESULTS_DIR"
 printf '%s\n' "${SUMMARY[@]}"
+if [ -n "${OUT:-}" ]; then
+  { echo "gpu_check $STAGE rc=$rc"; printf '%s\n' "${SUMMARY[@]}"; } > "$OUT/summary.txt"
+  tar -czf "$OUT/gpu_check_results.tar.gz" -C "$(dirname "$RESULTS_DIR")" "$(basename "$RESULTS_DIR")" \
+    && echo "packed -> \$OUT/gpu_check_results.tar.gz"
+fi
 exit $rc

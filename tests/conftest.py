@@ -25,13 +25,25 @@ torch.backends.cudnn.allow_tf32 = False
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _runs_on_cuda(item) -> bool:
+    spec = getattr(item, "callspec", None)
+    return "gpu" in item.keywords or (spec is not None and spec.params.get("device") == "cuda")
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    # `gpu` tests need CUDA. `interpreter` tests launch Triton kernels on CPU tensors, which works only
+    # under TRITON_INTERPRET=1, i.e. where no GPU is visible (CI, dev machines): on a GPU machine their
+    # CPU variants skip (CI covers them) and their CUDA variants run.
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_interp = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (no visible GPU)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if not HAS_CUDA and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+        elif HAS_CUDA and not INTERPRETING and "interpreter" in item.keywords and not _runs_on_cuda(item):
+            item.add_marker(skip_interp)
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,9 @@ from ddpm_fast.reference import functional as ref
 from ddpm_fast.reference.unet import AttentionBlock, UNet
 from tolerances import tol
 
+# Triton kernels on CPU tensors (the interpreter) unless a test runs on CUDA: see conftest.
+pytestmark = pytest.mark.interpreter
+
 # The module itself (ddpm_fast.ops.attention, the attribute, is the op wrapper function).
 attn_mod = importlib.import_module("ddpm_fast.ops.attention")
 

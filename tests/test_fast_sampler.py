@@ -40,13 +40,17 @@ def _run(loop, model, x_T, ts, coeffs, seed, **kw):
                     progress=False, **kw)
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["cpu-path", "fused-path"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_fast_loop_matches_reference_trajectory_with_injected_noise_cpu(sampler):
+def test_fast_loop_matches_reference_trajectory_with_injected_noise_cpu(sampler, fuse):
+    # fused-path: the GPU's step structure (fused UNet through the op dispatcher, the time table,
+    # the in-place C++ step on a device-side step index), without the graph, on CPU kernels.
     model = _model()
     ts, coeffs = _table(sampler, 20)
     x_T = _x_T(2, "cpu")
     ref = _run(reference_loop, model, x_T, ts, coeffs, seed=7)
-    fast = _run(fast_loop, model, x_T, ts, coeffs, seed=7, noise="generator", n_steps=CFG.diffusion.n_steps)
+    fast = _run(fast_loop, model, x_T, ts, coeffs, seed=7, noise="generator", n_steps=CFG.diffusion.n_steps,
+                fuse=fuse)
     assert torch.isfinite(fast).all()
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     assert not ddpm_fast.ops.is_fused(model), "fast_loop must leave the caller's model unfused"
@@ -102,3 +106,46 @@ def test_fast_trajectory_within_tolerance_of_reference_cuda(sampler, dtype):
     fast = _run(fast_loop, model, x_T, ts, coeffs, seed=9, dtype=dtype, noise="generator")
     assert torch.isfinite(fast).all()
     assert _rel_err(fast, ref64) <= 2 * _rel_err(ref_dt, ref64) + DEEP_FLOOR[dtype]
+
+
+@pytest.mark.parametrize("n_steps", [1, 2, 5])
+def test_graphed_bookkeeping_with_stand_in_graph_cpu(monkeypatch, n_steps):
+    """_graphed's warm-up / capture / reset logic, on CPU: torch.cuda's stream and graph API is replaced
+    by stand-ins whose capture runs the step eagerly and whose replay re-runs it. The replayed loop must
+    equal the eager loop: warm-up must not step past the last row (S < 3) and capture must leave the
+    state reset. The real capture runs in the gpu tests above."""
+    import contextlib
+
+    import ddpm_fast.fast_sampler as fs
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    state_box = []
+
+    class Graph:
+        def replay(self):
+            state_box[0].step()
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    model = _model()
+    ts, coeffs = _table("ddpm", n_steps)
+    x_T = _x_T(2, "cpu")
+    results = []
+    with torch.inference_mode():
+        for graphed in (False, True):
+            state = fs._StepState(model, x_T, ts, coeffs, torch.float32, None, 123, False)
+            state_box[:] = [state]
+            run = fs._graphed(state) if graphed else state.step
+            for _ in range(n_steps):
+                run()
+            assert int(state.step_index) == n_steps
+            results.append(state.x.clone())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)

@@ -68,6 +68,7 @@ def _check_against_fp64(model, fast_model, x, t, dtype):
 
 
 @needs_triton
+@pytest.mark.interpreter
 def test_triton_kernels_inside_whole_unet_match_reference_cpu():
     """Every Triton kernel (interpreted) inside the tiny UNet, against the fp64 reference."""
     cfg = PRESETS["tiny"]

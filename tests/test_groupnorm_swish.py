@@ -18,6 +18,9 @@ from tolerances import tol
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as R
 
+# Triton kernels on CPU tensors (the interpreter) unless a test runs on CUDA: see conftest.
+pytestmark = pytest.mark.interpreter
+
 M = importlib.import_module("ddpm_fast.ops.groupnorm_swish")  # the module (the package re-exports the function)
 OP = "groupnorm_swish"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

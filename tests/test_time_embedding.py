@@ -18,6 +18,9 @@ from ddpm_fast.ops.time_embedding import (HAS_TRITON, TimeTable, attach_time_tab
 from ddpm_fast.reference import UNet, functional as ref
 from tolerances import tol
 
+# Triton kernels on CPU tensors (the interpreter) unless a test runs on CUDA: see conftest.
+pytestmark = pytest.mark.interpreter
+
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 
 T = 1000  # every preset's n_steps; t runs over [0, T)
