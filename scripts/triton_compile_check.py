@@ -1,22 +1,18 @@
 #!/usr/bin/env python3
 """Compile every Triton kernel of ddpm_fast.ops ahead of time for an H100 (sm_90), without a GPU.
 
-    python scripts/triton_compile_check.py [--batches 1,3,16,64,256] [--json out.json] [--arch 90]
-    python scripts/triton_compile_check.py --compare a.json b.json     (join two runs' tables)
+    python scripts/triton_compile_check.py [--batches 1,3,16,64,256] [--sms 132] [--json out.json]
+    python scripts/triton_compile_check.py --compare a.json b.json    (two runs side by side)
 
-Why: the kernels run under the CPU interpreter in the tests, which checks the math but not whether
-Triton's GPU compiler accepts them (type rules, layouts, shared memory) in the installed version.
-
-How: the real launchers (groupnorm_swish_triton, attention_triton, time_embedding's _launch) are
-called on meta-device tensors of the presets' layer shapes (read off a meta-device UNet), with
-their kernel launches recorded instead of run; the device queries are replaced by an H100's answers
-(132 SMs, a CUDA device for the dot flags). Each recorded launch is then specialised exactly as
-JITFunction.run would (the JIT's own binder: ints equal to 1 become constants, 16-divisible ints and
-16-byte-aligned pointers get divisibility hints) and compiled to a cubin with triton.compile for
-GPUTarget("cuda", arch, 32). ptxas's log gives registers and spills; metadata.shared the shared memory.
-Uses Triton internals (create_function_from_signature, JITFunction._pack_args) present in 3.6 to 3.9.
-Exit status 1 if any config fails to compile or needs more shared memory than an H100 block may
-have (227 KB: the launch would fail); spills are flagged (SPILL), and fail only with --strict.
+The CPU tests run the kernels under the interpreter, which checks the math, not whether the installed
+Triton's GPU compiler accepts them. Here the real launchers run on meta-device tensors at the presets'
+layer shapes (read off a meta-device UNet) plus the tests' odd shapes, with their launches recorded
+instead of run and the device queries answered for an H100. Each launch is specialised as
+JITFunction.run would (its own binder: ints equal to 1 become constants, 16-divisible ints and aligned
+pointers get hints) and compiled to a cubin for GPUTarget("cuda", arch, 32); ptxas's log gives
+registers and spills, metadata.shared the shared memory. Uses Triton internals present in 3.6 to 3.9.
+Exit 1 if a config fails to compile or needs more than an H100 block's 227 KB of shared memory (its
+launch would fail); spills are flagged (SPILL), failures only with --strict.
 """
 import argparse
 import contextlib
@@ -24,13 +20,14 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 import types
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even if a test shell left it on
-os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_cc_")  # fresh: every kernel compiles
+os.environ["TRITON_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="triton_cc_")  # fresh: every kernel compiles
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # make_cubin prints ptxas -v; captured per compile below
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -48,7 +45,7 @@ gn = importlib.import_module("ddpm_fast.ops.groupnorm_swish")
 att = importlib.import_module("ddpm_fast.ops.attention")
 te = importlib.import_module("ddpm_fast.ops.time_embedding")
 
-H100_SMS = 132
+H100_SMS = 132  # SXM5; the PCIe card has 114 (--sms): the launchers size grids and splits by it
 H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 META = torch.device("meta")
@@ -66,6 +63,9 @@ class Recorder:
         return lambda *args, **kw: Recorder.log.append((self.kernel, args, kw))
 
 
+for _mod, _names in ((gn, ("_launch", "plan")), (att, ("wrap_triton", "_programs_wanted", "_dot_flags"))):
+    for _name in _names:  # the launchers' hooks patched below; fail loudly if one was renamed
+        assert hasattr(_mod, _name), f"{_mod.__name__}.{_name} is gone: update this script"
 _plan, _dot_flags = gn.plan, att._dot_flags
 gn._launch = lambda kernel, grid, args, meta, num_warps: Recorder(kernel)[grid](*args, **meta, num_warps=num_warps)
 gn.plan = lambda b, c, hw, g, cl, sms, *a: _plan(b, c, hw, g, cl, H100_SMS if sms is None else sms, *a)
@@ -100,32 +100,24 @@ def record_all(batches, dtypes):
     for name, mc in list(PRESETS.items()) + [("odd", None)]:
         norms, attns = unet_shapes(mc.unet) if mc else (odd_norms, [(96, 7, 9, 2, 48)])
         e = mc.unet.time_channels if mc else 96 * 4
-        for dn in dtypes:
-            dt = DTYPES[dn]
-            for b in batches:
+        for dn, b in ((dn, b) for dn in dtypes for b in batches):
+            new = lambda *shape, dtype=DTYPES[dn]: torch.empty(*shape, dtype=dtype, device=META)  # noqa: E731
+            for cl in (False, True):
+                fmt, tag = (torch.channels_last, " CL") if cl else (torch.contiguous_format, "")
                 for (c, h, w, g, has_add, swish) in norms:
-                    for cl in (False, True):
-                        x = torch.empty(b, c, h, w, dtype=dt, device=META)
-                        x = x.to(memory_format=torch.channels_last) if cl else x
-                        wt, bs = torch.empty(c, dtype=dt, device=META), torch.empty(c, dtype=dt, device=META)
-                        add = torch.empty(b, c, dtype=dt, device=META) if has_add else None
-                        yield from _run(f"{name} gn C{c} {h}x{w} G{g} B{b}{' CL' if cl else ''}", dn,
-                                        gn.groupnorm_swish_triton, x, wt, bs, g, add=add, swish=swish)
+                    yield from _run(f"{name} gn C{c} {h}x{w} G{g} B{b}{tag}", dn, gn.groupnorm_swish_triton,
+                                    new(b, c, h, w).to(memory_format=fmt), new(c), new(c), g,
+                                    add=new(b, c) if has_add else None, swish=swish)
                 for (c, h, w, nh, dk) in attns:
-                    for cl in (False, True):
-                        x = torch.empty(b, c, h, w, dtype=dt, device=META)
-                        x = x.to(memory_format=torch.channels_last) if cl else x
-                        p = [torch.empty(s, dtype=dt, device=META) for s in
-                             ((3 * nh * dk, c), (3 * nh * dk,), (c, nh * dk), (c,))]
-                        for tf32 in ((False, True) if dt == torch.float32 else (False,)):
-                            torch.backends.cuda.matmul.allow_tf32 = tf32
-                            yield from _run(f"{name} attn C{c} {h}x{w} h{nh} dk{dk} B{b}{' CL' if cl else ''}"
-                                            f"{' tf32' if tf32 else ''}", dn, att.attention_triton, x, *p, nh, dk)
-                        torch.backends.cuda.matmul.allow_tf32 = False
-                t = torch.empty(b, dtype=torch.long, device=META)
-                ws = [torch.empty(s, dtype=dt, device=META) for s in ((e, e // 4), (e,), (e, e), (e,))]
-                yield from _run(f"{name} temb E{e} B{b}", dn, te._launch, Recorder(te._time_embedding_kernel),
-                                t, *ws, torch.empty(b, e, dtype=dt, device=META))
+                    params = (new(3 * nh * dk, c), new(3 * nh * dk), new(c, nh * dk), new(c))
+                    for tf32 in (False, True) if dn == "fp32" else (False,):  # picks fp32's dot precision
+                        torch.backends.cuda.matmul.allow_tf32 = tf32
+                        x = new(b, c, h, w).to(memory_format=fmt)
+                        yield from _run(f"{name} attn C{c} {h}x{w} h{nh} dk{dk} B{b}{tag}{' tf32' if tf32 else ''}",
+                                        dn, att.attention_triton, x, *params, nh, dk)
+                    torch.backends.cuda.matmul.allow_tf32 = False
+            yield from _run(f"{name} temb E{e} B{b}", dn, te._launch, Recorder(te._time_embedding_kernel),
+                            new(b, dtype=torch.long), new(e, e // 4), new(e), new(e, e), new(e), new(b, e))
 
 
 def _run(label, dn, fn, *args, **kw):
@@ -136,21 +128,16 @@ def _run(label, dn, fn, *args, **kw):
 
 
 # --- specialisation and compilation ----------------------------------------------------------------
-class Ptr:
-    """A tensor argument as the JIT sees it: a dtype and an address (a meta tensor has none; the
-    caching allocator's blocks are 512-byte aligned, so the address is the view's byte offset)."""
-
-    def __init__(self, t):
-        self.dtype = t.dtype
-        self._addr = t.storage_offset() * t.element_size()
-
-    def data_ptr(self):
-        return self._addr
+def as_pointer(t):
+    """A tensor as the JIT sees it: a dtype and an address. A meta tensor has no address; the caching
+    allocator's blocks are 512-byte aligned, so the view's byte offset decides the 16-byte hint."""
+    addr = t.storage_offset() * t.element_size()
+    return types.SimpleNamespace(dtype=t.dtype, data_ptr=lambda: addr)
 
 
 def specialise(kernel, args, kw, backend):
     """The (signature, constexprs, attrs, options) JITFunction.run would compile for this launch."""
-    args = [Ptr(a) if isinstance(a, torch.Tensor) else a for a in args]
+    args = [as_pointer(a) if isinstance(a, torch.Tensor) else a for a in args]
     kw = dict(kw, debug=False)
     kw["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -174,11 +161,7 @@ def compile_one(kernel, sig, consts, attrs, options, target):
 
 
 def short_config(tiles):
-    abbrev = {"BLOCK_": "", "True": "1", "False": "0"}
-    text = " ".join(f"{k}={v}" for k, v in tiles.items())
-    for a, b in abbrev.items():
-        text = text.replace(a, b)
-    return text
+    return " ".join(f"{k.replace('BLOCK_', '')}={int(v) if isinstance(v, bool) else v}" for k, v in tiles.items())
 
 
 def check(args):
@@ -201,13 +184,11 @@ def check(args):
                                 compile=(kernel, sig, consts, attrs, options))
         configs[key]["used_by"].append(label)
     rows = list(configs.values())
-    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}: "
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}, {args.sms} SMs: "
           f"{len(rows)} distinct kernel specialisations", flush=True)
-    for i, r in enumerate(rows):
+    for r in rows:
         t0 = time.time()
         r.update(compile_one(*r.pop("compile"), target), secs=round(time.time() - t0, 2))
-        if args.progress and i % 25 == 24:
-            print(f"  compiled {i + 1}/{len(rows)}", file=sys.stderr, flush=True)
         r["problems"] = ([] if r["ok"] else ["COMPILE"]) + (["SMEM>227K"] if r.get("shared", 0) > H100_SMEM else [])
         r["warnings"] = ["SPILL"] if r.get("spill_st") else []
         if not r["ok"]:
@@ -219,45 +200,56 @@ def check(args):
     bad = [r for r in rows if r["problems"] or (args.strict and r["warnings"])]
     spills = sum(1 for r in rows if r["warnings"])
     print(f"{len(rows) - len(bad)}/{len(rows)} configs pass ({sum(r['ok'] for r in rows)} compiled, "
-          f"{spills} spill registers)" + (f"; {len(bad)} FAIL" if bad else ""))
+          f"{spills} of them spill)" + (f"; {len(bad)} FAIL" if bad else ""))
     return 1 if bad else 0
 
 
+COLUMNS = f"{'kernel':25} {'dtype':5} {'config (constexprs)':46} {'=1 args':24} {'launch':6}"
+
+
+def row_key(r):
+    return r["kernel"], r["dtype"], r["config"], r["spec"], r["launch"]
+
+
+def row_head(key):
+    return f"{key[0][:25]:25} {key[1]:5} {key[2][:46]:46} {key[3][:24]:24} {key[4]:6}"
+
+
+def row_cell(r):
+    if r is None:
+        return "absent"
+    spill = f"{r.get('spill_st', '-')}/{r.get('spill_ld', '-')}"
+    return f"{'ok' if r['ok'] else 'FAIL':4} {r.get('regs') or '-':>4} {spill} {r.get('shared', '-'):>6}"
+
+
 def print_table(rows):
-    print(f"{'kernel':25} {'dtype':5} {'config (constexprs)':46} {'=1 args':18} {'launch':6} {'ok':4} {'regs':>4} "
-          f"{'spill':>7} {'smem':>6} {'secs':>5}  used by (first, count)")
-    for r in sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["config"], r["spec"], r["launch"])):
-        spill = f"{r.get('spill_st')}/{r.get('spill_ld')}" if r["ok"] else "-"
-        print(f"{r['kernel'][:25]:25} {r['dtype']:5} {r['config'][:46]:46} {r['spec'][:18]:18} {r['launch']:6} "
-              f"{'ok' if r['ok'] else 'FAIL':4} {r.get('regs') or '-':>4} {spill:>7} {r.get('shared', '-'):>6} "
-              f"{r['secs']:5.1f}  {r['used_by'][0]} ({len(r['used_by'])})"
-              f"{''.join(' ' + p for p in r['problems'] + r.get('warnings', []))}")
+    print(f"{COLUMNS} ok   regs spill     smem  used by (first, count)")
+    for r in sorted(rows, key=row_key):
+        print(f"{row_head(row_key(r))} {row_cell(r):25} {r['used_by'][0]} ({len(r['used_by'])})"
+              + "".join(" " + p for p in r["problems"] + r["warnings"]))
 
 
 def compare(a_path, b_path):
-    """One line per config present in either run: ok, regs, spills, smem side by side."""
+    """One line per config present in either run: ok, regs, spills (store/load bytes), smem side by side."""
     runs = [json.load(open(p)) for p in (a_path, b_path)]
-    index = [{(r["kernel"], r["dtype"], r["config"], r["spec"], r["launch"]): r for r in run["rows"]} for run in runs]
-    cell = lambda r: "absent" if r is None else (  # noqa: E731
-        f"{'ok' if r['ok'] else 'FAIL'} {r.get('regs')} {r.get('spill_st')}/{r.get('spill_ld')} {r.get('shared')}")
-    print(f"{'kernel':25} {'dtype':5} {'config':46} {'=1 args':18} {'launch':6} | "
-          f"{runs[0]['triton'] + ': ok regs spill smem':26} | {runs[1]['triton']}: ok regs spill smem")
+    index = [{row_key(r): r for r in run["rows"]} for run in runs]
+    print(f"{COLUMNS} | {runs[0]['triton']:25} | {runs[1]['triton']}")
     for key in sorted(set(index[0]) | set(index[1]), key=str):
-        ra, rb = index[0].get(key), index[1].get(key)
-        print(f"{key[0][:25]:25} {key[1]:5} {key[2][:46]:46} {key[3][:18]:18} {key[4]:6} | {cell(ra):26} | {cell(rb)}")
-    return 0 if all(r["ok"] for idx in index for r in idx.values()) else 1
+        print(f"{row_head(key)} | {row_cell(index[0].get(key)):25} | {row_cell(index[1].get(key))}")
+    return 0 if all(r["ok"] for idx in index for r in idx.values()) and index[0].keys() == index[1].keys() else 1
 
 
 def main():
+    global H100_SMS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="1,3,16,64,256", help="batch sizes to plan for (comma-separated)")
     ap.add_argument("--dtypes", default="fp32,fp16,bf16")
+    ap.add_argument("--sms", type=int, default=H100_SMS, help="SM count the launchers plan for")
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an int (90 = H100)")
     ap.add_argument("--kernels", help="only kernels whose name contains one of these (comma-separated)")
     ap.add_argument("--all-hints", action="store_true",
                     help="also compile each set of divisibility hints separately (as the JIT cache does)")
     ap.add_argument("--strict", action="store_true", help="count register spills as failures too")
-    ap.add_argument("--progress", action="store_true", help="report progress on stderr")
     ap.add_argument("--json", help="also write the rows here (for --compare)")
     ap.add_argument("--compare", nargs=2, metavar=("A_JSON", "B_JSON"))
     args = ap.parse_args()
@@ -265,8 +257,12 @@ def main():
         return compare(*args.compare)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.dtypes = args.dtypes.split(",")
+    H100_SMS = args.sms
     return check(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        shutil.rmtree(_CACHE, ignore_errors=True)

@@ -13,7 +13,6 @@ import types
 import pytest
 import torch
 
-from conftest import HAS_CUDA
 from ddpm_fast import ops
 from ddpm_fast.config import PRESETS
 from ddpm_fast.ops.attention import attention_triton
