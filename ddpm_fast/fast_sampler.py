@@ -36,8 +36,12 @@ def _fast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
     p = next(model.parameters())
     if p.dtype != dtype or p.device != device:
         model = copy.deepcopy(model).to(device=device, dtype=dtype)
-    was_fused, was_training, old_table = ops.is_fused(model), model.training, model.time_table
-    model.eval()
+    was_fused, old_table = ops.is_fused(model), model.time_table
+    # eval() and train() walk every module (~0.4 ms for the tiny UNet, >1% of a short CPU run):
+    # only switch the modules that are in training mode, and only those back.
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
     if fuse:
         ops.fused(model)
     if table:
@@ -52,7 +56,8 @@ def _fast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
         model.time_table = old_table
         if fuse and not was_fused:
             ops.unfused(model)
-        model.train(was_training)
+        for m in training:
+            m.training = True
 
 
 def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor, coeffs: torch.Tensor, *,
