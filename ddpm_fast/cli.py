@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -47,34 +48,21 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"seed must be in [0, 2^63), got {value}")
-    return value
+def number_arg(kind, lo, hi=None, lo_open=False, hi_open=True):
+    """An argparse type (shared by every subcommand): `kind` (int or float) in the given range, with a clear message otherwise."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}" if kind is int and hi is None else
+                                             f"must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}"
+                                             f"{')' if hi_open or hi is None else ']'}, got {text}")
+        return v
+    return parse
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,20 +73,20 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
                      help=f"sample from a randomly initialised preset ({', '.join(sorted(PRESETS))}): noise, "
                           "for trying the pipeline")
-    p.add_argument("--num-images", type=_positive_int, default=16, metavar="N", help="images to draw (default 16)")
-    p.add_argument("--steps", type=_positive_int, default=None, metavar="S",
+    p.add_argument("--num-images", type=number_arg(int, 1), default=16, metavar="N", help="images to draw (default 16)")
+    p.add_argument("--steps", type=number_arg(int, 1), default=None, metavar="S",
                    help="sampler steps, strided over the schedule (default: T for ddpm, 50 for ddim)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--eta", type=_unit_float, default=0.0, metavar="E",
+    p.add_argument("--eta", type=number_arg(float, 0.0, 1.0, hi_open=False), default=0.0, metavar="E",
                    help="DDIM noise scale in [0, 1] (ddim only; default 0)")
     p.add_argument("--variant", choices=["labml", "paper", "posterior"], default="labml",
                    help="DDPM variance: labml (noise at every step), paper (none at the last), posterior")
     p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to the data range")
-    p.add_argument("--seed", type=_seed, default=0, metavar="K", help="noise seed (default 0)")
+    p.add_argument("--seed", type=number_arg(int, 0, 2 ** 63), default=0, metavar="K", help="noise seed (default 0)")
     p.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model compute dtype")
     p.add_argument("--backend", choices=["reference", "fast"], default="reference")
-    p.add_argument("--nrow", type=_positive_int, default=None, metavar="R", help="images per grid row")
+    p.add_argument("--nrow", type=number_arg(int, 1), default=None, metavar="R", help="images per grid row")
     p.add_argument("--out", default="samples.png", metavar="PATH", help="output image (default samples.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_sample_from_args)

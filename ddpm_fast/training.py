@@ -54,6 +54,7 @@ import torch
 from .config import ModelConfig, get_preset
 from .reference import Schedule, UNet
 from .atomic import write_atomic
+from .cli import number_arg as _number
 # Re-exported: the training API (tests, scripts/train_default_model.sh) imports these from here.
 from .train_checkpoint import (CheckpointError, _save_model_file, export_model,  # noqa: F401
                                load_train_checkpoint, read_train_checkpoint, save_train_checkpoint)
@@ -405,23 +406,6 @@ def _write_samples(out: Path, ema, config, step, n, steps, seed) -> None:
 # ---------------------------------------------------------------------------------------------
 # Command line: `ddpm-fast train` (cli.py) and `python -m ddpm_fast.training`
 # ---------------------------------------------------------------------------------------------
-def _number(kind, lo, hi=None, lo_open=False, hi_open=True):
-    """An argparse type: `kind` (int or float) in the given range, with a clear message otherwise."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-        if not ok:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}" if kind is int and hi is None else
-                                             f"must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}"
-                                             f"{')' if hi_open or hi is None else ']'}, got {text}")
-        return v
-    return parse
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `train` subcommand's flags; values are range-checked at parse time."""
     from .config import PRESETS
