@@ -237,7 +237,22 @@ def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, memory=Fal
     if median_ms is None:
         median_ms = statistics.median(benchmark.stats.stats.data) * 1e3
     _finish(benchmark, info, median_ms, nbytes, flops)
+    _append_jsonl(benchmark)
     return out
+
+
+def _append_jsonl(benchmark):
+    """DDPM_FAST_BENCH_JSONL=path: append this result as one JSON line the moment it is measured.
+    pytest-benchmark writes its JSON only when the session ends, so a run cut off by a time limit
+    (a leased GPU's) would otherwise keep nothing."""
+    path = os.environ.get("DDPM_FAST_BENCH_JSONL")
+    if not path:
+        return
+    import json
+
+    row = {"name": benchmark.name, "group": benchmark.group, "extra_info": dict(benchmark.extra_info)}
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
 
 
 @pytest.fixture

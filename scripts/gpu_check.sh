@@ -2,7 +2,8 @@
 # One command for a lent GPU machine (torch preinstalled, no network): build the C++/CUDA extension,
 # run the whole test suite including the GPU-only tests (see Tests below), run the benchmarks, write the results.
 #
-#   bash scripts/gpu_check.sh [all|build|test|bench-ops|bench-e2e]     (default: all)
+#   bash scripts/gpu_check.sh [all | build | test | bench-ops | bench-e2e ...]   (default: all; stages
+#   run in the order given, after one build)
 #
 # Results go to $RESULTS_DIR (default: benchmarks/results/gpu-<date>). When $OUT is set (the device
 # tool, which returns at most 8 files from $OUT), the whole folder is also packed into ONE file,
@@ -19,7 +20,6 @@
 # second pass with the GPU hidden (CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1), as CI runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:-all}
 DATE=$(date -u +%Y-%m-%d)
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results/gpu-$DATE}
 mkdir -p "$RESULTS_DIR"
@@ -65,9 +65,21 @@ print('extension loaded', 'with CUDA kernels' if C else 'WITHOUT CUDA kernels')"
   return $rc
 }
 
+# pytest-xdist spreads the suite over processes (Triton JIT and nvcc-free builds dominate a cold run);
+# pytest-timeout turns a hung test into a failure instead of eating the lease. Both are optional.
+XDIST_ARGS=()
+if [ "${GPU_CHECK_XDIST:-8}" != "0" ] && "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST_ARGS=(-n "${GPU_CHECK_XDIST:-8}")
+fi
+TIMEOUT_ARGS=()
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+  TIMEOUT_ARGS=(--timeout "${GPU_CHECK_TEST_TIMEOUT:-300}")
+fi
+
 run_tests() {
   local t0=$SECONDS
-  "$PY" -m pytest -q -rs tests --junitxml="$RESULTS_DIR/junit.xml" 2>&1 \
+  local left=$(( ${GPU_CHECK_DEADLINE_S:-100000} - SECONDS ))
+  timeout "$left" "$PY" -m pytest -q -rs tests "${XDIST_ARGS[@]}" "${TIMEOUT_ARGS[@]}" --junitxml="$RESULTS_DIR/junit.xml" 2>&1 \
       | tee "$RESULTS_DIR/tests.log" | tail -40
   local rc=${PIPESTATUS[0]}
   SUMMARY+=("tests-gpu    rc=$rc  $((SECONDS - t0)) s  $(tail -1 "$RESULTS_DIR/tests.log")")
@@ -85,7 +97,15 @@ run_tests() {
 bench() {  # $1: name, rest: pytest args
   local name=$1; shift
   local t0=$SECONDS
-  "$PY" -m pytest -q "$@" --benchmark-only --benchmark-json="$RESULTS_DIR/$name.json" \
+  # GPU_CHECK_DEADLINE_S: seconds since the script started by which every stage must be done, so
+  # the results are packed before a device call's limit kills everything. A cut-off benchmark run
+  # still leaves its finished results in $name.jsonl.
+  local left=$(( ${GPU_CHECK_DEADLINE_S:-100000} - SECONDS ))
+  if [ "$left" -lt 30 ]; then
+    SUMMARY+=("$name  skipped: ${left} s left before GPU_CHECK_DEADLINE_S"); return 1
+  fi
+  DDPM_FAST_BENCH_JSONL="$RESULTS_DIR/$name.jsonl" timeout "$left" "$PY" -m pytest -q -rs "$@" "${TIMEOUT_ARGS[@]}" \
+      --benchmark-only --benchmark-json="$RESULTS_DIR/$name.json" \
       --benchmark-columns=median,iqr,rounds 2>&1 | tee "$RESULTS_DIR/$name.log" | tail -25
   local rc=${PIPESTATUS[0]}
   "$PY" -m ddpm_fast bench-report "$RESULTS_DIR/$name.json" --out-dir "$RESULTS_DIR" >> "$RESULTS_DIR/$name.log" 2>&1 || rc=1
@@ -95,19 +115,27 @@ bench() {  # $1: name, rest: pytest args
 
 env_info
 rc=0
-case "$STAGE" in
-  build) build || rc=1 ;;
-  test) build && run_tests || rc=1 ;;
-  bench-ops) build && bench bench-ops benchmarks --ignore=benchmarks/bench_unet.py --ignore=benchmarks/bench_sampling.py || rc=1 ;;
-  bench-e2e) build && bench bench-e2e benchmarks/bench_unet.py benchmarks/bench_sampling.py || rc=1 ;;
-  all)
-    build || rc=1
-    run_tests || rc=1
-    bench bench-ops benchmarks --ignore=benchmarks/bench_unet.py --ignore=benchmarks/bench_sampling.py || rc=1
-    bench bench-e2e benchmarks/bench_unet.py benchmarks/bench_sampling.py || rc=1
-    ;;
-  *) echo "usage: $0 [all|build|test|bench-ops|bench-e2e]" >&2; exit 2 ;;
-esac
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
+[ "${STAGES[*]}" = "all" ] && STAGES=(test bench-ops bench-e2e)
+for st in "${STAGES[@]}"; do
+  case "$st" in
+    build|test|bench-ops|bench-e2e) ;;
+    *) echo "usage: $0 [all | build | test | bench-ops | bench-e2e ...] (stages run in the order given)" >&2; exit 2 ;;
+  esac
+done
+if build; then
+  for st in "${STAGES[@]}"; do
+    case "$st" in
+      test) run_tests || rc=1 ;;
+      bench-ops) bench bench-ops benchmarks --ignore=benchmarks/bench_unet.py --ignore=benchmarks/bench_sampling.py || rc=1 ;;
+      bench-e2e) bench bench-e2e benchmarks/bench_unet.py benchmarks/bench_sampling.py || rc=1 ;;
+    esac
+  done
+else
+  rc=1
+fi
+STAGE="${STAGES[*]}"
 echo "== gpu_check summary ($STAGE) -> $RESULTS_DIR"
 printf '%s\n' "${SUMMARY[@]}"
 if [ -n "${OUT:-}" ]; then
