@@ -2,7 +2,7 @@
 # One command for a lent GPU machine (torch preinstalled, no network): build the C++/CUDA extension,
 # run the whole test suite including the GPU-only tests (see Tests below), run the benchmarks, write the results.
 #
-#   bash scripts/gpu_check.sh [all | build | test | bench-ops | bench-e2e ...]   (default: all; stages
+#   bash scripts/gpu_check.sh [all | build | test | bench-ops | bench-e2e | bench-sampling ...]   (default: all; stages
 #   run in the order given, after one build)
 #
 # Results go to $RESULTS_DIR (default: benchmarks/results/gpu-<date>). When $OUT is set (the device
@@ -52,10 +52,32 @@ PYEOF
   cat "$RESULTS_DIR/env.txt"
 }
 
+# The extension must load AND raise a clean Python error on bad input: a toolchain mismatch (the H100
+# machine's /opt/gcc g++ with Ubuntu Python's -Bsymbolic-functions, see setup.py) once made the error
+# path itself segfault while every correct call worked.
+ERROR_PATH_CHECK='import torch, ddpm_fast.ops.reverse_step
+try:
+    torch.ops.ddpm_fast.reverse_step(torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 9), torch.tensor(0),
+                                     torch.zeros(10, 6), None, 0, 0.0, 0.0, False)
+except ValueError as e:
+    print("error path ok:", str(e).splitlines()[0][:80])
+else:
+    raise SystemExit("bad input was not refused")'
+
+build_once() {
+  "$PY" setup.py build_ext --inplace >> "$RESULTS_DIR/build.log" 2>&1 && "$PY" -c "$ERROR_PATH_CHECK" >> "$RESULTS_DIR/build.log" 2>&1
+}
+
 build() {
   local t0=$SECONDS
-  "$PY" setup.py build_ext --inplace > "$RESULTS_DIR/build.log" 2>&1
+  : > "$RESULTS_DIR/build.log"
+  build_once
   local rc=$?
+  if [ $rc -ne 0 ] && [ -x /usr/bin/g++ ] && [ -z "${CXX:-}" ]; then
+    echo "build or error-path check failed (rc=$rc); retrying with CXX=/usr/bin/g++" | tee -a "$RESULTS_DIR/build.log"
+    rm -rf build ddpm_fast/_C*.so
+    CXX=/usr/bin/g++ build_once; rc=$?
+  fi
   # GPU_CHECK_REQUIRE_CUDA=0 lets the script's plumbing be dry-run on a CPU machine.
   "$PY" -c "from ddpm_fast.ops.reverse_step import HAS_EXTENSION, EXTENSION_HAS_CUDA as C; import os; \
 assert HAS_EXTENSION and (C or os.environ.get('GPU_CHECK_REQUIRE_CUDA') == '0'), 'extension (with CUDA) did not load'; \
@@ -120,8 +142,9 @@ STAGES=("$@")
 [ "${STAGES[*]}" = "all" ] && STAGES=(test bench-ops bench-e2e)
 for st in "${STAGES[@]}"; do
   case "$st" in
-    build|test|bench-ops|bench-e2e) ;;
-    *) echo "usage: $0 [all | build | test | bench-ops | bench-e2e ...] (stages run in the order given)" >&2; exit 2 ;;
+    build|test|bench-ops|bench-e2e|bench-sampling) ;;
+    *) echo "usage: $0 [all | build | test | bench-ops | bench-e2e | bench-sampling ...] (in the order given)" >&2
+       exit 2 ;;
   esac
 done
 if build; then
@@ -130,6 +153,7 @@ if build; then
       test) run_tests || rc=1 ;;
       bench-ops) bench bench-ops benchmarks --ignore=benchmarks/bench_unet.py --ignore=benchmarks/bench_sampling.py || rc=1 ;;
       bench-e2e) bench bench-e2e benchmarks/bench_unet.py benchmarks/bench_sampling.py || rc=1 ;;
+      bench-sampling) bench bench-sampling benchmarks/bench_sampling.py || rc=1 ;;
     esac
   done
 else

@@ -6,6 +6,7 @@ subprocess, so the report is also checked against the format the plugin actually
 """
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -246,9 +247,12 @@ def test_real_pytest_benchmark_json(tmp_path):
     shutil.copy(REPO / "benchmarks" / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "bench_sum.py").write_text(_BENCH_FILE)
     out_json = tmp_path / "real.json"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path),
-                           "--benchmark-only", f"--benchmark-json={out_json}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # A clean pytest: under pytest-xdist the worker's PYTEST_XDIST_* variables would make
+    # pytest-benchmark disable itself in the child too.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           str(tmp_path), "--benchmark-only", f"--benchmark-json={out_json}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out_json.read_text())
     assert {b["extra_info"]["provider"] for b in data["benchmarks"]} == {"reference", "fast"}

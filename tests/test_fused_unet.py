@@ -19,7 +19,7 @@ from ddpm_fast.ops.attention import attention_triton
 from ddpm_fast.ops.groupnorm_swish import HAS_TRITON, groupnorm_swish_triton
 from ddpm_fast.ops.time_embedding import time_embedding_triton
 from ddpm_fast.reference import UNet, functional
-from tolerances import DEEP_FLOOR
+from tolerances import assert_deep
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 
@@ -39,10 +39,6 @@ def _use(model, namespace):
     return model
 
 
-def _rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
 
 def _inputs(cfg, batch, device, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -59,11 +55,7 @@ def _check_against_fp64(model, fast_model, x, t, dtype):
         model.to(dtype)
         ref = model(x.to(dtype), t).float()
         fast = fast_model(x.to(dtype), t).float()
-    assert torch.isfinite(fast).all(), "fast UNet produced non-finite values"
-    err_ref, err_fast = _rel_err(ref, ref64), _rel_err(fast, ref64)
-    floor = DEEP_FLOOR[dtype]
-    assert err_fast <= 2 * err_ref + floor, f"fast err {err_fast:.3g} vs reference err {err_ref:.3g} ({dtype})"
-    return err_fast, err_ref
+    return assert_deep(fast, ref, ref64, dtype, "fast UNet")
 
 
 @needs_triton

@@ -213,7 +213,10 @@ class Stop(Exception):
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     data = bars(32)
-    kw = dict(preset=TINY_DROPOUT, steps=7, batch_size=8, lr=2e-3, checkpoint_every=3, log_every=1, **QUIET)
+    # On the CPU: bitwise equality is the claim, and CUDA's backward kernels (atomic adds in the
+    # conv weight gradients) are not bitwise reproducible even without a resume (seen on an H100).
+    kw = dict(preset=TINY_DROPOUT, steps=7, batch_size=8, lr=2e-3, checkpoint_every=3, log_every=1,
+              device="cpu", **QUIET)
     full = train(data, tmp_path / "full", **kw)
 
     def crash_at_5(step):

@@ -234,7 +234,9 @@ if HAS_TRITON:
                     k = _load_rows(k_base, offs_kv, dk, s_kn, s_kd, n_ok, dk_ok, kb_base, s_kbd, HAS_BIAS)
                     s = _dot(q, tl.trans(k), s, PREC, UPCAST)
             # Online softmax in base 2: the scale carries log2(e), all in fp32.
-            s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+            # fp32 scale: torch.compile hands Python floats to Triton kernels as fp64 scalars, which would
+            # turn the softmax state (and the accumulator) fp64.
+            s = tl.where(n_ok[None, :], s * tl.full([], qk_scale, tl.float32), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])

@@ -231,7 +231,8 @@ if HAS_TRITON:
         mean_c = tl.sum(oh * mean[None, :], axis=1)                          # [BLOCK_CC]
         d = tl.where(mask, x - mean_c[None, :], 0.0)
         var = tl.sum(tl.sum(d * d, axis=0)[:, None] * oh, axis=0) * inv_n    # [GB]
-        rstd_c = tl.sum(oh * (1.0 / tl.sqrt(var + eps))[None, :], axis=1)
+        # fp32 eps: under torch.compile a Python float arrives as an fp64 scalar.
+        rstd_c = tl.sum(oh * (1.0 / tl.sqrt(var + tl.full([], eps, tl.float32)))[None, :], axis=1)
         w = tl.load(w_ptr + ch, mask=col_ok, other=0.0).to(tl.float32)
         bias = tl.load(b_ptr + ch, mask=col_ok, other=0.0).to(tl.float32)
         _normalize_store(y_ptr + b * sy_b, x, mean_c, rstd_c * w, bias, ch, hw, mask, sy_c, sy_hw,
@@ -303,7 +304,7 @@ if HAS_TRITON:
             mean = mean + delta * (p_n / n_new)
             m2 = m2 + p_m2 + delta * delta * (n * p_n / n_new)
             n = n_new
-        rstd = 1.0 / tl.sqrt(m2 / n + eps)
+        rstd = 1.0 / tl.sqrt(m2 / n + tl.full([], eps, tl.float32))
 
         b, cols, col_ok, ch, x_base, a, pivot = _prologue(x_ptr, add_ptr, pid, n_gblocks, Cg, sx_b, sx_c, sa_b,
                                                           sa_c, GB, BLOCK_CC, HAS_ADD, SOFT_BF16)

@@ -117,7 +117,7 @@ if HAS_TRITON:
         mf = j < E4
         is_sin = j < HALF
         fi = tl.where(is_sin, j, j - HALF).to(tl.float32)
-        freq = tl.exp(fi * neg_log_scale)
+        freq = tl.exp(fi * tl.full([], neg_log_scale, tl.float32))
         arg = t[:, None] * freq[None, :]
         emb = tl.where(is_sin[None, :], tl.sin(arg), tl.cos(arg))
         emb = tl.where(mf[None, :], emb, 0.0)

@@ -29,6 +29,12 @@ def groupnorm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     """
     if add is not None:
         x = x + add[:, :, None, None].to(x.dtype)
+    wide = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), bias.dtype)
+    if wide != x.dtype or weight.dtype != bias.dtype:
+        # Mixed precision (fp32 affine parameters with fp16/bf16 activations, as autocast keeps them):
+        # normalise in the widest dtype, return x's. CUDA's group_norm refuses mixed dtypes outright.
+        y = groupnorm_swish(x.to(wide), weight.to(wide), bias.to(wide), num_groups, eps, None, swish)
+        return y.to(x.dtype)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return _swish(y) if swish else y
 
