@@ -51,16 +51,6 @@ def _extensions():
 
     class BuildExt(cpp_extension.BuildExtension):
         def build_extensions(self):
-            # Debian/Ubuntu Pythons link extensions with -Wl,-Bsymbolic-functions. With a compiler that
-            # links parts of libstdc++ statically (the H100 machine's /opt/gcc g++), that binds the
-            # extension's copies of libstdc++ *functions* to themselves while its *data* (locale facet
-            # ids) still resolves to the process's libstdc++.so: formatting an integer into a TORCH_CHECK
-            # message then crashed with SIGSEGV (seen there, in std::ostream::_M_insert<long>). Without
-            # the flag every libstdc++ symbol resolves to the one copy the process already loaded.
-            for attr in ("linker_so", "linker_so_cxx"):  # the latter: newer setuptools, for C++ links
-                cmd = getattr(self.compiler, attr, None)
-                if isinstance(cmd, list):
-                    setattr(self.compiler, attr, [a for a in cmd if a != "-Wl,-Bsymbolic-functions"])
             try:
                 super().build_extensions()
             except Exception as e:  # noqa: BLE001 - any compiler failure

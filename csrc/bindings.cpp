@@ -23,6 +23,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -32,6 +34,24 @@ namespace ddpm_fast {
 namespace {
 
 constexpr const char* kOp = "ddpm_fast::reverse_step";
+
+// Error messages are assembled from strings only. On the H100 machine's toolchain (/opt/gcc g++,
+// torch 2.11) streaming an integer into TORCH_CHECK's std::ostringstream from this extension
+// segfaulted (in std::ostream::_M_insert<long>), so a bad input crashed the process instead of
+// raising; strings stream fine. Hence these formatters (std::to_string / snprintf, no ostream).
+std::string str_of(int64_t v) { return std::to_string(v); }
+std::string str_of(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+std::string str_of(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+std::string str_of(const c10::Device& d) { return d.str(); }
+const char* str_of(at::ScalarType s) { return c10::toString(s); }
 
 bool is_kernel_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
@@ -49,41 +69,42 @@ DType to_dtype(at::ScalarType s) {
 void check_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& step, const at::Tensor& coeffs,
                   const std::optional<at::Tensor>& noise, double clip_lo, double clip_hi, bool clip) {
   const auto dev = x.device();
-  TORCH_CHECK(dev.is_cpu() || dev.is_cuda(), kOp, ": x_t must be a CPU or CUDA tensor, got device ", dev);
+  TORCH_CHECK(dev.is_cpu() || dev.is_cuda(), kOp, ": x_t must be a CPU or CUDA tensor, got device ", str_of(dev));
   TORCH_CHECK_TYPE(is_kernel_dtype(x.scalar_type()), kOp, ": x_t must be float32, float16 or bfloat16, got ",
-                   x.scalar_type());
+                   str_of(x.scalar_type()));
   TORCH_CHECK_TYPE(is_kernel_dtype(eps.scalar_type()), kOp, ": eps must be float32, float16 or bfloat16, got ",
-                   eps.scalar_type());
+                   str_of(eps.scalar_type()));
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || eps.scalar_type() == x.scalar_type(), kOp,
-                   ": x_t of dtype ", x.scalar_type(), " needs eps of the same dtype (or keep x_t in float32), "
-                   "got eps ", eps.scalar_type());
-  TORCH_CHECK(eps.device() == dev, kOp, ": eps is on ", eps.device(), " but x_t is on ", dev);
-  TORCH_CHECK_VALUE(eps.sizes() == x.sizes(), kOp, ": eps shape ", eps.sizes(), " differs from x_t shape ",
-                    x.sizes());
+                   ": x_t of dtype ", str_of(x.scalar_type()), " needs eps of the same dtype (or keep x_t in float32), "
+                   "got eps ", str_of(eps.scalar_type()));
+  TORCH_CHECK(eps.device() == dev, kOp, ": eps is on ", str_of(eps.device()), " but x_t is on ", str_of(dev));
+  TORCH_CHECK_VALUE(eps.sizes() == x.sizes(), kOp, ": eps shape ", str_of(eps.sizes()), " differs from x_t shape ",
+                    str_of(x.sizes()));
 
-  TORCH_CHECK_TYPE(step.scalar_type() == at::kLong, kOp, ": step must be an int64 tensor, got ", step.scalar_type());
-  TORCH_CHECK_VALUE(step.numel() == 1, kOp, ": step must hold exactly one index, got shape ", step.sizes());
-  TORCH_CHECK(step.device() == dev || step.device().is_cpu(), kOp, ": step is on ", step.device(),
-              "; it must be on x_t's device (", dev, ") or the CPU");
+  TORCH_CHECK_TYPE(step.scalar_type() == at::kLong, kOp, ": step must be an int64 tensor, got ", str_of(step.scalar_type()));
+  TORCH_CHECK_VALUE(step.numel() == 1, kOp, ": step must hold exactly one index, got shape ", str_of(step.sizes()));
+  TORCH_CHECK(step.device() == dev || step.device().is_cpu(), kOp, ": step is on ", str_of(step.device()),
+              "; it must be on x_t's device (", str_of(dev), ") or the CPU");
 
-  TORCH_CHECK_TYPE(coeffs.scalar_type() == at::kFloat, kOp, ": coeffs must be float32, got ", coeffs.scalar_type());
+  TORCH_CHECK_TYPE(coeffs.scalar_type() == at::kFloat, kOp, ": coeffs must be float32, got ", str_of(coeffs.scalar_type()));
   TORCH_CHECK_VALUE(coeffs.dim() == 2 && coeffs.size(1) == kNumCoeffs && coeffs.size(0) >= 1, kOp,
-                    ": coeffs must be a [S, ", kNumCoeffs, "] table with S >= 1, got shape ", coeffs.sizes());
-  TORCH_CHECK(coeffs.device() == dev, kOp, ": coeffs is on ", coeffs.device(), " but x_t is on ", dev);
+                    ": coeffs must be a [S, ", str_of(int64_t{kNumCoeffs}), "] table with S >= 1, got shape ",
+                    str_of(coeffs.sizes()));
+  TORCH_CHECK(coeffs.device() == dev, kOp, ": coeffs is on ", str_of(coeffs.device()), " but x_t is on ", str_of(dev));
   TORCH_CHECK_VALUE(coeffs.is_contiguous(), kOp, ": coeffs must be contiguous (call .contiguous() once when "
                     "building the table)");
 
   if (noise.has_value()) {
     const at::Tensor& z = *noise;
-    TORCH_CHECK(z.device() == dev, kOp, ": noise is on ", z.device(), " but x_t is on ", dev);
-    TORCH_CHECK_VALUE(z.sizes() == x.sizes(), kOp, ": noise shape ", z.sizes(), " differs from x_t shape ",
-                      x.sizes());
+    TORCH_CHECK(z.device() == dev, kOp, ": noise is on ", str_of(z.device()), " but x_t is on ", str_of(dev));
+    TORCH_CHECK_VALUE(z.sizes() == x.sizes(), kOp, ": noise shape ", str_of(z.sizes()), " differs from x_t shape ",
+                      str_of(x.sizes()));
     TORCH_CHECK_TYPE(is_kernel_dtype(z.scalar_type()) || z.scalar_type() == at::kDouble, kOp,
-                     ": noise must be a floating tensor (float32/float16/bfloat16/float64), got ", z.scalar_type());
+                     ": noise must be a floating tensor (float32/float16/bfloat16/float64), got ", str_of(z.scalar_type()));
   }
   if (clip) {
     TORCH_CHECK_VALUE(!std::isnan(clip_lo) && !std::isnan(clip_hi) && clip_lo <= clip_hi, kOp,
-                      ": clip range must satisfy lo <= hi, got (", clip_lo, ", ", clip_hi, ")");
+                      ": clip range must satisfy lo <= hi, got (", str_of(clip_lo), ", ", str_of(clip_hi), ")");
   }
 }
 
@@ -121,8 +142,8 @@ void launch(const at::Tensor& x_work, const at::Tensor& eps_work, const at::Tens
   if (step.device().is_cpu()) {
     // A host-side step costs nothing to read, so its range is checked here on every device.
     const int64_t s = step.reshape({}).item<int64_t>();
-    TORCH_CHECK_VALUE(s >= 0 && s < p.num_steps, kOp, ": step ", s, " is out of range for a coefficient table "
-                      "of ", p.num_steps, " rows");
+    TORCH_CHECK_VALUE(s >= 0 && s < p.num_steps, kOp, ": step ", str_of(s), " is out of range for a coefficient table "
+                      "of ", str_of(p.num_steps), " rows");
     p.step_value = s;
   } else {
     // Device step (CUDA): no host read, so the launch stays asynchronous and graph-capturable;
