@@ -250,7 +250,8 @@ def _append_jsonl(benchmark):
         return
     import json
 
-    row = {"name": benchmark.name, "group": benchmark.group, "extra_info": dict(benchmark.extra_info)}
+    row = {"name": benchmark.name, "fullname": benchmark.fullname, "group": benchmark.group,
+           "extra_info": dict(benchmark.extra_info), "machine": _machine_info()}
     with open(path, "a") as f:
         f.write(json.dumps(row, default=str) + "\n")
 
@@ -305,13 +306,17 @@ def _cpu_model():
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Name the software and hardware in the JSON, so a report can say what it measured on."""
+    machine_info["ddpm_fast"] = _machine_info()
+
+
+def _machine_info() -> dict:
     try:
         import triton
 
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - triton is optional; any import failure means "absent"
         triton_version = None
-    machine_info["ddpm_fast"] = {
+    return {
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,

@@ -85,7 +85,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=number_arg(int, 0, 2 ** 63), default=0, metavar="K", help="noise seed (default 0)")
     p.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model compute dtype")
-    p.add_argument("--backend", choices=["reference", "fast"], default="reference")
+    p.add_argument("--backend", choices=["reference", "fast"], default="fast",
+                   help="fast (default): fused kernels, fused step, CUDA graph on a GPU; reference: plain PyTorch")
     p.add_argument("--nrow", type=number_arg(int, 1), default=None, metavar="R", help="images per grid row")
     p.add_argument("--out", default="samples.png", metavar="PATH", help="output image (default samples.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

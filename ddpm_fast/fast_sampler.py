@@ -35,12 +35,16 @@ def _fast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
     dtype/device/layout is converted as a copy, so the caller's model is never changed."""
     p = next(model.parameters())
     if p.dtype != dtype or p.device != device or channels_last:
-        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        # Outside inference mode even when the caller samples inside it: parameters made there would
+        # be inference tensors, which have no version counter for the time table's staleness check.
+        with torch.inference_mode(False):
+            model = copy.deepcopy(model).to(device=device, dtype=dtype)
         if channels_last:
             # Conv weights in NHWC make cuDNN write NHWC activations, which every later op keeps (the
             # fused ops and cat preserve the layout): no NCHW <-> NHWC transposes around each
             # tensor-core conv (measured on an H100, cifar35m bf16 batch 64: ~0.95 ms of a 4.3 ms step).
-            model = model.to(memory_format=torch.channels_last)
+            with torch.inference_mode(False):
+                model = model.to(memory_format=torch.channels_last)
     was_fused, old_table = ops.is_fused(model), model.time_table
     # eval() and train() walk every module (~0.4 ms for the tiny UNet, >1% of a short CPU run):
     # only switch the modules that are in training mode, and only those back.
@@ -69,7 +73,7 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
               generator: Optional[torch.Generator] = None, clip: Optional[Tuple[float, float]] = None,
               dtype: Optional[torch.dtype] = None, progress: bool = True, noise: str = "philox",
               seed: Optional[int] = None, cuda_graph: Optional[bool] = None, n_steps: int = 1000,
-              fuse: Optional[bool] = None, channels_last: Optional[bool] = None) -> torch.Tensor:
+              fuse: Optional[bool] = None, channels_last: bool = False) -> torch.Tensor:
     """Run the reverse process from x_T over `timesteps` with coefficient rows `coeffs`; returns x_0 (fp32).
 
     noise="philox": z drawn inside the fused step (seed from `seed`, else drawn from `generator`);
@@ -79,8 +83,9 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     fallback of reverse_step reads the step on the host, which a graph capture cannot do).
     fuse: run the UNet on the fast ops (default: on CUDA only; on CPU their kernels are the reference
     math, so fusing there only exercises the dispatch). x_t stays fp32 whatever the UNet's dtype.
-    channels_last: run the UNet's activations in NHWC (default: on CUDA in fp16/bf16, where cuDNN's
-    tensor-core convs are NHWC-native; fp32 convs run on the CUDA cores either way).
+    channels_last: run the UNet's activations in NHWC (default False). An H100 profile of cifar35m
+    bf16 at batch 64 spent ~0.95 ms of a 4.3 ms fused step in cuDNN's NCHW <-> NHWC transposes,
+    which NHWC removes; it stays opt-in until a GPU run has checked and timed it (CPU-tested only).
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
@@ -108,8 +113,6 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     # on it too, so make x_T's device current (a no-op on a single-GPU machine).
     device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
     fuse = on_gpu if fuse is None else fuse
-    if channels_last is None:
-        channels_last = on_gpu and dtype in (torch.float16, torch.bfloat16)
     with device_ctx, _fast_model(model, dtype, device, n_steps, fuse=fuse, table=use_table,
                                  channels_last=channels_last) as net:
         state = _StepState(net, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator")
@@ -155,7 +158,7 @@ def _graphed(state: _StepState) -> Callable[[], None]:
     allocator) on a side stream; returns the replay function. State is reset after capture."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with _cudnn_benchmark(), torch.cuda.stream(side), torch.inference_mode():
+    with torch.cuda.stream(side), torch.inference_mode():
         for _ in range(3):
             # Every warm-up step is step 0: warm-up must not run past the last step (S < 3), where
             # the timesteps gather would index out of range (a device-side assert that kills the
@@ -164,23 +167,9 @@ def _graphed(state: _StepState) -> Callable[[], None]:
             state.reset()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with _cudnn_benchmark(), torch.inference_mode(), torch.cuda.graph(graph):
+    with torch.inference_mode(), torch.cuda.graph(graph):
         state.step()
     state.reset()
     torch.cuda.synchronize()
     state.graph = graph  # keep the graph (and the memory it references) alive with the state
     return graph.replay
-
-
-@contextmanager
-def _cudnn_benchmark():
-    """cuDNN autotuning for the warm-up and the capture only: the shapes are fixed for the whole
-    loop, the graph replays whatever algorithms the capture picked, and the caller's global flag is
-    left as it was. (Measured on an H100 without it: cuDNN's heuristics picked FFT convolutions that
-    took 14 ms of a 37 ms cifar35m fp32 batch-64 step, and 32x32-tile kernels at batch 1.)"""
-    old = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = old

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ddpm_fast import bench_report
-from ddpm_fast.bench_report import family, load_results, make_report
+from ddpm_fast.bench_report import family, load_results, make_report, parse_entries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,6 +250,7 @@ def test_real_pytest_benchmark_json(tmp_path):
     # A clean pytest: under pytest-xdist the worker's PYTEST_XDIST_* variables would make
     # pytest-benchmark disable itself in the child too.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["DDPM_FAST_BENCH_JSONL"] = str(tmp_path / "rows.jsonl")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                            str(tmp_path), "--benchmark-only", f"--benchmark-json={out_json}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
@@ -264,3 +265,10 @@ def test_real_pytest_benchmark_json(tmp_path):
     row = _row(md, "test_sum")
     assert row["provider"] == "fast" and row["vs reference"].endswith("x")
     assert "torch " + data["machine_info"]["ddpm_fast"]["torch"] in md
+    # The same results, appended row by row as they were measured (what survives a cut-off run),
+    # read back by the report: same providers, groups and medians as the final JSON.
+    from_rows = parse_entries(load_results(tmp_path / "rows.jsonl"))
+    final = {(e.group, e.provider): e.median_s for e in parse_entries(data)}
+    assert {(e.group, e.provider): e.median_s for e in from_rows} == pytest.approx(final)
+    md_rows, _ = make_report(tmp_path / "rows.jsonl", tmp_path / "from_rows")
+    assert "torch " + data["machine_info"]["ddpm_fast"]["torch"] in md_rows.read_text()

@@ -36,6 +36,18 @@ def test_writes_a_png_grid(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["grid.png"]  # no temporary files left behind
 
 
+def test_backend_default_is_fast_and_reference_is_selectable(tmp_path, capsys):
+    # Same seed, same model: the backends draw their noise differently (Philox in the fused step vs
+    # the CPU generator), so the grids differ; each run names its backend.
+    fast, ref = tmp_path / "f.png", tmp_path / "r.png"
+    code, out_fast, _ = sample_cli(capsys, fast, "--seed", "5")
+    assert code == 0 and "fast backend" in out_fast
+    code, out_ref, _ = sample_cli(capsys, ref, "--seed", "5", "--backend", "reference")
+    assert code == 0 and "reference backend" in out_ref
+    with Image.open(fast) as a, Image.open(ref) as b:
+        assert a.size == b.size and a.tobytes() != b.tobytes()
+
+
 def test_nrow_and_ddim(tmp_path, capsys):
     out = tmp_path / "row.png"
     code, _, _ = sample_cli(capsys, out, "--nrow", "4", "--sampler", "ddim", "--eta", "0.5", "--clip-x0")

@@ -56,6 +56,24 @@ def test_fast_loop_matches_reference_trajectory_with_injected_noise_cpu(sampler,
     assert all(p.is_contiguous() for p in model.parameters()), "fast_loop must not change the caller's layout"
 
 
+@pytest.mark.parametrize("convert", ["dtype", "channels_last"])
+def test_converted_copy_inside_inference_mode_gets_a_time_table_cpu(convert):
+    # Sampling inside torch.inference_mode with a model that fast_loop must copy (other dtype, or NHWC)
+    # and a batch large enough for the time table: the copy must not be made of inference tensors,
+    # which have no version counter for the table's staleness check (seen on an H100: every fp16/bf16
+    # run failed so).
+    model = _model()
+    ts, coeffs = _table("ddpm", 10)
+    kw = dict(channels_last=True) if convert == "channels_last" else {}
+    if convert == "dtype":
+        model = _model().double()  # sampled in the default float32: a converted copy
+    x_T = _x_T(CFG.diffusion.n_steps // 10 + 1, "cpu")
+    out = _run(fast_loop, model, x_T, ts, coeffs, seed=1, n_steps=CFG.diffusion.n_steps, **kw)
+    ref = _run(fast_loop, model, x_T, ts, coeffs, seed=1, n_steps=CFG.diffusion.n_steps)
+    torch.testing.assert_close(out, ref, **tol("sampling_fp32" if convert == "dtype" else "layout_fp32",
+                                               torch.float32))
+
+
 def test_fast_backend_reproducible_from_seed_cpu():
     model = _model()
 
