@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, compiled, env_list, run_bench
+from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, compiled, cuda_graphed, env_list, run_bench
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
 from ddpm_fast.reference.unet import AttentionBlock, UNet
@@ -98,25 +98,6 @@ def sdpa_block(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
     o = F.scaled_dot_product_attention(q, k, v, scale=d_k ** -0.5)
     y = F.linear(o.transpose(1, 2).reshape(b, h * w, n_heads * d_k), out_weight, out_bias) + tokens
     return y.transpose(1, 2).reshape(b, c, h, w)
-
-
-def cuda_graphed(fn):
-    """fn captured once in a CUDA graph; the returned callable replays it and returns its output."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, cuBLAS picks kernels
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-
-    def replay():
-        graph.replay()
-        return out
-
-    return replay
 
 
 def _max_abs_err(out, want):

@@ -2,8 +2,9 @@
 
 Providers: `reference` (eager PyTorch, the spec), `compiled` (the reference under torch.compile,
 default mode; GPU only), `compiled-max-autotune` (the issue-5 bar; GPU, full runs), `fast`
-(`ddpm_fast.ops.fused(model)`: the same module, its fusible steps on the fast ops) and
-`fast-compiled` (torch.compile over the fused model; GPU, full runs).
+(`ddpm_fast.ops.fused(model)`: the same module, its fusible steps on the fast ops),
+`fast-compiled` (torch.compile over the fused model; GPU, full runs), and `reference-graph` /
+`fast-graph` (GPU: the eager forward captured once in a CUDA graph and replayed, as the sampler does).
 
 extra_info: FLOPs of one forward (conv/linear/matmul, counted once on the reference by
 torch.utils.flop_counter) and TFLOP/s, peak memory (see conftest.measure_peak_memory), provider.
@@ -16,7 +17,8 @@ DDPM_FAST_BENCH_PRESETS / _BATCHES / _DTYPES / _PROVIDERS narrow or widen any ax
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, compiled, count_flops, env_cases, env_list, run_bench
+from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, compiled, count_flops, cuda_graphed, env_cases, env_list,
+                      run_bench)
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import UNet
 
@@ -25,8 +27,10 @@ if HAS_CUDA:
                       if FULL else [("cifar35m", 1), ("cifar35m", 64)])
     # Each compiled case costs ~a minute of compilation: the default grid stays a few minutes.
     _DEFAULT_DTYPES = ["fp32", "fp16", "bf16"] if FULL else ["fp32", "bf16"]
-    _DEFAULT_PROVIDERS = ["reference", "compiled", "fast"] + (["compiled-max-autotune", "fast-compiled"]
-                                                               if FULL else [])
+    # *-graph: the forward captured in a CUDA graph and replayed, as the fast sampler runs it: the GPU's
+    # own time without the host's launch cost (eager fused ops are host-bound on the H100 machines).
+    _DEFAULT_PROVIDERS = ["reference", "compiled", "fast", "reference-graph", "fast-graph"] + (
+        ["compiled-max-autotune", "fast-compiled"] if FULL else [])
 else:
     _DEFAULT_CASES = [("tiny", 1), ("tiny", 8), ("cifar35m", 1)]
     _DEFAULT_DTYPES = ["fp32"]
@@ -95,11 +99,17 @@ def test_unet_forward(benchmark, fresh_compile_state, provider, preset, batch, d
     x, t = unet_inputs(preset, batch, dtype)
     with torch.no_grad():
         flops = count_flops(lambda: model(x, t))  # on the reference, before any swap
-    net = provider_model(provider, model)
+    graphed = provider.endswith("-graph")
+    if graphed and not HAS_CUDA:
+        pytest.skip("CUDA-graph providers need a GPU")
+    net = provider_model(provider.removesuffix("-graph"), model)
 
     def forward():
         with torch.no_grad():
             return net(x, t)
+
+    if graphed:
+        forward = cuda_graphed(forward)
 
     benchmark.group = f"unet_forward[{preset} b={batch} {dtype}]"
     out = run_bench(benchmark, forward, flops=flops, memory=True, provider=provider, preset=preset,

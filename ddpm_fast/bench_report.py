@@ -6,7 +6,7 @@ batch and dtype, ...) and names its provider in extra_info (benchmarks/conftest.
 both). Providers fall into families by name:
   reference            eager PyTorch, the spec: the baseline every speedup is measured against
   compiled*            the reference under torch.compile (the real bar on GPU)
-  sdpa*, eager*, torch*  another baseline a benchmark names (e.g. an SDPA-based attention block)
+  sdpa*, eager*, torch*, reference-*  another baseline a benchmark names (an SDPA block, the graphed reference)
   copy*, memcpy*       a bandwidth ceiling (a copy of the same bytes), not an implementation
   anything else        a fast-path variant (fast, fast-injected, fast-graph, triton, table, ...)
 
@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 __all__ = ["make_report", "load_results", "add_bench_report_arguments", "run_bench_report_from_args", "main"]
 
 REFERENCE = "reference"
-_OTHER_BASELINES = ("sdpa", "eager", "torch")
+_OTHER_BASELINES = ("sdpa", "eager", "torch", "reference")  # "reference-graph" etc.: baselines
 _BOUNDS = ("copy", "memcpy")
 
 

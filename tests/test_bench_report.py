@@ -183,7 +183,7 @@ def test_default_out_dir_and_note(sample_json, no_matplotlib):
 def test_family():
     assert family("reference") == "reference"
     assert family("compiled") == family("compiled-max-autotune") == "compiled"
-    assert family("sdpa") == family("sdpa-graph") == "baseline"
+    assert family("sdpa") == family("sdpa-graph") == family("reference-graph") == "baseline"
     assert family("copy") == "bound"
     assert family("fast") == family("fast-compiled") == family("triton") == family("table") == "fast"
 
