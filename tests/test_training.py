@@ -481,3 +481,25 @@ def test_cli_end_to_end_and_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             run_train_from_args(_parse(["--data", "digits", "--out", "x", "--amp", "bf16"]))
+
+
+def test_torchrun_two_processes_train_and_resume_cpu(tmp_path):
+    # DistributedDataParallel through torchrun, on the CPU (gloo): the same code path as a multi-GPU
+    # node (NCCL), minus the devices. Two processes train, rank 0 writes; a second launch resumes.
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "MASTER_", "WORLD_", "RANK"))}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even where a GPU is visible
+
+    def launch(steps, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "ddpm_fast.training", "--data", "digits", "--preset", "tiny", "--steps", str(steps),
+               "--batch-size", "8", "--out", str(out), "--checkpoint-every", "3", "--sample-every", "0",
+               "--no-progress", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return read_train_checkpoint(out / "checkpoint.safetensors")[2]
+
+    state = launch(4)
+    assert state["step"] == 4 and state["hparams"]["world_size"] == 2
+    assert launch(6, "--resume")["step"] == 6
+    assert (out / "model.safetensors").exists()
