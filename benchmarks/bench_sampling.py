@@ -3,8 +3,8 @@
 One timed call = x_T -> S UNet forwards and reverse steps -> float32 images in [0, 1] on the CPU
 (output_type="pt"), i.e. what a user waits for. Providers: `reference` (backend="reference", eager
 UNet), `compiled` (backend="reference" with the UNet compiled in place by nn.Module.compile; GPU
-only) and `fast` (backend="fast"; skipped with a reason while ddpm_fast.ops or
-ddpm_fast.fast_sampler is not written yet).
+only), `fast` (backend="fast"; skipped with a reason while ddpm_fast.ops or
+ddpm_fast.fast_sampler is not written yet) and `fast-nhwc` (GPU: backend="fast", channels_last=True).
 
 extra_info: images/s, FLOPs (S x the UNet forward's conv/linear/matmul FLOPs, counted on the
 reference) and TFLOP/s, peak memory of one call, sampler and steps.
@@ -31,7 +31,8 @@ if HAS_CUDA:
     _DEFAULT_CASES = ([(p, b, s) for p in ("tiny", "cifar35m", "labml-cifar32") for b in (1, 16, 64, 256)
                        for s in ("ddim50", "ddpm1000")] if FULL else
                       [("cifar35m", 1, "ddim50"), ("cifar35m", 64, "ddim50"), ("cifar35m", 1, "ddpm1000")])
-    _DEFAULT_PROVIDERS = ["reference", "compiled", "fast"]
+    # fast-nhwc: backend="fast" with channels_last=True (the UNet's activations in NHWC).
+    _DEFAULT_PROVIDERS = ["reference", "compiled", "fast", "fast-nhwc"]
 else:
     _DEFAULT_CASES = [("tiny", 2, "ddpm10"), ("tiny", 2, "ddim5")]
     _DEFAULT_PROVIDERS = ["reference", "fast"]
@@ -50,7 +51,7 @@ def _cases():
 CASES = _cases()
 SAMPLING_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", ["fp32"])
 SAMPLING_PROVIDERS = [p for p in env_list("DDPM_FAST_BENCH_PROVIDERS", _DEFAULT_PROVIDERS)
-                      if p in ("reference", "compiled", "fast")]
+                      if p in ("reference", "compiled", "fast", "fast-nhwc")]
 
 
 def parse_sampler(spec):
@@ -89,7 +90,7 @@ def test_sampling(benchmark, fresh_compile_state, provider, preset, batch, sampl
         if not HAS_CUDA:
             pytest.skip("torch.compile providers run on GPU only (CPU inductor is not the target)")
         model.compile(fullgraph=True, dynamic=False)  # in place: sample() still sees a UNet
-    elif provider == "fast":
+    elif provider in ("fast", "fast-nhwc"):
         _require_fast_backend()
         backend = "fast"
 
@@ -97,7 +98,8 @@ def test_sampling(benchmark, fresh_compile_state, provider, preset, batch, sampl
         # A fixed seed per call: every round does identical work.
         return sample(model, batch_size=batch, num_inference_steps=steps, sampler=sampler,
                       generator=torch.Generator().manual_seed(0), output_type="pt", progress=False,
-                      device=DEVICE, backend=backend, config=PRESETS[preset])
+                      device=DEVICE, backend=backend, config=PRESETS[preset],
+                      channels_last=provider == "fast-nhwc")
 
     benchmark.group = f"sampling[{preset} b={batch} {sampler}{steps} {dtype}]"
     images = run_bench(benchmark, run, flops=flops, memory=True, provider=provider, preset=preset,

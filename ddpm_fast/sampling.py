@@ -46,7 +46,8 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
            sampler: str = "ddpm", eta: float = 0.0, generator: Optional[torch.Generator] = None,
            output_type: str = "pil", progress: bool = True, device=None, dtype=None,
            backend: str = "reference", variant: str = "labml", clip_x0: bool = False,
-           config: Optional[ModelConfig] = None, image_size: Union[int, Tuple[int, int], None] = None):
+           config: Optional[ModelConfig] = None, image_size: Union[int, Tuple[int, int], None] = None,
+           channels_last: bool = False):
     """Draw `batch_size` images from a DDPM model.
 
     model_or_checkpoint: a UNet (any nn.Module mapping (x [B, C, H, W], t [B] int64) -> eps), or the path
@@ -65,6 +66,7 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     dtype: the model's compute dtype (default: the module's parameter dtype; float32 for a checkpoint);
         x_t stays float32. A module in another dtype is run through a converted copy.
     backend: "reference" (this file's loop) or "fast" (ddpm_fast.fast_sampler).
+    channels_last: backend="fast" only: run the UNet's activations in NHWC (see fast_loop).
     image_size: sample at another size than config.unet.image_size (int or (H, W)); the UNet is
         convolutional, but H and W must be divisible by its total downsampling factor.
     output_type: "pil" (list of PIL images; grayscale for 1 channel), "np" (float32 [B, H, W, C] in
@@ -81,6 +83,8 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
         raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if channels_last and backend != "fast":
+        raise ValueError("channels_last=True applies to backend='fast' only")
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     eta = float(eta)
@@ -158,7 +162,7 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
             raise RuntimeError(f"backend='fast' is not available: ddpm_fast.fast_sampler cannot be imported "
                                f"({e}); use backend='reference'") from e
         # The fast loop precomputes a time table over the schedule's T steps.
-        loop, loop_kwargs = fast_loop, {"n_steps": schedule.n_steps}
+        loop, loop_kwargs = fast_loop, {"n_steps": schedule.n_steps, "channels_last": bool(channels_last)}
 
     # The initial noise is drawn before anything else from the generator (see the module docstring).
     x_T = torch.randn((batch_size, ucfg.image_channels, height, width), generator=generator,

@@ -74,6 +74,19 @@ def test_converted_copy_inside_inference_mode_gets_a_time_table_cpu(convert):
                                                torch.float32))
 
 
+def test_sample_channels_last_option_cpu():
+    # sample(backend="fast", channels_last=True) reaches fast_loop: same seed, same images up to the
+    # conv algorithms' summation order, and the caller's model keeps its layout.
+    model = _model()
+
+    def run(cl):
+        return ddpm_fast.sample(model, batch_size=2, num_inference_steps=5, backend="fast", output_type="pt",
+                                generator=torch.Generator().manual_seed(4), progress=False, channels_last=cl)
+
+    torch.testing.assert_close(run(True), run(False), **tol("layout_fp32", torch.float32))
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 def test_fast_backend_reproducible_from_seed_cpu():
     model = _model()
 

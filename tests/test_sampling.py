@@ -209,6 +209,7 @@ def test_progress_bar_only_when_asked(tiny, capsys):
     (dict(output_type="jpg"), "output_type"), (dict(backend="triton"), "backend"),
     (dict(generator=7), "generator"), (dict(dtype=torch.float64), "dtype"), (dict(dtype="fp8"), "dtype"),
     (dict(device="nonsense"), "device"), (dict(clip_x0="yes"), "clip_x0"),
+    (dict(channels_last=True), "channels_last"),
     (dict(image_size=13), "divisible"), (dict(image_size=(16, 0)), "image_size"),
     (dict(config=ModelConfig(get_preset("digits16").unet)), "image_channels"),
     (dict(config=TINY.unet), "ModelConfig"),
