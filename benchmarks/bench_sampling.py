@@ -2,9 +2,10 @@
 
 One timed call = x_T -> S UNet forwards and reverse steps -> float32 images in [0, 1] on the CPU
 (output_type="pt"), i.e. what a user waits for. Providers: `reference` (backend="reference", eager
-UNet), `compiled` (backend="reference" with the UNet compiled in place by nn.Module.compile; GPU
-only), `fast` (backend="fast"; skipped with a reason while ddpm_fast.ops or
-ddpm_fast.fast_sampler is not written yet) and `fast-nhwc` (GPU: backend="fast", channels_last=True).
+UNet), `compiled` and, in full runs, `compiled-max-autotune` (GPU only: backend="reference" with the
+UNet compiled in place by nn.Module.compile, default mode / max-autotune), `fast` (backend="fast";
+skipped with a reason while ddpm_fast.ops or ddpm_fast.fast_sampler is not written yet) and
+`fast-nhwc` (GPU: backend="fast", channels_last=True).
 
 extra_info: images/s, FLOPs (S x the UNet forward's conv/linear/matmul FLOPs, counted on the
 reference) and TFLOP/s, peak memory of one call, sampler and steps.
@@ -32,7 +33,7 @@ if HAS_CUDA:
                        for s in ("ddim50", "ddpm1000")] if FULL else
                       [("cifar35m", 1, "ddim50"), ("cifar35m", 64, "ddim50"), ("cifar35m", 1, "ddpm1000")])
     # fast-nhwc: backend="fast" with channels_last=True (the UNet's activations in NHWC).
-    _DEFAULT_PROVIDERS = ["reference", "compiled", "fast", "fast-nhwc"]
+    _DEFAULT_PROVIDERS = ["reference", "compiled", "fast", "fast-nhwc"] + (["compiled-max-autotune"] if FULL else [])
 else:
     _DEFAULT_CASES = [("tiny", 2, "ddpm10"), ("tiny", 2, "ddim5")]
     _DEFAULT_PROVIDERS = ["reference", "fast"]
@@ -51,7 +52,7 @@ def _cases():
 CASES = _cases()
 SAMPLING_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", ["fp32"])
 SAMPLING_PROVIDERS = [p for p in env_list("DDPM_FAST_BENCH_PROVIDERS", _DEFAULT_PROVIDERS)
-                      if p in ("reference", "compiled", "fast", "fast-nhwc")]
+                      if p in ("reference", "compiled", "compiled-max-autotune", "fast", "fast-nhwc")]
 
 
 def parse_sampler(spec):
@@ -86,10 +87,12 @@ def test_sampling(benchmark, fresh_compile_state, provider, preset, batch, sampl
     del x, t
 
     backend = "reference"
-    if provider == "compiled":
+    if provider.startswith("compiled"):
         if not HAS_CUDA:
             pytest.skip("torch.compile providers run on GPU only (CPU inductor is not the target)")
-        model.compile(fullgraph=True, dynamic=False)  # in place: sample() still sees a UNet
+        # In place: sample() still sees a UNet. max-autotune also replays inductor's CUDA graphs.
+        model.compile(fullgraph=True, dynamic=False,
+                      mode="max-autotune" if provider == "compiled-max-autotune" else None)
     elif provider in ("fast", "fast-nhwc"):
         _require_fast_backend()
         backend = "fast"

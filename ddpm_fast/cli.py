@@ -2,8 +2,8 @@
 
     ddpm-fast sample [--checkpoint PATH | --preset NAME] [--num-images N] [--steps S] [--sampler ddpm|ddim]
                      [--eta E] [--variant labml|paper|posterior] [--clip-x0] [--seed K] [--device D]
-                     [--dtype fp32|fp16|bf16] [--backend reference|fast] [--nrow R] [--out grid.png]
-                     [--no-progress]
+                     [--dtype fp32|fp16|bf16] [--backend reference|fast] [--channels-last] [--nrow R]
+                     [--out grid.png] [--no-progress]
     ddpm-fast train ...         (when ddpm_fast.training is installed)
     ddpm-fast bench-report ...  (when ddpm_fast.bench_report is installed)
 
@@ -87,6 +87,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model compute dtype")
     p.add_argument("--backend", choices=["reference", "fast"], default="fast",
                    help="fast (default): fused kernels, fused step, CUDA graph on a GPU; reference: plain PyTorch")
+    p.add_argument("--channels-last", action="store_true",
+                   help="fast backend: run the UNet in NHWC (opt-in; not yet timed on a GPU)")
     p.add_argument("--nrow", type=number_arg(int, 1), default=None, metavar="R", help="images per grid row")
     p.add_argument("--out", default="samples.png", metavar="PATH", help="output image (default samples.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -104,6 +106,8 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
     image_format_for_path(out)  # refuse a bad output path before any work
     if args.sampler == "ddpm" and args.eta != 0.0:
         raise UserError("--eta applies to --sampler ddim only")
+    if args.channels_last and args.backend != "fast":
+        raise UserError("--channels-last applies to --backend fast only")
     device = _parse_device(args.device) if args.device else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -139,7 +143,7 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
     images = sample(model, batch_size=args.num_images, num_inference_steps=args.steps, sampler=args.sampler,
                     eta=args.eta, generator=generator, output_type="pt", progress=not args.no_progress,
                     device=device, dtype=dtype, backend=args.backend, variant=args.variant,
-                    clip_x0=args.clip_x0, config=config)
+                    clip_x0=args.clip_x0, config=config, channels_last=args.channels_last)
     seconds = time.perf_counter() - start
     save_image_atomic(make_grid(images, nrow=args.nrow), out)
     n_steps = args.steps or (n_train if args.sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, n_train))

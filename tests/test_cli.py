@@ -112,6 +112,7 @@ def test_default_uses_the_shipped_model_when_present(tmp_path, capsys, monkeypat
     (["--variant", "x"], "--variant"), (["--dtype", "fp64"], "--dtype"), (["--backend", "cuda"], "--backend"),
     (["--nrow", "0"], "--nrow"), (["--seed", "-1"], "--seed"), (["--preset", "huge"], "--preset"),
     (["--device", "tpu9"], "invalid device"), (["--bogus"], "unrecognized arguments"),
+    (["--backend", "reference", "--channels-last"], "--channels-last"),
 ])
 def test_bad_arguments(tmp_path, capsys, args, match):
     out = tmp_path / "g.png"
