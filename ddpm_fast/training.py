@@ -176,12 +176,13 @@ def _resolve_amp(amp, device: torch.device) -> Optional[torch.dtype]:
 
 
 def _setup_distributed(device):
-    """(rank, world size, device). WORLD_SIZE > 1 (torchrun) starts the process group."""
+    """(rank, world size, device, whether this call opened the process group). WORLD_SIZE > 1 (torchrun)
+    starts the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         dev = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, dev
+        return 0, 1, dev, False
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -190,9 +191,27 @@ def _setup_distributed(device):
         dev, backend = torch.device("cuda", local), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), dev
+    return dist.get_rank(), dist.get_world_size(), dev, owns_group
+
+
+def _end_distributed(finished: bool) -> None:
+    """Close the process group train() opened.
+
+    Without this, a rank that finishes first exits with gloo's worker threads still running while
+    rank 0 writes its checkpoint, and the C++ runtime can abort the process at exit ("terminate called
+    without an active exception", seen on the 2-core CI machine). After a clean run all ranks meet at a
+    barrier first; after an error they do not, since the other ranks may never arrive.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _check_args(steps, batch_size, lr, ema_decay, grad_clip, sample_every, checkpoint_every, log_every,
@@ -238,146 +257,152 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
     _check_args(steps, batch_size, lr, ema_decay, grad_clip, sample_every, checkpoint_every, log_every,
                 warmup_steps, num_workers, seed)
     config = preset if isinstance(preset, ModelConfig) else get_preset(preset)
-    rank, world, device = _setup_distributed(device)
-    amp_dtype = _resolve_amp(amp, device)
-    out = Path(out_dir)
-    ckpt_path, model_path, log_path = out / CHECKPOINT_NAME, out / MODEL_NAME, out / LOSS_LOG
-    if resume and not ckpt_path.is_file():
-        raise CheckpointError(f"resume=True but there is no checkpoint to resume in {str(out)!r}")
-    if not resume and ckpt_path.exists():
-        raise FileExistsError(f"{str(out)!r} already holds a training checkpoint; pass resume=True "
-                              "(--resume) to continue it, or choose another output folder")
-    if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
-    per_rank = batch_size // world
-
-    dataset = load_dataset(data, config)
-    order = _BatchOrder(dataset, per_rank, seed, rank, world)
-    if order.per_epoch < 1:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size}: "
-                         "lower batch_size")
-
-    torch.manual_seed(seed)
-    model = UNet(config.unet).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    start = 0
-    if resume:
-        start = int(load_train_checkpoint(ckpt_path, model, ema, optimizer, scaler)["step"])
-    if rank > 0:  # dropout streams: rank 0's state is in the checkpoint, the others follow from (seed, rank, step)
-        torch.manual_seed(_noise_seed(seed, rank, start) + 1)
-    hparams = dict(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
-                   amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off", seed=seed,
-                   warmup_steps=warmup_steps, world_size=world, data=str(data) if isinstance(data, (str, Path)) else type(data).__name__)
-
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  find_unused_parameters=True)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT_NAME, MODEL_NAME, LOSS_LOG):  # temp files of a run killed mid-write
-            for stale in out.glob(f".{name}.*tmp*"):
-                stale.unlink(missing_ok=True)
-        if resume:
-            _truncate_log(log_path, start)
-        if not log_path.exists():
-            log_path.write_text(",".join(LOSS_COLUMNS) + "\n")
-
-    images = getattr(dataset, "images", None)
-    if isinstance(images, torch.Tensor) and images.numel() * 4 < (1 << 29):
-        images = images.to(device)  # small in-memory set: gather batches on the device, no loader
-        batches = (images[torch.as_tensor(order.batch(s), device=device)] for s in range(start, steps))
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=_StepsSampler(order, start, steps),
-                                             num_workers=num_workers, pin_memory=device.type == "cuda")
-        batches = iter(loader)
-
-    sched = Schedule(config.diffusion, device)
-    gen = torch.Generator(device=device)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, initial=start, disable=not (progress and rank == 0), desc="train", unit="it",
-               dynamic_ncols=True)
-    stop = {"flag": False}
-    old_handler = None
-    if world == 1 and _in_main_thread():
-        # Ctrl-C: finish the current step, write a checkpoint, then stop (a second Ctrl-C stops at once).
-        def on_sigint(signum, frame):
-            if stop["flag"]:
-                raise KeyboardInterrupt
-            stop["flag"] = True
-        old_handler = signal.signal(signal.SIGINT, on_sigint)
-
-    run_sum, run_n, t_last, t0, last_loss, done = torch.zeros((), device=device), 0, time.perf_counter(), time.perf_counter(), None, start
+    rank, world, device, owns_group = _setup_distributed(device)
+    finished = False
     try:
-        for step in range(start, steps):
-            x0 = next(batches).to(device, non_blocking=True)
-            lr_now = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
-            for g in optimizer.param_groups:
-                g["lr"] = lr_now
-            gen.manual_seed(_noise_seed(seed, rank, step))
-            t = torch.randint(0, sched.n_steps, (x0.shape[0],), generator=gen, device=device)
-            eps = torch.randn(x0.shape, generator=gen, device=device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = sched.loss(net, x0, t=t, eps=eps)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            ema_update(ema, model, ema_decay_at(ema_decay, step))
-            done = step + 1
-            run_sum += loss.detach().float()
-            run_n += 1
-            bar.update(1)
+        amp_dtype = _resolve_amp(amp, device)
+        out = Path(out_dir)
+        ckpt_path, model_path, log_path = out / CHECKPOINT_NAME, out / MODEL_NAME, out / LOSS_LOG
+        if resume and not ckpt_path.is_file():
+            raise CheckpointError(f"resume=True but there is no checkpoint to resume in {str(out)!r}")
+        if not resume and ckpt_path.exists():
+            raise FileExistsError(f"{str(out)!r} already holds a training checkpoint; pass resume=True "
+                                  "(--resume) to continue it, or choose another output folder")
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
+        per_rank = batch_size // world
 
-            if done % log_every == 0 or done == steps:
-                # One host sync per log interval, not per step.
-                if world > 1:
-                    torch.distributed.all_reduce(run_sum)
-                    run_sum /= world
-                last_loss = run_sum.item() / run_n
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(f"the training loss became {last_loss} at step {done}; the last good "
-                                             f"checkpoint is {str(ckpt_path)!r} (try a lower lr)")
-                now = time.perf_counter()
-                if rank == 0:
-                    with open(log_path, "a") as f:
-                        f.write(f"{done},{last_loss:.6g},{lr_now:.6g},{run_n / (now - t_last):.4g},{now - t0:.1f}\n")
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-                run_sum.zero_()
-                run_n, t_last = 0, now
-            stopping = stop["flag"]  # read once: a Ctrl-C from here on is handled after the next step
-            if rank == 0 and (done % checkpoint_every == 0 or done == steps or stopping):
-                save_train_checkpoint(ckpt_path, model, ema, optimizer, done, config, scaler, hparams)
-                _save_model_file(model_path, ema, config, done)
-            if rank == 0 and sample_every and (done % sample_every == 0 or done == steps):
-                _write_samples(out, ema, config, done, n_samples, sample_steps, seed)
-            if callback is not None:
-                callback(done)
-            if stopping:
-                print(f"\ntraining interrupted: checkpoint written at step {done}; continue with resume=True "
-                      "(--resume)", file=sys.stderr)
-                raise KeyboardInterrupt(f"training interrupted at step {done}")
-        if rank == 0 and not model_path.exists() and ckpt_path.exists():
-            export_model(ckpt_path, model_path)  # resumed a finished run: make sure the model file is there
+        dataset = load_dataset(data, config)
+        order = _BatchOrder(dataset, per_rank, seed, rank, world)
+        if order.per_epoch < 1:
+            raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size}: "
+                             "lower batch_size")
+
+        torch.manual_seed(seed)
+        model = UNet(config.unet).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        start = 0
+        if resume:
+            start = int(load_train_checkpoint(ckpt_path, model, ema, optimizer, scaler)["step"])
+        if rank > 0:  # dropout streams: rank 0's state is in the checkpoint, the others follow from (seed, rank, step)
+            torch.manual_seed(_noise_seed(seed, rank, start) + 1)
+        hparams = dict(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
+                       amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off", seed=seed,
+                       warmup_steps=warmup_steps, world_size=world, data=str(data) if isinstance(data, (str, Path)) else type(data).__name__)
+
+        net = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=True)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in (CHECKPOINT_NAME, MODEL_NAME, LOSS_LOG):  # temp files of a run killed mid-write
+                for stale in out.glob(f".{name}.*tmp*"):
+                    stale.unlink(missing_ok=True)
+            if resume:
+                _truncate_log(log_path, start)
+            if not log_path.exists():
+                log_path.write_text(",".join(LOSS_COLUMNS) + "\n")
+
+        images = getattr(dataset, "images", None)
+        if isinstance(images, torch.Tensor) and images.numel() * 4 < (1 << 29):
+            images = images.to(device)  # small in-memory set: gather batches on the device, no loader
+            batches = (images[torch.as_tensor(order.batch(s), device=device)] for s in range(start, steps))
+        else:
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=_StepsSampler(order, start, steps),
+                                                 num_workers=num_workers, pin_memory=device.type == "cuda")
+            batches = iter(loader)
+
+        sched = Schedule(config.diffusion, device)
+        gen = torch.Generator(device=device)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, disable=not (progress and rank == 0), desc="train", unit="it",
+                   dynamic_ncols=True)
+        stop = {"flag": False}
+        old_handler = None
+        if world == 1 and _in_main_thread():
+            # Ctrl-C: finish the current step, write a checkpoint, then stop (a second Ctrl-C stops at once).
+            def on_sigint(signum, frame):
+                if stop["flag"]:
+                    raise KeyboardInterrupt
+                stop["flag"] = True
+            old_handler = signal.signal(signal.SIGINT, on_sigint)
+
+        run_sum, run_n, t_last, t0, last_loss, done = torch.zeros((), device=device), 0, time.perf_counter(), time.perf_counter(), None, start
+        try:
+            for step in range(start, steps):
+                x0 = next(batches).to(device, non_blocking=True)
+                lr_now = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_now
+                gen.manual_seed(_noise_seed(seed, rank, step))
+                t = torch.randint(0, sched.n_steps, (x0.shape[0],), generator=gen, device=device)
+                eps = torch.randn(x0.shape, generator=gen, device=device)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = sched.loss(net, x0, t=t, eps=eps)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                ema_update(ema, model, ema_decay_at(ema_decay, step))
+                done = step + 1
+                run_sum += loss.detach().float()
+                run_n += 1
+                bar.update(1)
+
+                if done % log_every == 0 or done == steps:
+                    # One host sync per log interval, not per step.
+                    if world > 1:
+                        torch.distributed.all_reduce(run_sum)
+                        run_sum /= world
+                    last_loss = run_sum.item() / run_n
+                    if not math.isfinite(last_loss):
+                        raise FloatingPointError(f"the training loss became {last_loss} at step {done}; the last good "
+                                                 f"checkpoint is {str(ckpt_path)!r} (try a lower lr)")
+                    now = time.perf_counter()
+                    if rank == 0:
+                        with open(log_path, "a") as f:
+                            f.write(f"{done},{last_loss:.6g},{lr_now:.6g},{run_n / (now - t_last):.4g},{now - t0:.1f}\n")
+                    bar.set_postfix(loss=f"{last_loss:.4f}")
+                    run_sum.zero_()
+                    run_n, t_last = 0, now
+                stopping = stop["flag"]  # read once: a Ctrl-C from here on is handled after the next step
+                if rank == 0 and (done % checkpoint_every == 0 or done == steps or stopping):
+                    save_train_checkpoint(ckpt_path, model, ema, optimizer, done, config, scaler, hparams)
+                    _save_model_file(model_path, ema, config, done)
+                if rank == 0 and sample_every and (done % sample_every == 0 or done == steps):
+                    _write_samples(out, ema, config, done, n_samples, sample_steps, seed)
+                if callback is not None:
+                    callback(done)
+                if stopping:
+                    print(f"\ntraining interrupted: checkpoint written at step {done}; continue with resume=True "
+                          "(--resume)", file=sys.stderr)
+                    raise KeyboardInterrupt(f"training interrupted at step {done}")
+            if rank == 0 and not model_path.exists() and ckpt_path.exists():
+                export_model(ckpt_path, model_path)  # resumed a finished run: make sure the model file is there
+        finally:
+            bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        finished = True
+        return TrainResult(step=done, loss=last_loss, out_dir=out, checkpoint=ckpt_path, model=model_path)
     finally:
-        bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-    return TrainResult(step=done, loss=last_loss, out_dir=out, checkpoint=ckpt_path, model=model_path)
+        if owns_group:
+            _end_distributed(finished)
 
 
 def _in_main_thread() -> bool:
