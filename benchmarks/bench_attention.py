@@ -157,7 +157,7 @@ def test_attention_core(benchmark, core, batch, dtype, provider):
     nbytes = 4 * batch * nh * n * dk * qkv.element_size()
     out = run_bench(benchmark, call, flops=flops, nbytes=nbytes, tokens=n, heads=nh, d_k=dk, batch=batch,
                     dtype=dtype, table_key=f"({n}, {dk}, torch.{str(DTYPES[dtype]).split('.')[-1]})",
-                    dispatch_now=attn_ops.core_backend(n, dk, DTYPES[dtype]))
+                    dispatch_now=attn_ops.core_backend(n, dk, DTYPES[dtype], batch * nh))
     qd, kd, vd = q.double(), k.double(), v.double()
     want = torch.softmax(qd @ kd.transpose(-1, -2) * scale, dim=-1) @ vd
     benchmark.extra_info["max_abs_err"] = _max_abs_err(out, want)

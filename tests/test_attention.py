@@ -170,6 +170,22 @@ def test_dispatch_follows_sdpa_table(monkeypatch):
         attention_triton(*args, 1, 96, core="cudnn")
 
 
+@pytest.mark.parametrize("n, d_k, batch_heads, dtype, want", [
+    (256, 256, 64, torch.float32, "sdpa"),     # cifar35m 16x16, B=64: measured 0.41x for Triton
+    (256, 256, 1, torch.float32, "sdpa"),      # measured 0.84x
+    (256, 128, 64, torch.float32, "sdpa"),     # measured 0.52x
+    (16, 1024, 64, torch.float32, "sdpa"),     # labml 4x4, B=64: measured 0.66x
+    (16, 1024, 1, torch.float32, "triton"),    # measured 1.23x for Triton
+    (16, 128, 64, torch.float32, "triton"),    # measured 1.07x
+    (64, 64, 64, torch.float32, "triton"),     # narrow heads: measured 1.09x
+    (256, 256, 64, torch.bfloat16, "triton"),  # half precision: Triton won every measured case
+    (256, 256, 64, torch.float16, "triton"),
+])
+def test_core_backend_fp32_rule(n, d_k, batch_heads, dtype, want):
+    # The measured points behind FP32_SDPA_MIN_WORK / FP32_SDPA_MIN_DK (module comment).
+    assert core_backend(n, d_k, dtype, batch_heads) == want
+
+
 # ---------------------------------------------------------------------------------------------
 # The attention core alone: every tiling path on small shapes
 # ---------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ The block is three launches, none of which makes a layout copy (with the Triton 
    outputs per token, K = heads * d_k), a size where a plain tl.dot tile loop should run close to
    cuBLAS, so the fused epilogue is expected to win (bench_attention.py measures it).
 
-SDPA dispatch: `SDPA_CORE_SHAPES` names the (tokens, d_k, dtype) core shapes where a GPU measurement
-(benchmarks/bench_attention.py, blocks timed inside CUDA graphs) showed torch SDPA faster than the Triton
-core; there the core runs through F.scaled_dot_product_attention and steps 1 and 3 stay as above.
+SDPA dispatch: `core_backend` is the one place that picks the core. fp32 blocks above a measured work
+size run the core on SDPA (the Triton core's IEEE-fp32 dots lose to it there, see FP32_SDPA_MIN_WORK);
+`SDPA_CORE_SHAPES` names further (tokens, d_k, dtype) shapes that a GPU measurement sends to SDPA at every
+batch. There the core runs through F.scaled_dot_product_attention and steps 1 and 3 stay as above.
 
 Numerics: scores, scale and softmax in fp32; P is rounded to the input dtype for the P V product (as
 flash-attention does); fp32 inputs use IEEE fp32 dots unless torch allows TF32 for matmuls.
@@ -62,16 +63,32 @@ _LOG2E = 1.4426950408889634
 # (test_attention_core) are host-bound on the H100 machines (~200 us per Triton launch sequence vs
 # ~10 us for SDPA) and say nothing about the kernels.
 # ---------------------------------------------------------------------------------------------
-SDPA_CORE_SHAPES: Dict[Tuple[int, int, torch.dtype], str] = {
-    # cifar35m's 16x16 level, one 256-wide head, fp32: the Triton core's IEEE-fp32 dots lose to SDPA's.
-    (256, 256, torch.float32): "H100 fp32, whole block in a CUDA graph: triton-core 81 us vs SDPA 69 us at "
-                               "B=1, 1.01 ms vs 0.42 ms at B=64 (benchmarks/results/gpu-2026-11-26)",
-}
+SDPA_CORE_SHAPES: Dict[Tuple[int, int, torch.dtype], str] = {}
+
+# fp32 rule, from the H100 run of 2026-11-26 (benchmarks/results/gpu-2026-11-26/bench-ops.md, whole
+# block in a CUDA graph, fast-graph vs sdpa-graph; work = batch * heads * tokens^2 * d_k):
+#   SDPA faster:  N=256 d=256 B=64 (0.41x), N=256 d=256 B=1 (0.84x, work 2^24), N=256 d=128 B=64 (0.52x),
+#                 N=16 d=1024 B=64 (0.66x, 2^24), N=16 d=256 B=64 (0.94x, 2^22)
+#   Triton faster: N=16 d=1024 B=1 (1.23x, 2^18), N=16 d=256 B=1 (1.33x), N=16 d=128 B=64 (1.07x, 2^21),
+#                 N=64 d=64 B=64 (1.09x, 2^24: narrow heads do not recompute scores per d_v slice), and
+#                 every d_k <= 64 case; a tie at N=256 d=128 B=1 (1.02x for Triton, 2^23).
+# So fp32 with d_k >= 128 and work >= 2^22 goes to SDPA; fp16/bf16 stay on Triton (it won every case).
+FP32_SDPA_MIN_DK = 128
+FP32_SDPA_MIN_WORK = 1 << 22
 
 
-def core_backend(n_tokens: int, d_k: int, dtype: torch.dtype) -> str:
-    """'sdpa' where the measured table says SDPA's core is faster, else 'triton'."""
-    return "sdpa" if (int(n_tokens), int(d_k), dtype) in SDPA_CORE_SHAPES else "triton"
+def core_backend(n_tokens: int, d_k: int, dtype: torch.dtype, batch_heads: int = 1) -> str:
+    """'sdpa' where measurements say SDPA's core is faster (see above), else 'triton'.
+
+    batch_heads: batch size times heads of the call (the fp32 rule depends on the work per call).
+    """
+    n_tokens, d_k = int(n_tokens), int(d_k)
+    if (n_tokens, d_k, dtype) in SDPA_CORE_SHAPES:
+        return "sdpa"
+    if dtype == torch.float32 and d_k >= FP32_SDPA_MIN_DK and \
+            int(batch_heads) * n_tokens * n_tokens * d_k >= FP32_SDPA_MIN_WORK:
+        return "sdpa"
+    return "triton"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +401,7 @@ def attention_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torc
                      core: Optional[str] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fast block (see the module docstring) without input validation: call `attention` instead.
 
-    core: None (the SDPA_CORE_SHAPES table decides), "triton" or "sdpa".
+    core: None (`core_backend` decides), "triton" or "sdpa".
     out: optional [B, C, H, W] buffer to write (any strides); otherwise a contiguous one is allocated.
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     """
@@ -397,7 +414,7 @@ def attention_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torc
     if out.numel() == 0:
         return out
     if core is None:
-        core = core_backend(n, d_k, x.dtype)
+        core = core_backend(n, d_k, x.dtype, bsz * n_heads)
     if core not in ("triton", "sdpa"):
         raise ValueError(f"attention_triton: core must be None, 'triton' or 'sdpa', got {core!r}")
     x3 = x.reshape(bsz, c, n)  # a view for NCHW and channels_last inputs
