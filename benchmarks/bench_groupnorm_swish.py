@@ -25,7 +25,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, compiled, env_list, run_bench
+from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, compiled, copy_gbs, env_list, run_bench
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
 
@@ -96,14 +96,6 @@ def _nbytes(x, weight, bias, add):
     return n + (add.numel() * add.element_size() if add is not None else 0)
 
 
-def _copy_gbs(x, nbytes):
-    import triton.testing
-
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
-    return nbytes / (ms * 1e-3) / 1e9
-
-
 @pytest.mark.parametrize("provider", BENCH_PROVIDERS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", BENCH_DTYPES)
@@ -126,8 +118,7 @@ def test_groupnorm_swish(benchmark, shape, batch, dtype, layout, provider):
             cl = x.stride(1) == 1 and x.shape[1] > 1
             p = M.plan(batch, x.shape[1], x.shape[2] * x.shape[3], g, cl, sms)
             info["plan"] = f"{p['variant']} GB={p['GB']} S={p['S']} tile={p['BLOCK_HW']}x{p['BLOCK_CC']}"
-            copy_gbs = _copy_gbs(x, nbytes)
-            info["copy_GB/s"] = copy_gbs
+            info["copy_GB/s"] = copy_gbs(nbytes)
     else:  # copy: the same bytes (x read, y written), no arithmetic
         y = torch.empty_like(x)
         fn = lambda: y.copy_(x)  # noqa: E731

@@ -24,7 +24,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, compiled, env_list, run_bench
+from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, compiled, copy_gbs, env_list, run_bench
 from ddpm_fast.config import DiffusionConfig
 from ddpm_fast.reference import functional as ref
 from ddpm_fast.reference.diffusion import Schedule
@@ -56,15 +56,6 @@ def eager_step(x_t, eps, step, coeffs):
     """What a sampler without the fused op runs: fresh noise from torch.randn, then the update."""
     z = torch.randn(x_t.shape, device=x_t.device, dtype=torch.float32)
     return ref.reverse_step(x_t, eps, step, coeffs, noise=z)
-
-
-def _copy_gbs(nbytes):
-    import triton.testing
-
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return nbytes / (ms * 1e-3) / 1e9
 
 
 @pytest.mark.parametrize("provider", BENCH_PROVIDERS)
@@ -106,6 +97,6 @@ def test_reverse_step(benchmark, case, eps_dtype, provider):
     if provider != "copy":
         assert out.shape == x.shape and out.dtype == x.dtype and bool(torch.isfinite(out).all())
     if HAS_CUDA and provider.startswith("fast") and "GB/s" in benchmark.extra_info:
-        copy = _copy_gbs(nbytes)
+        copy = copy_gbs(nbytes)
         benchmark.extra_info["copy_GB/s"] = copy
         benchmark.extra_info["frac_of_copy"] = benchmark.extra_info["GB/s"] / copy

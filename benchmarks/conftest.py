@@ -280,6 +280,17 @@ def compiled(fn, mode=None):
 PROVIDERS = ["reference", "compiled", "fast"] if HAS_CUDA else ["reference", "fast"]
 
 
+def copy_gbs(nbytes):
+    """GB/s of a plain device-to-device copy that moves `nbytes` in all (nbytes / 2 read, as many
+    written): the bandwidth ceiling for a memory-bound op moving the same bytes (CUDA events, median)."""
+    import triton.testing
+
+    src = torch.empty(max(1, int(nbytes) // 2), dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
 def cuda_graphed(fn):
     """fn captured once in a CUDA graph; the returned callable replays it and returns its output."""
     side = torch.cuda.Stream()

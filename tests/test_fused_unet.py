@@ -17,6 +17,7 @@ from ddpm_fast import ops
 from ddpm_fast.config import PRESETS
 from ddpm_fast.ops.attention import attention_triton
 from ddpm_fast.ops.groupnorm_swish import HAS_TRITON, groupnorm_swish_triton
+from ddpm_fast.ops.residual_add import residual_add_triton
 from ddpm_fast.ops.time_embedding import time_embedding_triton
 from ddpm_fast.reference import UNet, functional
 from tolerances import assert_deep
@@ -27,6 +28,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importab
 TRITON_NAMESPACE = types.SimpleNamespace(
     groupnorm_swish=groupnorm_swish_triton,
     attention=attention_triton,
+    residual_add=residual_add_triton,
     time_embedding=time_embedding_triton,
     reverse_step=functional.reverse_step,
 )

@@ -290,6 +290,29 @@ def test_table_rebuilds_after_module_swap():
     _assert_lookup_matches(table, model, _steps(3), torch.float32)
 
 
+@pytest.mark.parametrize("edit", ["in-place", "new-parameter", "new-conv"])
+def test_table_follows_conv1_bias(edit):
+    # Each row carries its block's conv1 bias (ResidualBlock.time_projection): changing that bias in
+    # place, replacing the Parameter, or replacing conv1 itself must rebuild the table.
+    model = _model("tiny")
+    table = attach_time_table(model, T)
+    t = _steps(3)
+    with torch.no_grad():
+        before = [x.clone() for x in table.lookup(t)]
+    blk = model.res_blocks()[2]
+    with torch.no_grad():
+        if edit == "in-place":
+            blk.conv1.bias.add_(0.5)
+        elif edit == "new-parameter":
+            blk.conv1.bias = torch.nn.Parameter(blk.conv1.bias + 0.5)
+        else:
+            old = blk.conv1
+            blk.conv1 = torch.nn.Conv2d(old.in_channels, old.out_channels, 3, padding=1)
+    assert table.is_stale()
+    _assert_stale(before, model, t)
+    _assert_lookup_matches(table, model, t, torch.float32)
+
+
 def test_table_follows_dtype_round_trip():
     # half() then float() keeps every Parameter object and version counter but swaps the storage and
     # rounds the weights: the table must follow both conversions.

@@ -450,28 +450,11 @@ def groupnorm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
 
 
 def unet_groupnorm_shapes(config) -> list:
-    """Every distinct (C, H, W, num_groups, has_add) a UNet of `config` (a UNetConfig) feeds this op.
+    """Every distinct (C, H, W, num_groups, has_add) a UNet of `config` (a UNetConfig) feeds this op,
+    measured on the meta device (see ops._shapes), largest H*W first."""
+    from ._shapes import unet_op_shapes
 
-    Measured, not derived: the UNet is built on the meta device and run once with a recording op
-    namespace, so tests and benchmarks use exactly the shapes the model produces.
-    """
-    import types
+    def key(x, weight, bias, num_groups, eps=1e-5, add=None, swish=True):
+        return (x.shape[1], x.shape[2], x.shape[3], num_groups, add is not None)
 
-    from ..reference.unet import OpsModule, UNet
-
-    seen = set()
-    ns = types.SimpleNamespace(**{k: getattr(_ref, k) for k in _ref.__all__})
-
-    def record(x, weight, bias, num_groups, eps=1e-5, add=None, swish=True):
-        seen.add((x.shape[1], x.shape[2], x.shape[3], num_groups, add is not None))
-        return torch.empty_like(x)
-
-    ns.groupnorm_swish = record
-    with torch.device("meta"):
-        model = UNet(config)
-        for m in model.modules():
-            if isinstance(m, OpsModule):
-                m.F = ns
-        x = torch.empty(1, config.image_channels, config.image_size, config.image_size)
-        model(x, torch.zeros(1, dtype=torch.long))
-    return sorted(seen, key=lambda r: (-r[1] * r[2], r[0], r[3], r[4]))
+    return sorted(unet_op_shapes(config, "groupnorm_swish", key), key=lambda r: (-r[1] * r[2], r[0], r[3], r[4]))

@@ -7,7 +7,7 @@ Two ways to make the UNet's time path cheap:
   kernel computes the sinusoid in fp32 and both Linear layers with fp32 accumulation; on CPU the
   reference runs. `time_embedding_triton` is the raw launcher (CPU tensors run it under TRITON_INTERPRET=1).
 - `TimeTable`: while sampling, t is shared by the batch and the weights are frozen, so every
-  ResidualBlock's projection time_emb(Swish(TimeEmbedding(t))) for every step t < T is one row of a
+  ResidualBlock's projection time_emb(Swish(TimeEmbedding(t))) + conv1.bias for every step t < T is one row of a
   [T, sum(out_c)] table; `model.time_projections(t)` becomes one index_select plus views.
 """
 from __future__ import annotations
@@ -259,17 +259,21 @@ def time_embedding(t: torch.Tensor, lin1_weight: torch.Tensor, lin1_bias: torch.
 # ---------------------------------------------------------------------------------------------
 # The per-model time-projection table.
 # ---------------------------------------------------------------------------------------------
-def _time_path(model) -> Tuple[List[Tuple[dict, str, torch.nn.Module]], List[torch.nn.Module]]:
-    """The Linear layers of the time path: TimeEmbedding.lin1, .lin2, then each ResidualBlock's
-    time_emb in res_blocks() order (the order UNet.forward consumes projections), and the
-    (parent._modules, name, child) links that hold them, for a cheap identity check later."""
+def _time_path(model) -> Tuple[List[Tuple[dict, str, object]], List[torch.nn.Module], List[Optional[torch.Tensor]]]:
+    """The time path: the Linear layers (TimeEmbedding.lin1, .lin2, then each ResidualBlock's time_emb
+    in res_blocks() order, the order UNet.forward consumes projections), each block's conv1 bias (part
+    of its time_projection, None for a bias-free conv), and the (owner dict, key, object) links that
+    hold the modules and those biases, for a cheap identity check later."""
     te = model.time_emb
     links = [(model._modules, "time_emb", te), (te._modules, "lin1", te.lin1), (te._modules, "lin2", te.lin2)]
-    linears = [te.lin1, te.lin2]
+    linears, shifts = [te.lin1, te.lin2], []
     for blk in model.res_blocks():
-        links.append((blk._modules, "time_emb", blk.time_emb))
+        conv1 = blk.conv1
+        links += [(blk._modules, "time_emb", blk.time_emb), (blk._modules, "conv1", conv1),
+                  (conv1._parameters, "bias", conv1.bias)]
         linears.append(blk.time_emb)
-    return links, linears
+        shifts.append(conv1.bias)
+    return links, linears, shifts
 
 
 _VERSION = operator.attrgetter("_version")
@@ -292,7 +296,8 @@ def _fingerprint(params: Sequence[torch.Tensor]) -> Tuple[list, list, list, list
 class TimeTable:
     """Every ResidualBlock's time projection for every step t < n_steps, as one [T, sum(out_c)] tensor.
 
-    Row t is the concatenation over `model.res_blocks()` of time_emb(Swish(TimeEmbedding(t))).
+    Row t is the concatenation over `model.res_blocks()` of each block's time_projection:
+    time_emb(Swish(TimeEmbedding(t))) + conv1.bias.
     `lookup(t)` gathers rows on the device (index_select: no host sync, CUDA-graph capturable) and
     splits them into [B, out_c] views, one per block, in res_blocks() order.
 
@@ -329,10 +334,11 @@ class TimeTable:
     @torch.no_grad()
     def refresh(self) -> "TimeTable":
         """Recompute the table from the model's current weights (dtype and device follow the model)."""
-        links, linears = _time_path(self.model)
+        links, linears, shifts = _time_path(self.model)
         params = [p for lin in linears for p in (lin.weight, lin.bias)]
         if any(p is None for p in params):
             raise RuntimeError("TimeTable: every Linear of the time path must have a bias")
+        params += [b for b in shifts if b is not None]
         dtype, device = params[0].dtype, params[0].device
         for p in params:
             if p.dtype != dtype or p.device != device:
@@ -354,7 +360,9 @@ class TimeTable:
         act = temb.double()
         act = act * torch.sigmoid(act)
         weight = torch.cat([lin.weight.detach() for lin in linears[2:]]).double()
-        bias = torch.cat([lin.bias.detach() for lin in linears[2:]]).double()
+        # Each block's row also carries its conv1 bias (ResidualBlock.time_projection).
+        bias = torch.cat([lin.bias.detach().double() + (0.0 if b is None else b.detach().double())
+                          for lin, b in zip(linears[2:], shifts)])
         self.table = torch.addmm(bias, act, weight.t()).to(dtype).contiguous()
         self.sizes = [lin.weight.shape[0] for lin in linears[2:]]
         # (owner dict, key, object) triples: the model -> TimeEmbedding -> lin1/lin2 and block ->

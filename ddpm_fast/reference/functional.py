@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["groupnorm_swish", "attention", "time_embedding", "reverse_step", "philox_normal", "N_COEFFS"]
+__all__ = ["groupnorm_swish", "residual_add", "attention", "time_embedding", "reverse_step", "philox_normal", "N_COEFFS"]
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,20 @@ def groupnorm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
         return y.to(x.dtype)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return _swish(y) if swish else y
+
+
+def residual_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                 residual_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x + bias[:, None, None] + residual (+ residual_bias[:, None, None]): the ResidualBlock's output.
+
+    x: [B, C, H, W], conv2's output computed without its bias; bias: conv2's bias [C] (or None);
+    residual: the shortcut, [B, C, H, W] in x's dtype, computed without its bias when it is a 1x1 conv,
+    whose bias is then `residual_bias`. Keeping the biases out of the convs lets the fused op add all
+    four terms in one pass, where a conv with bias costs an extra read and write for each bias.
+    """
+    out = x if bias is None else x + bias[:, None, None].to(x.dtype)
+    out = out + residual
+    return out if residual_bias is None else out + residual_bias[:, None, None].to(x.dtype)
 
 
 def attention(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor, out_weight: torch.Tensor,

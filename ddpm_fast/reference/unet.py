@@ -59,20 +59,39 @@ class ResidualBlock(OpsModule):
         self.dropout = nn.Dropout(dropout)
 
     def time_projection(self, t_emb: torch.Tensor) -> torch.Tensor:
-        """time_emb(Swish(t_emb)): [B, time_channels] -> [B, out_channels]."""
-        return self.time_emb(self.time_act(t_emb))
+        """time_emb(Swish(t_emb)) + conv1.bias: [B, time_channels] -> [B, out_channels].
+
+        Everything added per (sample, channel) to conv1's bias-free output before norm2. labml adds
+        conv1's bias inside the conv and the time projection after it; the sum is the same, and with
+        the bias here a precomputed table of projections (ops.time_embedding.TimeTable) carries it
+        for free instead of a separate bias pass over the activation.
+        """
+        proj = self.time_emb(self.time_act(t_emb))
+        return proj if self.conv1.bias is None else proj + self.conv1.bias
 
     def forward(self, x: torch.Tensor, t_emb: Optional[torch.Tensor] = None,
                 time_proj: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """labml's forward(x, t) when given the time embedding; or the projection, precomputed."""
+        """labml's forward(x, t) when given the time embedding; or time_projection(t_emb), precomputed.
+
+        The convs run without their biases: conv1's is in time_proj, and conv2's (and a 1x1 shortcut
+        conv's) are added by residual_add together with the shortcut, so the fused path adds all of
+        them in the passes it makes anyway (the math is labml's, summed in another order).
+        """
         if time_proj is None:
             time_proj = self.time_projection(t_emb)
         n1, n2 = self.norm1, self.norm2
-        h = self.conv1(self.F.groupnorm_swish(x, n1.weight, n1.bias, n1.num_groups, n1.eps))
+        h = _conv_without_bias(self.conv1, self.F.groupnorm_swish(x, n1.weight, n1.bias, n1.num_groups, n1.eps))
         # labml: h += time_proj; norm2; act2. The add is folded into the normalisation's read.
         h = self.F.groupnorm_swish(h, n2.weight, n2.bias, n2.num_groups, n2.eps, add=time_proj)
-        h = self.conv2(self.dropout(h))
-        return h + self.shortcut(x)
+        h = _conv_without_bias(self.conv2, self.dropout(h))
+        if isinstance(self.shortcut, nn.Conv2d):
+            return self.F.residual_add(h, self.conv2.bias, _conv_without_bias(self.shortcut, x), self.shortcut.bias)
+        return self.F.residual_add(h, self.conv2.bias, self.shortcut(x))
+
+
+def _conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) minus its bias (the caller adds it later), with the module's own padding and strides."""
+    return conv._conv_forward(x, conv.weight, None)
 
 
 class AttentionBlock(OpsModule):
