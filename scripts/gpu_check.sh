@@ -2,7 +2,7 @@
 # One command for a lent GPU machine (torch preinstalled, no network): build the C++/CUDA extension,
 # run the whole test suite including the GPU-only tests (see Tests below), run the benchmarks, write the results.
 #
-#   bash scripts/gpu_check.sh [all | build | test | bench-ops | bench-e2e | bench-sampling ...]   (default: all; stages
+#   bash scripts/gpu_check.sh [all | build | test | bench-ops | bench-e2e | bench-sampling | profile ...]   (default: all; stages
 #   run in the order given, after one build)
 #
 # Results go to $RESULTS_DIR (default: benchmarks/results/gpu-<date>). When $OUT is set (the device
@@ -140,6 +140,19 @@ bench() {  # $1: name, rest: pytest args
   return $rc
 }
 
+# Per-kernel GPU time of one UNet forward (scripts/profile_unet.py): where the time goes, and the
+# kernel counts that the fusion predictions in benchmarks/PERF_NOTES.md are checked against.
+profile() {
+  local t0=$SECONDS
+  local left=$(( ${GPU_CHECK_DEADLINE_S:-100000} - SECONDS ))
+  timeout "$left" "$PY" scripts/profile_unet.py --preset ${GPU_CHECK_PROFILE_PRESETS:-cifar35m} --batch 1 64 \
+      --dtype fp32 bf16 --channels-last > "$RESULTS_DIR/profile_unet.txt" 2>&1
+  local rc=$?
+  grep '^==' "$RESULTS_DIR/profile_unet.txt"
+  SUMMARY+=("profile      rc=$rc  $((SECONDS - t0)) s")
+  return $rc
+}
+
 env_info
 rc=0
 STAGES=("$@")
@@ -147,8 +160,8 @@ STAGES=("$@")
 [ "${STAGES[*]}" = "all" ] && STAGES=(test bench-e2e bench-ops)
 for st in "${STAGES[@]}"; do
   case "$st" in
-    build|test|bench-ops|bench-e2e|bench-sampling) ;;
-    *) echo "usage: $0 [all | build | test | bench-ops | bench-e2e | bench-sampling ...] (in the order given)" >&2
+    build|test|bench-ops|bench-e2e|bench-sampling|profile) ;;
+    *) echo "usage: $0 [all | build | test | bench-ops | bench-e2e | bench-sampling | profile ...] (in the order given)" >&2
        exit 2 ;;
   esac
 done
@@ -157,10 +170,11 @@ if build; then
     case "$st" in
       test) run_tests || rc=1 ;;
       bench-ops)  # GPU_CHECK_OPS=reverse_step,time_embedding picks op files (default: every op)
-        OPS=${GPU_CHECK_OPS:-groupnorm_swish,attention,time_embedding,reverse_step}
+        OPS=${GPU_CHECK_OPS:-groupnorm_swish,attention,residual_add,time_embedding,reverse_step}
         bench bench-ops $(printf 'benchmarks/bench_%s.py ' ${OPS//,/ }) || rc=1 ;;
       bench-e2e) bench bench-e2e benchmarks/bench_unet.py benchmarks/bench_sampling.py || rc=1 ;;
       bench-sampling) bench bench-sampling benchmarks/bench_sampling.py || rc=1 ;;
+      profile) profile || rc=1 ;;
     esac
   done
 else

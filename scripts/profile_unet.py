@@ -1,11 +1,13 @@
 """Where a UNet forward's GPU time goes: per-kernel CUDA time of the reference and the fused model.
 
-    python scripts/profile_unet.py --preset cifar35m --batch 1 64 --dtype fp32 bf16 [--top 15]
+    python scripts/profile_unet.py --preset cifar35m --batch 1 64 --dtype fp32 bf16 [--top 15] [--channels-last]
 
-For every (preset, batch, dtype) and provider (reference, fast) it warms up, then profiles
+For every (preset, batch, dtype) and provider it warms up, then profiles
 `--iters` forwards with torch.profiler and prints: wall time per forward, summed kernel time per
 forward (GPU busy time; the gap to wall time is launch/host overhead), the kernel count, and the
-`--top` kernels by total time. This is the tool that decides what to optimise next; the numbers
+`--top` kernels by total time. Providers: reference; fast (fused ops, computed time path); fast+table
+(fused ops with the precomputed time table, as the sampler runs the UNet); with --channels-last, also
+fast+table+nhwc (activations and conv weights in channels_last, the sampler's channels_last=True). This is the tool that decides what to optimise next; the numbers
 that get reported come from benchmarks/ (pytest-benchmark, CUDA events).
 """
 import argparse
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddpm_fast import ops  # noqa: E402
 from ddpm_fast.config import PRESETS  # noqa: E402
+from ddpm_fast.ops.time_embedding import attach_time_table, detach_time_table  # noqa: E402
 from ddpm_fast.reference import UNet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -61,6 +64,7 @@ def main(argv=None):
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--channels-last", action="store_true", help="also profile the fused UNet in channels_last")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_unet.py needs a CUDA device")
@@ -75,15 +79,22 @@ def main(argv=None):
                 x = torch.randn(batch, cfg.unet.image_channels, cfg.unet.image_size, cfg.unet.image_size,
                                 device="cuda", dtype=DTYPES[dt])
                 t = torch.randint(0, cfg.diffusion.n_steps, (batch,), device="cuda")
-                for provider in ("reference", "fast"):
-                    (ops.fused if provider == "fast" else ops.unfused)(model)
-                    wall, table = profile_one(model, x, t, args.iters)
+                providers = ["reference", "fast", "fast+table"] + (["fast+table+nhwc"] if args.channels_last else [])
+                for provider in providers:
+                    (ops.fused if provider != "reference" else ops.unfused)(model)
+                    fmt = torch.channels_last if provider.endswith("nhwc") else torch.contiguous_format
+                    model.to(memory_format=fmt)
+                    if "table" in provider:
+                        attach_time_table(model, cfg.diffusion.n_steps)
+                    wall, table = profile_one(model, x.contiguous(memory_format=fmt), t, args.iters)
+                    detach_time_table(model)
                     busy = sum(v[0] for v in table.values())
                     n = sum(v[1] for v in table.values())
                     print(f"\n== {preset} b={batch} {dt} {provider}: wall {wall:.0f} us/forward, "
                           f"kernels {busy:.0f} us ({n:.0f} launches)")
                     for name, (us, cnt) in sorted(table.items(), key=lambda kv: -kv[1][0])[:args.top]:
                         print(f"  {us:9.1f} us  {cnt:5.0f}x  {name[:110]}")
+                model.to(memory_format=torch.contiguous_format)
                 ops.unfused(model)
 
 
