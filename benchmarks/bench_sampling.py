@@ -8,7 +8,9 @@ skipped with a reason while ddpm_fast.ops or ddpm_fast.fast_sampler is not writt
 `fast-nhwc` (GPU: backend="fast", channels_last=True).
 
 extra_info: images/s, FLOPs (S x the UNet forward's conv/linear/matmul FLOPs, counted on the
-reference) and TFLOP/s, peak memory of one call, sampler and steps.
+reference) and TFLOP/s, peak memory of one call, sampler and steps; on the GPU, kernels_per_step:
+the kernels of a 2k-step call minus those of a k-step call (k = 4, the same sampler and provider),
+over k, so per-call work (x_T, warm-up and capture, output conversion) cancels out.
 
 Grid: CPU runs the tiny preset at batch 2 with 10 DDPM steps and 5 DDIM steps. GPU runs cifar35m in
 fp32: 50-step DDIM at batch 1 and 64, 1000-step DDPM at batch 1; DDPM_FAST_BENCH_FULL=1 runs tiny,
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 from bench_unet import build_unet, import_fast_ops, unet_inputs
-from conftest import DEVICE, FULL, HAS_CUDA, count_flops, env_cases, env_list, run_bench
+from conftest import DEVICE, FULL, HAS_CUDA, count_cuda_kernels, count_flops, env_cases, env_list, run_bench
 from ddpm_fast.config import PRESETS
 from ddpm_fast.sampling import sample
 
@@ -50,6 +52,8 @@ def _cases():
 
 
 CASES = _cases()
+# Steps of the shorter of the two calls whose kernel counts are differenced (see the docstring).
+_KERNEL_COUNT_STEPS = 4
 SAMPLING_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", ["fp32"])
 SAMPLING_PROVIDERS = [p for p in env_list("DDPM_FAST_BENCH_PROVIDERS", _DEFAULT_PROVIDERS)
                       if p in ("reference", "compiled", "compiled-max-autotune", "fast", "fast-nhwc")]
@@ -97,9 +101,9 @@ def test_sampling(benchmark, fresh_compile_state, provider, preset, batch, sampl
         _require_fast_backend()
         backend = "fast"
 
-    def run():
+    def run(n_steps=steps):
         # A fixed seed per call: every round does identical work.
-        return sample(model, batch_size=batch, num_inference_steps=steps, sampler=sampler,
+        return sample(model, batch_size=batch, num_inference_steps=n_steps, sampler=sampler,
                       generator=torch.Generator().manual_seed(0), output_type="pt", progress=False,
                       device=DEVICE, backend=backend, config=PRESETS[preset],
                       channels_last=provider == "fast-nhwc")
@@ -110,6 +114,10 @@ def test_sampling(benchmark, fresh_compile_state, provider, preset, batch, sampl
     median_ms = benchmark.extra_info.get("median_ms")
     if median_ms:
         benchmark.extra_info["images/s"] = batch / (median_ms * 1e-3)
+    if HAS_CUDA and not benchmark.disabled:
+        k = _KERNEL_COUNT_STEPS
+        benchmark.extra_info["kernels_per_step"] = (count_cuda_kernels(lambda: run(2 * k))
+                                                    - count_cuda_kernels(lambda: run(k))) / k
     cfg = PRESETS[preset].unet
     assert images.shape == (batch, cfg.image_channels, cfg.image_size, cfg.image_size), images.shape
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1

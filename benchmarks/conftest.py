@@ -237,12 +237,22 @@ def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, memory=Fal
     if median_ms is None:
         median_ms = statistics.median(benchmark.stats.stats.data) * 1e3
     _finish(benchmark, info, median_ms, nbytes, flops)
-    _append_jsonl(benchmark)
     return out
 
 
+@pytest.fixture(autouse=True)
+def _jsonl_row(request):
+    """After each timed benchmark test (teardown, so extra_info a test adds after run_bench is in),
+    append its result to DDPM_FAST_BENCH_JSONL."""
+    # Requested here, at setup, so that pytest tears the benchmark fixture down after this one.
+    benchmark = request.getfixturevalue("benchmark") if "benchmark" in request.fixturenames else None
+    yield
+    if benchmark is not None and benchmark.extra_info.get("median_ms") is not None:
+        _append_jsonl(benchmark)
+
+
 def _append_jsonl(benchmark):
-    """DDPM_FAST_BENCH_JSONL=path: append this result as one JSON line the moment it is measured.
+    """DDPM_FAST_BENCH_JSONL=path: append this result as one JSON line as soon as its test ends.
     pytest-benchmark writes its JSON only when the session ends, so a run cut off by a time limit
     (a leased GPU's) would otherwise keep nothing."""
     path = os.environ.get("DDPM_FAST_BENCH_JSONL")
@@ -368,3 +378,17 @@ def count_flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def count_cuda_kernels(fn) -> int:
+    """GPU kernels one fn() call runs, from torch.profiler's device activity (kernels replayed from a
+    CUDA graph included: CUPTI records each graph node). Memory copies and memsets are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync()
+    return sum(1 for ev in prof.events()
+               if ev.device_type == torch.autograd.DeviceType.CUDA
+               and not ev.name.lower().startswith(("memcpy", "memset")))

@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 __all__ = ["make_report", "load_results", "add_bench_report_arguments", "run_bench_report_from_args", "main"]
 
@@ -66,6 +66,7 @@ class Entry:
     throughput: List[Tuple[str, float]] = field(default_factory=list)  # [(unit, value)], best first
     peak_mem: Optional[int] = None
     peak_mem_total: Optional[int] = None
+    kernels_per_step: Optional[float] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +151,8 @@ def _entry(b: dict, index: int) -> Entry:
                  timer=str(extra.get("timer") or "pytest-benchmark wall clock"), throughput=throughput,
                  peak_mem=int(extra["peak_mem_bytes"]) if _num(extra.get("peak_mem_bytes")) is not None else None,
                  peak_mem_total=(int(extra["peak_mem_total_bytes"])
-                                 if _num(extra.get("peak_mem_total_bytes")) is not None else None))
+                                 if _num(extra.get("peak_mem_total_bytes")) is not None else None),
+                 kernels_per_step=_num(extra.get("kernels_per_step")))
 
 
 def parse_entries(data: dict) -> List[Entry]:
@@ -321,12 +323,19 @@ def _note(r: Row) -> str:
     return "; ".join(notes)
 
 
-def _mem_pair(r: Row) -> str:
-    ref, mine = (r.reference.peak_mem if r.reference else None), (r.fast.peak_mem if r.fast else None)
-    return "—" if ref is None and mine is None else f"{fmt_bytes(ref)} / {fmt_bytes(mine)}"
+def _pair(attr: str, fmt: Callable[[Any], str]) -> Callable[[Row], str]:
+    """A 'reference / this provider' cell of one Entry attribute (a dash when neither has it)."""
+    def cell(r: Row) -> str:
+        ref, mine = (getattr(e, attr) if e else None for e in (r.reference, r.fast))
+        return "—" if ref is None and mine is None else f"{fmt(ref)} / {fmt(mine)}"
+    return cell
 
 
 # (header, cell, always shown)
+def _fmt_kernels(n: Optional[float]) -> str:
+    return "—" if n is None else f"{n:.0f}"
+
+
 _SUMMARY_COLUMNS = [
     ("case", lambda r: r.group, True),
     ("provider", lambda r: r.fast.provider if r.fast else "missing", True),
@@ -339,7 +348,8 @@ _SUMMARY_COLUMNS = [
     ("vs baseline", lambda r: fmt_speedup(r.vs_baseline), False),
     ("throughput", lambda r: fmt_throughput(r.fast), False),
     ("% of copy BW", lambda r: f"{100 * r.bandwidth_fraction:.0f}%" if r.bandwidth_fraction else "—", False),
-    ("peak mem ref / this", _mem_pair, False),
+    ("peak mem ref / this", _pair("peak_mem", fmt_bytes), False),
+    ("kernels/step ref / this", _pair("kernels_per_step", _fmt_kernels), False),
     ("note", _note, False),
 ]
 
@@ -361,6 +371,7 @@ _DETAIL_COLUMNS = [
     ("throughput", lambda e: ", ".join(f"{v:.4g} {u}" for u, v in e.throughput) or "—", False),
     ("peak mem", lambda e: fmt_bytes(e.peak_mem), False),
     ("peak mem total", lambda e: fmt_bytes(e.peak_mem_total), False),
+    ("kernels/step", lambda e: _fmt_kernels(e.kernels_per_step), False),
 ]
 
 

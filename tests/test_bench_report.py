@@ -61,10 +61,11 @@ def _write(tmp_path, data, name="results.json"):
 def sample_json(tmp_path):
     benches = [
         # A: every provider; fast 5x the reference, 2.5x the quickest compiled provider.
-        _bench("A", "reference", 10e-3, extra={"TFLOP/s": 1.0, "peak_mem_bytes": 3 << 20}),
+        _bench("A", "reference", 10e-3, extra={"TFLOP/s": 1.0, "peak_mem_bytes": 3 << 20,
+                                              "kernels_per_step": 650.25}),
         _bench("A", "compiled", 6e-3),
         _bench("A", "compiled-max-autotune", 5e-3),
-        _bench("A", "fast", 2e-3, extra={"TFLOP/s": 5.0, "peak_mem_bytes": 1 << 20}),
+        _bench("A", "fast", 2e-3, extra={"TFLOP/s": 5.0, "peak_mem_bytes": 1 << 20, "kernels_per_step": 330}),
         # B: the fast path is slower (0.5x), at a quarter of a plain copy's bandwidth.
         _bench("B", "reference", 4e-3),
         _bench("B", "fast", 8e-3, extra={"GB/s": 12.5}),
@@ -125,6 +126,7 @@ def test_report_speedups_and_metadata(sample_json, tmp_path):
     assert (a["provider"], a["median"], a["reference"], a["vs reference"]) == ("fast", "2.00 ms", "10.00 ms", "5.00x")
     assert a["compiled (best)"] == "5.00 ms (compiled-max-autotune)" and a["vs compiled"] == "2.50x"
     assert a["throughput"] == "5 TFLOP/s" and a["peak mem ref / this"] == "3.0 MiB / 1.0 MiB"
+    assert a["kernels/step ref / this"] == "650 / 330" and _row(md, "B")["kernels/step ref / this"] == "—"
     b = _row(md, "B")
     assert b["vs reference"] == "0.50x" and b["vs compiled"] == "—" and b["throughput"] == "12.5 GB/s"
     assert b["% of copy BW"] == "25%"  # the copy is a ceiling, not a candidate: B has one row
