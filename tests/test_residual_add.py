@@ -129,6 +129,15 @@ def test_large_flat_index(device):
     check(fast(*args), *args)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_int64_indexing_path(device, layout, monkeypatch):
+    # Tensors past 2^31 elements index in int64; run that variant of the kernel on a small tensor.
+    monkeypatch.setattr(M, "INT64_FROM", 1)
+    args = make_inputs(3, 96, 7, 9, torch.float32, device, "conv", channels_last=layout == "cl")
+    check(M.residual_add_triton(*args), *args)
+
+
 def test_empty_batch():
     x, b, r, rb = make_inputs(0, 64, 8, 8, torch.float32)
     assert M.residual_add_triton(x, b, r, rb).shape == x.shape

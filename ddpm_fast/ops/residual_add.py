@@ -42,6 +42,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # program's index math, small enough to leave thousands of programs at the UNet's sizes.
 BLOCK = 2048
 NUM_WARPS = 4
+# Tensors with this many elements or more (less one block) index in int64 (see the kernel).
+INT64_FROM = 2 ** 31
 
 
 def fusable_layout(x: torch.Tensor, residual: torch.Tensor) -> Optional[bool]:
@@ -64,8 +66,13 @@ if HAS_TRITON:
     @triton.jit
     def _residual_add_kernel(x_ptr, r_ptr, b_ptr, rb_ptr, y_ptr, n, C, HW,
                              CHANNELS_LAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
-                             BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: n may exceed 2^31
+                             BLOCK: tl.constexpr, INT64: tl.constexpr, SOFT_BF16: tl.constexpr):
+        # int32 indices unless the tensor needs more: the channel index costs an integer division per
+        # element, which the GPU emulates in many more instructions for int64 than for int32.
+        pid = tl.program_id(0)
+        if INT64:
+            pid = pid.to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         acc = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -103,7 +110,7 @@ def residual_add_triton(x: torch.Tensor, bias: Optional[torch.Tensor], residual:
     rb_t = residual_bias.contiguous() if residual_bias is not None else x
     wrap_triton(_residual_add_kernel)[(triton.cdiv(n, BLOCK),)](
         x, residual, b_t, rb_t, out, n, c, h * w, CHANNELS_LAST=cl, HAS_BIAS=bias is not None,
-        HAS_RBIAS=residual_bias is not None, BLOCK=BLOCK, SOFT_BF16=x.device.type == "cpu",
+        HAS_RBIAS=residual_bias is not None, BLOCK=BLOCK, INT64=n + BLOCK >= INT64_FROM, SOFT_BF16=x.device.type == "cpu",
         num_warps=NUM_WARPS)
     return out
 
