@@ -2,8 +2,8 @@
 # One command for a lent GPU machine (torch preinstalled, no network): build the C++/CUDA extension,
 # run the whole test suite including the GPU-only tests (see Tests below), run the benchmarks, write the results.
 #
-#   bash scripts/gpu_check.sh [all | build | test | bench-ops | bench-e2e | bench-sampling | profile ...]   (default: all; stages
-#   run in the order given, after one build)
+#   bash scripts/gpu_check.sh [all | build | test | bench-ops | bench-e2e | bench-sampling | profile ...]
+#   (default: all = test profile bench-e2e bench-ops; stages run in the order given, after one build)
 #
 # Results go to $RESULTS_DIR (default: benchmarks/results/gpu-<date>). When $OUT is set (the device
 # tool, which returns at most 8 files from $OUT), the whole folder is also packed into ONE file,
@@ -157,7 +157,7 @@ env_info
 rc=0
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
-[ "${STAGES[*]}" = "all" ] && STAGES=(test bench-e2e bench-ops)
+[ "${STAGES[*]}" = "all" ] && STAGES=(test profile bench-e2e bench-ops)
 for st in "${STAGES[@]}"; do
   case "$st" in
     build|test|bench-ops|bench-e2e|bench-sampling|profile) ;;
