@@ -246,6 +246,15 @@ def test_unet_forward_with_table_equals_computed():
     torch.testing.assert_close(tabled, plain, **tol("time_table_unet", torch.float32))
 
 
+def _attached_with_rows(model):
+    """Attach a table to `model`; return it, 3 steps, and copies of their rows before any change."""
+    table = attach_time_table(model, T)
+    t = _steps(3)
+    with torch.no_grad():
+        before = [x.clone() for x in table.lookup(t)]
+    return table, t, before
+
+
 def _perturb_grads(model):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
@@ -257,10 +266,7 @@ def _perturb_grads(model):
 ])
 def test_table_rebuilds_after_optimizer_step(make_opt):
     model = _model("tiny")
-    table = attach_time_table(model, T)
-    t = _steps(3)
-    with torch.no_grad():
-        before = [x.clone() for x in table.lookup(t)]
+    table, t, before = _attached_with_rows(model)
     _perturb_grads(model)
     make_opt(model.parameters()).step()
     assert table.is_stale()
@@ -272,10 +278,7 @@ def test_table_rebuilds_after_optimizer_step(make_opt):
 @pytest.mark.parametrize("assign", [False, True], ids=["copy", "assign"])
 def test_table_rebuilds_after_load_state_dict(assign):
     model, other = _model("tiny"), _model("tiny")  # two random initialisations
-    table = attach_time_table(model, T)
-    t = _steps(3)
-    with torch.no_grad():
-        before = [x.clone() for x in table.lookup(t)]
+    table, t, before = _attached_with_rows(model)
     model.load_state_dict(other.state_dict(), assign=assign)
     _assert_stale(before, model, t)
     _assert_lookup_matches(table, model, t, torch.float32)
@@ -295,10 +298,7 @@ def test_table_follows_conv1_bias(edit):
     # Each row carries its block's conv1 bias (ResidualBlock.time_projection): changing that bias in
     # place, replacing the Parameter, or replacing conv1 itself must rebuild the table.
     model = _model("tiny")
-    table = attach_time_table(model, T)
-    t = _steps(3)
-    with torch.no_grad():
-        before = [x.clone() for x in table.lookup(t)]
+    table, t, before = _attached_with_rows(model)
     blk = model.res_blocks()[2]
     with torch.no_grad():
         if edit == "in-place":
@@ -317,10 +317,7 @@ def test_table_follows_dtype_round_trip():
     # half() then float() keeps every Parameter object and version counter but swaps the storage and
     # rounds the weights: the table must follow both conversions.
     model = _model("tiny")
-    table = attach_time_table(model, T)
-    t = _steps(3)
-    with torch.no_grad():
-        before = [x.clone() for x in table.lookup(t)]
+    table, t, before = _attached_with_rows(model)
     model.half()
     _assert_lookup_matches(table, model, t, torch.float16)
     assert table.table.dtype == torch.float16

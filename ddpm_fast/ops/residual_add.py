@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..reference import functional as _ref
+from .groupnorm_swish import _out_format
 
 try:  # The package must import (and fall back to the reference) where triton is missing.
     import triton
@@ -58,7 +59,8 @@ def fusable_layout(x: torch.Tensor, residual: torch.Tensor) -> Optional[bool]:
 
 
 def _new_output(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)  # keeps x's dense layout (tests wrap this to poison the buffer)
+    # x's layout when it is dense channels_last, NCHW otherwise (tests wrap this to poison the buffer).
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
 
 
 if HAS_TRITON:
@@ -101,6 +103,10 @@ def residual_add_triton(x: torch.Tensor, bias: Optional[torch.Tensor], residual:
     cl = fusable_layout(x, residual)
     if cl is None:
         raise ValueError("residual_add_triton: x and residual must share a dense NCHW or channels_last layout")
+    return _launch(x, bias, residual, residual_bias, cl)
+
+
+def _launch(x, bias, residual, residual_bias, channels_last: bool) -> torch.Tensor:
     out = _new_output(x)
     n = x.numel()
     if n == 0:
@@ -109,9 +115,9 @@ def residual_add_triton(x: torch.Tensor, bias: Optional[torch.Tensor], residual:
     b_t = bias.contiguous() if bias is not None else x  # any valid pointer; never read without a bias
     rb_t = residual_bias.contiguous() if residual_bias is not None else x
     wrap_triton(_residual_add_kernel)[(triton.cdiv(n, BLOCK),)](
-        x, residual, b_t, rb_t, out, n, c, h * w, CHANNELS_LAST=cl, HAS_BIAS=bias is not None,
-        HAS_RBIAS=residual_bias is not None, BLOCK=BLOCK, INT64=n + BLOCK >= INT64_FROM, SOFT_BF16=x.device.type == "cpu",
-        num_warps=NUM_WARPS)
+        x, residual, b_t, rb_t, out, n, c, h * w, CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None,
+        HAS_RBIAS=residual_bias is not None, BLOCK=BLOCK, INT64=n + BLOCK >= INT64_FROM,
+        SOFT_BF16=x.device.type == "cpu", num_warps=NUM_WARPS)
     return out
 
 
@@ -119,13 +125,12 @@ def residual_add_triton(x: torch.Tensor, bias: Optional[torch.Tensor], residual:
 def _reference_out(x, bias, residual, residual_bias):
     """The reference math in x's layout (the CPU kernel and the fallback for other layouts)."""
     y = _ref.residual_add(x, bias, residual, residual_bias)
-    fmt = torch.channels_last if fusable_layout(x, x) else torch.contiguous_format
+    fmt = _out_format(x)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
 def _fake(x, bias, residual, residual_bias):
-    fmt = torch.channels_last if fusable_layout(x, x) else torch.contiguous_format
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return _new_output(x)
 
 
 if HAS_TRITON:
@@ -134,9 +139,10 @@ if HAS_TRITON:
     def _residual_add_op(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
                          residual_bias: Optional[torch.Tensor]) -> torch.Tensor:
         # torch.compile traces this body: CPU tensors and unfusable layouts trace the reference math.
-        if x.device.type == "cpu" or fusable_layout(x, residual) is None:
+        cl = None if x.device.type == "cpu" else fusable_layout(x, residual)
+        if cl is None:
             return _reference_out(x, bias, residual, residual_bias)
-        return residual_add_triton(x, bias, residual, residual_bias)
+        return _launch(x, bias, residual, residual_bias, cl)
 
     # CPU tensors take the reference math; the kernel itself is tested on CPU through the launcher.
     _residual_add_op.register_kernel("cpu")(_reference_out)
