@@ -25,7 +25,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, compiled, copy_gbs, env_list, run_bench
+from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, compiled, copy_gbs, op_grid, run_bench
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
 
@@ -51,10 +51,6 @@ else:
     _BATCHES, _DTYPES, _LAYOUTS = ["1"], ["fp32"], ["nchw"]
 
 _MEASURED = {name: M.unet_groupnorm_shapes(cfg.unet) for name, cfg in PRESETS.items()}
-for _p, *_s in _REPRESENTATIVE:
-    assert tuple(_s) in _MEASURED[_p], f"{_p} has no GroupNorm of shape {_s}"
-
-_PRESET_FILTER = env_list("DDPM_FAST_BENCH_PRESETS", [])
 if FULL:
     _SHAPES = []
     for _p in ("labml-cifar32", "cifar35m", "tiny", "digits16"):
@@ -63,10 +59,7 @@ if FULL:
                 _SHAPES.append((_p, *_s))
 else:
     _SHAPES = list(_REPRESENTATIVE)
-SHAPES = [s for s in _SHAPES if not _PRESET_FILTER or s[0] in _PRESET_FILTER]
-BATCHES = [int(b) for b in env_list("DDPM_FAST_BENCH_BATCHES", _BATCHES)]
-BENCH_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", _DTYPES)
-LAYOUTS = env_list("DDPM_FAST_BENCH_LAYOUTS", _LAYOUTS)
+SHAPES, BATCHES, BENCH_DTYPES, LAYOUTS = op_grid(_SHAPES, _MEASURED, _BATCHES, _DTYPES, _LAYOUTS, "GroupNorm")
 BENCH_PROVIDERS = PROVIDERS + ["copy"]
 
 

@@ -22,7 +22,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, compiled, copy_gbs, cuda_graphed, env_list,
+from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, compiled, copy_gbs, cuda_graphed, op_grid,
                       run_bench)
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
@@ -46,15 +46,9 @@ else:
     _BATCHES, _DTYPES, _LAYOUTS = ["1"], ["fp32"], ["nchw"]
     _PROVIDERS = PROVIDERS
 
-_MEASURED = {name: M.unet_residual_shapes(cfg.unet) for name, cfg in PRESETS.items()}
-for _p, *_s in _SHAPES:
-    assert tuple(_s) in _MEASURED[_p], f"{_p} has no ResidualBlock output of shape {_s}"
-
-_PRESET_FILTER = env_list("DDPM_FAST_BENCH_PRESETS", [])
-SHAPES = [s for s in _SHAPES if not _PRESET_FILTER or s[0] in _PRESET_FILTER]
-BATCHES = [int(b) for b in env_list("DDPM_FAST_BENCH_BATCHES", _BATCHES)]
-BENCH_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", _DTYPES)
-LAYOUTS = env_list("DDPM_FAST_BENCH_LAYOUTS", _LAYOUTS)
+SHAPES, BATCHES, BENCH_DTYPES, LAYOUTS = op_grid(
+    _SHAPES, {name: M.unet_residual_shapes(cfg.unet) for name, cfg in PRESETS.items()}, _BATCHES, _DTYPES,
+    _LAYOUTS, "ResidualBlock output")
 
 
 def shape_id(s):

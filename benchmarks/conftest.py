@@ -70,6 +70,19 @@ def env_cases(default_cases):
     return [(p, b) for p in presets for b in batches]
 
 
+def op_grid(shapes, measured, batches, dtypes, layouts, what):
+    """The grid of an op benchmark: each (preset, *shape) must be one the preset's UNet really feeds the op
+    (`measured`: preset -> list of shapes, e.g. from ops.<op>.unet_*_shapes), then the env knobs
+    DDPM_FAST_BENCH_PRESETS / _BATCHES / _DTYPES / _LAYOUTS narrow or replace the defaults.
+    Returns (shapes, batches as ints, dtypes, layouts)."""
+    for preset, *shape in shapes:
+        assert tuple(shape) in measured[preset], f"{preset} has no {what} of shape {tuple(shape)}"
+    keep = env_list("DDPM_FAST_BENCH_PRESETS", [])
+    return ([s for s in shapes if not keep or s[0] in keep],
+            [int(b) for b in env_list("DDPM_FAST_BENCH_BATCHES", batches)],
+            env_list("DDPM_FAST_BENCH_DTYPES", dtypes), env_list("DDPM_FAST_BENCH_LAYOUTS", layouts))
+
+
 # ---------------------------------------------------------------------------------------------
 # Peak memory
 # ---------------------------------------------------------------------------------------------

@@ -99,6 +99,20 @@ TOLERANCES = {
     ("residual_add", torch.float32): dict(rtol=1.3e-6, atol=1e-5),
     ("residual_add", torch.float16): dict(rtol=1e-3, atol=1e-2),
     ("residual_add", torch.bfloat16): dict(rtol=1.6e-2, atol=8e-2),
+    # conv2d_truth (Triton implicit-GEMM conv vs F.conv2d in float64 on the same inputs, rounded once to the
+    # dtype; outputs ~N(0, 1)). fp32: K = C_in * 9 products summed in fp32 in another order: measured max
+    # 8.3e-7 at K <= 864 on CPU; the presets reach K = 18432 (labml-cifar32's 2048-channel convs), where
+    # rounding error grows ~sqrt(K), ~4.6x: atol 2e-5. fp16/bf16: fp32 accumulation rounded once, so one
+    # ulp of the dtype at most (measured 4.9e-4 abs fp16, 5.2e-3 relative bf16), as residual_add_truth.
+    ("conv2d_truth", torch.float32): dict(rtol=1.3e-6, atol=2e-5),
+    ("conv2d_truth", torch.float16): dict(rtol=1e-3, atol=1e-5),
+    ("conv2d_truth", torch.bfloat16): dict(rtol=8e-3, atol=1e-5),
+    # conv2d (Triton kernel vs CPU F.conv2d in the same dtype): oneDNN sums in its own order and, in
+    # fp16/bf16, its own blocking; measured max 1.6e-6 (fp32), 9.8e-4 (fp16, 2 ulps at ~1), 3.9e-3 (bf16,
+    # 7.5e-3 relative): two ulps of the dtype.
+    ("conv2d", torch.float32): dict(rtol=1.3e-6, atol=1e-5),
+    ("conv2d", torch.float16): dict(rtol=2e-3, atol=1e-4),
+    ("conv2d", torch.bfloat16): dict(rtol=1.6e-2, atol=1e-3),
     # time_embedding (fused kernel vs the reference in the same dtype). fp32: the sinusoid's arguments
     # t * f reach ~1e3 rad, where one fp32 ulp is 6e-5 rad. The kernel's exp (numpy's in the interpreter,
     # ex2.approx on the GPU: ~2 ulps) gives frequencies 1-2 ulps off torch's, which moves t * f, hence a

@@ -170,13 +170,14 @@ def _out_proj_config(b: int, n: int, c: int, dtype: torch.dtype, programs: int) 
     return dict(BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=4)
 
 
-def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
+def _dot_flags(dtype: torch.dtype, device: torch.device, allow_tf32: Optional[bool] = None) -> dict:
     # PREC 0: 16-bit operands on tensor cores; 1: fp32 in IEEE; 2: fp32 through TF32 (only when torch
-    # allows TF32 matmuls, as cuBLAS would). UPCAST: the CPU interpreter has no bf16 dot and a slow
+    # allows TF32 matmuls, as cuBLAS would; `allow_tf32` overrides that flag, e.g. with cuDNN's for convs). UPCAST: the CPU interpreter has no bf16 dot and a slow
     # fp16 one, so 16-bit operands go to fp32 there: exact, as the products of 16-bit values are exact
     # in fp32 and the GPU's tensor cores accumulate in fp32 too.
     if dtype == torch.float32:
-        prec = 2 if (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32) else 1
+        tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
+        prec = 2 if (device.type == "cuda" and tf32) else 1
     else:
         prec = 0
     return dict(PREC=prec, UPCAST=(dtype != torch.float32 and device.type != "cuda"))

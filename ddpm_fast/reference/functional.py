@@ -8,12 +8,12 @@ Nothing here imports the fast path.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["groupnorm_swish", "residual_add", "attention", "time_embedding", "reverse_step", "philox_normal", "N_COEFFS"]
+__all__ = ["conv2d", "groupnorm_swish", "residual_add", "attention", "time_embedding", "reverse_step", "philox_normal", "N_COEFFS"]
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,13 @@ def groupnorm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
         return y.to(x.dtype)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return _swish(y) if swish else y
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+           padding: Sequence[int]) -> torch.Tensor:
+    """The UNet's Conv2d layers: zero padding, no dilation, one group. x: [B, Ci, H, W]; weight:
+    [Co, Ci, KH, KW]; bias: [Co] or None; stride, padding: (h, w) pairs, as an nn.Conv2d holds them."""
+    return F.conv2d(x, weight, bias, tuple(stride), tuple(padding))
 
 
 def residual_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,

@@ -27,6 +27,11 @@ class OpsModule(nn.Module):
 
     F: ModuleType = functional
 
+    def _conv(self, conv: nn.Conv2d, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """conv(x) through `self.F.conv2d` with the module's strides and padding; without its bias when
+        `bias` is False (the caller adds it later, fused into another pass)."""
+        return self.F.conv2d(x, conv.weight, conv.bias if bias else None, conv.stride, conv.padding)
+
 
 class TimeEmbedding(OpsModule):
     """Sinusoidal step embedding then an MLP: [B] integer steps -> [B, n_channels]."""
@@ -80,18 +85,13 @@ class ResidualBlock(OpsModule):
         if time_proj is None:
             time_proj = self.time_projection(t_emb)
         n1, n2 = self.norm1, self.norm2
-        h = _conv_without_bias(self.conv1, self.F.groupnorm_swish(x, n1.weight, n1.bias, n1.num_groups, n1.eps))
+        h = self._conv(self.conv1, self.F.groupnorm_swish(x, n1.weight, n1.bias, n1.num_groups, n1.eps), bias=False)
         # labml: h += time_proj; norm2; act2. The add is folded into the normalisation's read.
         h = self.F.groupnorm_swish(h, n2.weight, n2.bias, n2.num_groups, n2.eps, add=time_proj)
-        h = _conv_without_bias(self.conv2, self.dropout(h))
+        h = self._conv(self.conv2, self.dropout(h), bias=False)
         if isinstance(self.shortcut, nn.Conv2d):
-            return self.F.residual_add(h, self.conv2.bias, _conv_without_bias(self.shortcut, x), self.shortcut.bias)
+            return self.F.residual_add(h, self.conv2.bias, self._conv(self.shortcut, x, bias=False), self.shortcut.bias)
         return self.F.residual_add(h, self.conv2.bias, self.shortcut(x))
-
-
-def _conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) minus its bias (the caller adds it later), with the module's own padding and strides."""
-    return conv._conv_forward(x, conv.weight, None)
 
 
 class AttentionBlock(OpsModule):
@@ -150,13 +150,13 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
-class Downsample(nn.Module):
+class Downsample(OpsModule):
     def __init__(self, n_channels: int):
         super().__init__()
         self.conv = nn.Conv2d(n_channels, n_channels, (3, 3), (2, 2), (1, 1))
 
     def forward(self, x: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.conv(x)
+        return self._conv(self.conv, x)
 
 
 class UNet(OpsModule):
@@ -224,7 +224,7 @@ class UNet(OpsModule):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         _check_inputs(self.config, x, t)
         proj = iter(self.time_projections(t))
-        x = self.image_proj(x)
+        x = self._conv(self.image_proj, x)
         skips = [x]
         for m in self.down:
             x = m(x, next(proj)) if isinstance(m, DownBlock) else m(x)
@@ -236,7 +236,7 @@ class UNet(OpsModule):
             else:
                 x = m(torch.cat((x, skips.pop()), dim=1), next(proj))
         n = self.norm
-        return self.final(self.F.groupnorm_swish(x, n.weight, n.bias, n.num_groups, n.eps))
+        return self._conv(self.final, self.F.groupnorm_swish(x, n.weight, n.bias, n.num_groups, n.eps))
 
 
 def _check_inputs(cfg: UNetConfig, x: torch.Tensor, t: torch.Tensor) -> None:
