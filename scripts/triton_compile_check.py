@@ -44,6 +44,8 @@ from ddpm_fast.config import PRESETS  # noqa: E402
 gn = importlib.import_module("ddpm_fast.ops.groupnorm_swish")
 att = importlib.import_module("ddpm_fast.ops.attention")
 te = importlib.import_module("ddpm_fast.ops.time_embedding")
+cv = importlib.import_module("ddpm_fast.ops.conv2d")
+ra = importlib.import_module("ddpm_fast.ops.residual_add")
 
 H100_SMS = 132  # SXM5; the PCIe card has 114 (--sms): the launchers size grids and splits by it
 H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
@@ -71,7 +73,12 @@ gn._launch = lambda kernel, grid, args, meta, num_warps: Recorder(kernel)[grid](
 gn.plan = lambda b, c, hw, g, cl, sms, *a: _plan(b, c, hw, g, cl, H100_SMS if sms is None else sms, *a)
 att.wrap_triton = Recorder
 att._programs_wanted = lambda device: H100_SMS
-att._dot_flags = lambda dtype, device: _dot_flags(dtype, torch.device("cuda"))
+att._dot_flags = lambda dtype, device, allow_tf32=None: _dot_flags(dtype, torch.device("cuda"), allow_tf32)
+for _mod in (cv, ra):
+    assert hasattr(_mod, "wrap_triton"), f"{_mod.__name__}.wrap_triton is gone: update this script"
+    _mod.wrap_triton = Recorder
+cv._sms = lambda device: H100_SMS
+cv._dot_flags = att._dot_flags
 
 
 def unet_shapes(cfg):
@@ -116,6 +123,16 @@ def record_all(batches, dtypes):
                         yield from _run(f"{name} attn C{c} {h}x{w} h{nh} dk{dk} B{b}{tag}{' tf32' if tf32 else ''}",
                                         dn, att.attention_triton, x, *params, nh, dk)
                     torch.backends.cuda.matmul.allow_tf32 = False
+                convs = cv.unet_conv_shapes(mc.unet) if mc else [(96, 7, 9, 40, 3, 1, True), (96, 7, 9, 40, 1, 1, False)]
+                for (ci, h, w, co, k, st, has_bias) in convs:
+                    x = new(b, ci, h, w).to(memory_format=fmt)
+                    yield from _run(f"{name} conv {ci}->{co} {h}x{w} k{k}s{st} B{b}{tag}", dn, cv.conv2d_triton, x,
+                                    new(co, ci, k, k), new(co) if has_bias else None, (st, st), (k // 2, k // 2),
+                                    allow_tf32=False)
+                for (c, h, w, kind) in ra.unet_residual_shapes(mc.unet) if mc else [(96, 7, 9, "conv")]:
+                    x = new(b, c, h, w).to(memory_format=fmt)
+                    yield from _run(f"{name} resadd C{c} {h}x{w} B{b}{tag}", dn, ra.residual_add_triton, x, new(c),
+                                    torch.empty_like(x), new(c) if kind == "conv" else None)
             yield from _run(f"{name} temb E{e} B{b}", dn, te._launch, Recorder(te._time_embedding_kernel),
                             new(b, dtype=torch.long), new(e, e // 4), new(e), new(e, e), new(e), new(b, e))
 

@@ -137,7 +137,10 @@ def _new_workspace(n: int, device: torch.device) -> torch.Tensor:
 
 if HAS_TRITON:
 
-    @triton.jit
+    # Sizes are not specialised (Triton would compile a variant per "divisible by 16" pattern of each,
+    # ~20 variants per preset, each compiled in the sampler's warm-up); strides are, so a unit stride is
+    # known at compile time.
+    @triton.jit(do_not_specialize=["Ci", "H", "W", "Co", "Ho", "Wo", "M", "split_stride", "blocks_per_split"])
     def _conv_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, Ci, H, W, Co, Ho, Wo, M,
                           sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, sw_h, sw_w, so_n, so_c, so_h, so_w,
                           split_stride, blocks_per_split,
