@@ -151,14 +151,21 @@ class _StepState:
         self.step_index.zero_()
 
 
+# Eager steps before the capture. One does every lazy initialisation the step has (Triton JIT compiles,
+# cuBLAS/cuDNN handles and plans, allocator blocks); nothing in it is autotuned over several calls. It
+# used to be 3, as in torch.cuda.make_graphed_callables, which mostly serves DDP: each extra step is a
+# whole eager forward per sample() call (~13 ms for cifar35m at batch 1 on the H100 profile).
+WARMUP_STEPS = 1
+
+
 def _graphed(state: _StepState) -> Callable[[], None]:
     """Capture state.step in a CUDA graph after warm-up (Triton autotuning, cuDNN/cuBLAS plans,
     allocator) on a side stream; returns the replay function. State is reset after capture."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(3):
-            # Every warm-up step is step 0: warm-up must not run past the last step (S < 3), where
+        for _ in range(WARMUP_STEPS):
+            # Every warm-up step is step 0: warm-up must not run past the last step (S < steps), where
             # the timesteps gather would index out of range (a device-side assert that kills the
             # CUDA context); and the capture below starts from the initial state.
             state.step()

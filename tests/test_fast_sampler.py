@@ -139,11 +139,12 @@ def test_fast_trajectory_within_tolerance_of_reference_cuda(sampler, dtype):
     assert_deep(fast, ref_dt, ref64, dtype, "fast sampler")
 
 
+@pytest.mark.parametrize("warmup", [1, 3])
 @pytest.mark.parametrize("n_steps", [1, 2, 5])
-def test_graphed_bookkeeping_with_stand_in_graph_cpu(monkeypatch, n_steps):
+def test_graphed_bookkeeping_with_stand_in_graph_cpu(monkeypatch, n_steps, warmup):
     """_graphed's warm-up / capture / reset logic, on CPU: torch.cuda's stream and graph API is replaced
     by stand-ins whose capture runs the step eagerly and whose replay re-runs it. The replayed loop must
-    equal the eager loop: warm-up must not step past the last row (S < 3) and capture must leave the
+    equal the eager loop: warm-up must not step past the last row (S < warm-up steps) and capture must leave the
     state reset. The real capture runs in the gpu tests above."""
     import contextlib
 
@@ -165,6 +166,7 @@ def test_graphed_bookkeeping_with_stand_in_graph_cpu(monkeypatch, n_steps):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(fs, "WARMUP_STEPS", warmup)
 
     model = _model()
     ts, coeffs = _table("ddpm", n_steps)
