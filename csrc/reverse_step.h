@@ -50,6 +50,10 @@ struct ReverseStepParams {
   int32_t channels_last = 0;
   int64_t channels = 1;
   int64_t spatial = 1;
+  // The Philox key: read from seed_ptr (an int64 on the GPU, its bits taken as uint64; CUDA kernel
+  // only, the binding reads a CPU seed tensor into `seed`) when set, so a captured CUDA graph can be
+  // replayed for another sampling run with a new seed; else seed.
+  const int64_t* seed_ptr = nullptr;
   uint64_t seed = 0;
   int32_t clip = 0;
   float clip_lo = 0.f;

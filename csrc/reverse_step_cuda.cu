@@ -111,15 +111,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   if (kGenerate) {
+    const uint64_t seed = p.seed_ptr != nullptr ? static_cast<uint64_t>(__ldg(p.seed_ptr)) : p.seed;
     if (!kChannelsLast) {
 #pragma unroll
       for (int g = 0; g < VEC / 4; ++g) {
-        philox_normal4(p.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(first >> 2) + g, &zv[4 * g]);
+        philox_normal4(seed, static_cast<uint64_t>(step), static_cast<uint64_t>(first >> 2) + g, &zv[4 * g]);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        zv[i] = i < count ? philox_normal1(p.seed, static_cast<uint64_t>(step),
+        zv[i] = i < count ? philox_normal1(seed, static_cast<uint64_t>(step),
                                            static_cast<uint64_t>(channels_last_logical(first + i, p.channels,
                                                                                        p.spatial)))
                           : 0.f;

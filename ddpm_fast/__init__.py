@@ -7,7 +7,7 @@ from .sampling import make_grid, sample, save_image_atomic
 __version__ = "0.1.0"
 __all__ = ["PRESETS", "DiffusionConfig", "ModelConfig", "UNetConfig", "get_preset", "Schedule", "UNet",
            "sample", "make_grid", "save_image_atomic", "save_checkpoint", "load_checkpoint",
-           "load_labml_state_dict", "default_checkpoint_path", "train"]
+           "load_labml_state_dict", "default_checkpoint_path", "train", "clear_graph_cache"]
 
 
 def __getattr__(name):
@@ -16,4 +16,8 @@ def __getattr__(name):
         from .training import train
 
         return train
+    if name == "clear_graph_cache":  # the fast backend's kept CUDA graphs (imports triton: lazily)
+        from .fast_sampler import clear_graph_cache
+
+        return clear_graph_cache
     raise AttributeError(f"module 'ddpm_fast' has no attribute {name!r}")

@@ -14,6 +14,9 @@ table when it saves work, so the fast backend is never slower than the reference
 from __future__ import annotations
 
 import copy
+import importlib
+import weakref
+from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Optional, Tuple
 
@@ -21,10 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
-from .ops.reverse_step import EXTENSION_HAS_CUDA
+from .ops.reverse_step import EXTENSION_HAS_CUDA, _seed_arg
 from .ops.time_embedding import attach_time_table, detach_time_table
 
 NOISE_MODES = ("philox", "generator")
+_CONV2D = importlib.import_module(".ops.conv2d", __package__)  # the module (ops.conv2d is the function)
+# Where fast_loop may capture a graph (the CPU tests add "cpu", with a stand-in for the capture).
+_GRAPH_DEVICE_TYPES = ("cuda",)
 
 
 @contextmanager
@@ -71,7 +77,7 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
               generator: Optional[torch.Generator] = None, clip: Optional[Tuple[float, float]] = None,
               dtype: Optional[torch.dtype] = None, progress: bool = True, noise: str = "philox",
               seed: Optional[int] = None, cuda_graph: Optional[bool] = None, n_steps: int = 1000,
-              fuse: Optional[bool] = None, channels_last: bool = False) -> torch.Tensor:
+              fuse: Optional[bool] = None, channels_last: bool = False, reuse_graph: bool = True) -> torch.Tensor:
     """Run the reverse process from x_T over `timesteps` with coefficient rows `coeffs`; returns x_0 (fp32).
 
     noise="philox": z drawn inside the fused step (seed from `seed`, else drawn from `generator`);
@@ -84,6 +90,9 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     channels_last: run the UNet's activations in NHWC (default False). An H100 profile of cifar35m
     bf16 at batch 64 spent ~0.95 ms of a 4.3 ms fused step in cuDNN's NCHW <-> NHWC transposes,
     which NHWC removes; it stays opt-in until a GPU run has checked and timed it (CPU-tested only).
+    reuse_graph: keep the captured graph for the next call with the same model (unchanged weights),
+    shapes and settings, which then skips the warm-up, the time table and the capture (see
+    `clear_graph_cache`); False captures afresh and keeps nothing.
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
@@ -97,7 +106,7 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     graph_ok = EXTENSION_HAS_CUDA
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and graph_ok
-    if cuda_graph and device.type != "cuda":
+    if cuda_graph and device.type not in _GRAPH_DEVICE_TYPES:
         raise ValueError("cuda_graph=True needs CUDA tensors")
     if cuda_graph and not graph_ok:
         raise RuntimeError("cuda_graph=True needs ddpm_fast._C built with CUDA: the reference fallback of "
@@ -111,19 +120,35 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     # on it too, so make x_T's device current (a no-op on a single-GPU machine).
     device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
     fuse = on_gpu if fuse is None else fuse
-    with device_ctx, _fast_model(model, dtype, device, n_steps, fuse=fuse, table=use_table,
-                                 channels_last=channels_last) as net:
-        state = _StepState(net, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator")
-        draw = (lambda: torch.randn(x_T.shape, generator=generator)) if noise == "generator" else None
-        run = _graphed(state) if cuda_graph else state.step
-        bar = tqdm(total=len(timesteps), desc="sampling (fast)", disable=not progress, leave=False)
-        with torch.inference_mode(), bar:
-            for _ in range(len(timesteps)):
-                if draw is not None:
-                    state.z.copy_(draw(), non_blocking=True)
-                run()
-                bar.update(1)
-        return state.x.clone()
+    draw = (lambda: torch.randn(x_T.shape, generator=generator)) if noise == "generator" else None
+    key = _cache_key(model, x_T, dtype, clip, noise, len(timesteps), n_steps, fuse, use_table, channels_last)
+    with device_ctx:
+        hit = _GRAPHS.lookup(key, model) if (cuda_graph and reuse_graph) else None
+        if hit is not None:
+            state, replay = hit
+            state.restart(x_T, timesteps, coeffs, seed)
+            return _run_steps(state, replay, draw, progress)
+        with _fast_model(model, dtype, device, n_steps, fuse=fuse, table=use_table,
+                         channels_last=channels_last) as net:
+            state = _StepState(net, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator")
+            run = _graphed(state) if cuda_graph else state.step
+            if cuda_graph and reuse_graph:
+                # The graph reads the net's weights and its time table through raw pointers: the
+                # entry keeps both alive after _fast_model detaches the table and unfuses the model.
+                _GRAPHS.store(key, model, state, keep=(net, net.time_table))
+            return _run_steps(state, run, draw, progress)
+
+
+def _run_steps(state: "_StepState", run: Callable[[], None], draw, progress: bool) -> torch.Tensor:
+    n = len(state.timesteps)
+    bar = tqdm(total=n, desc="sampling (fast)", disable=not progress, leave=False)
+    with torch.inference_mode(), bar:
+        for _ in range(n):
+            if draw is not None:
+                state.z.copy_(draw(), non_blocking=True)
+            run()
+            bar.update(1)
+    return state.x.clone()
 
 
 class _StepState:
@@ -131,7 +156,9 @@ class _StepState:
 
     def __init__(self, net, x_T, timesteps, coeffs, dtype, clip, seed, injected_noise):
         device = x_T.device
-        self.net, self.dtype, self.clip, self.seed = net, dtype, clip, seed
+        self.net, self.dtype, self.clip = net, dtype, clip
+        # In device memory, so a captured graph can be replayed for a new run after seed_t.fill_().
+        self.seed_t = torch.tensor(_seed_arg(seed), dtype=torch.int64, device=device)
         self.x = x_T.to(device=device, dtype=torch.float32).contiguous().clone()
         self.x_T = self.x.clone()
         self.step_index = torch.zeros((), dtype=torch.long, device=device)
@@ -143,12 +170,84 @@ class _StepState:
     def step(self) -> None:
         t = self.timesteps.index_select(0, self.step_index.reshape(1)).expand(self.batch)
         eps = self.net(self.x.to(self.dtype), t)
-        ops.reverse_step_(self.x, eps, self.step_index, self.coeffs, noise=self.z, seed=self.seed, clip=self.clip)
+        ops.reverse_step_(self.x, eps, self.step_index, self.coeffs, noise=self.z, seed=self.seed_t, clip=self.clip)
         self.step_index.add_(1)
 
     def reset(self) -> None:
         self.x.copy_(self.x_T)
         self.step_index.zero_()
+
+    def restart(self, x_T, timesteps, coeffs, seed) -> None:
+        """Load a new run's inputs (same shapes) into the static buffers a captured graph reads."""
+        self.x_T.copy_(x_T)
+        self.timesteps.copy_(timesteps)
+        self.coeffs.copy_(coeffs)
+        self.seed_t.fill_(_seed_arg(seed))
+        self.reset()
+
+
+# --- graphs kept between calls ------------------------------------------------------------------
+def _cache_key(model, x_T, dtype, clip, noise, n_timesteps, n_steps, fuse, table, channels_last) -> tuple:
+    """Everything a capture bakes in besides the buffers `restart` refills: the model object, shapes,
+    dtype, device, the step count, clip bounds, the op choices (fusion, table, layout) and the global
+    flags that steer the kernels' dispatch (TF32 for cuBLAS / cuDNN, hence the conv2d rule)."""
+    return (id(model), x_T.device, tuple(x_T.shape), dtype, None if clip is None else tuple(map(float, clip)),
+            noise, n_timesteps, n_steps, fuse, table, channels_last, torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32, _CONV2D.BACKEND)
+
+
+def _fingerprint(model) -> Optional[tuple]:
+    """Identity, storage and version of every parameter and buffer: any in-place update, reassignment or
+    move of a weight changes it. None when unreadable (inference tensors have no version counter)."""
+    try:
+        return tuple((id(t), t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    except RuntimeError:
+        return None
+
+
+class _GraphCache:
+    """The last MAX_ENTRIES captured sampling graphs (LRU). An entry holds the step state, the graph and
+    what the graph reads (the net, which may be a converted copy, and its time table), plus a weak
+    reference and a fingerprint of the caller's model: a lookup hits only for the same, unchanged model."""
+
+    MAX_ENTRIES = 2
+
+    def __init__(self):
+        self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def lookup(self, key, model):
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        model_ref, fingerprint, state, _keep = entry
+        if model_ref() is not model or fingerprint is None or _fingerprint(model) != fingerprint:
+            del self._entries[key]  # stale: the model changed (or is another object with a reused id)
+            return None
+        self._entries.move_to_end(key)
+        return state, state.graph.replay
+
+    def store(self, key, model, state, keep) -> None:
+        fingerprint = _fingerprint(model)
+        if fingerprint is None:
+            return
+        self._entries[key] = (weakref.ref(model), fingerprint, state, keep)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.MAX_ENTRIES:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_GRAPHS = _GraphCache()
+
+
+def clear_graph_cache() -> None:
+    """Drop the sampling graphs kept between calls (and the GPU memory they hold)."""
+    _GRAPHS.clear()
 
 
 # Eager steps before the capture. One does every lazy initialisation the step has (Triton JIT compiles,

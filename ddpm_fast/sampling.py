@@ -170,8 +170,10 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     if _module_device(model) != dev:
         model.to(dev)  # only now that every argument has been checked
     run_model = model
-    if _module_dtype(model) != run_dtype:
-        run_model = copy.deepcopy(model).to(run_dtype)  # never cast the caller's weights in place
+    if _module_dtype(model) != run_dtype and backend != "fast":
+        # Never cast the caller's weights in place. The fast loop converts a copy itself, keyed on the
+        # caller's model, so that its kept CUDA graph (and that copy) serve the next call too.
+        run_model = copy.deepcopy(model).to(run_dtype)
     flags = [(m, m.training) for m in run_model.modules()]
     run_model.eval()
     try:

@@ -182,3 +182,99 @@ def test_graphed_bookkeeping_with_stand_in_graph_cpu(monkeypatch, n_steps, warmu
             assert int(state.step_index) == n_steps
             results.append(state.x.clone())
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
+# --- graphs kept between calls (the cache logic on CPU; the real capture runs in the gpu tests) ----
+@pytest.fixture
+def stand_in_capture(monkeypatch):
+    """fast_loop's graph path on CPU: `_graphed` is replaced by an eager stand-in whose "replay" runs the
+    step on the state's static buffers with the net as it was at capture (fused, with the time table
+    of that moment), as a captured graph would. Returns the list of captured states."""
+    import types
+
+    import ddpm_fast.fast_sampler as fs
+
+    captured = []
+
+    def graphed(state):
+        captured.append(state)
+        net, table, was_fused = state.net, state.net.time_table, ddpm_fast.ops.is_fused(state.net)
+
+        def replay():
+            now_table, now_fused = net.time_table, ddpm_fast.ops.is_fused(net)
+            net.time_table = table
+            if was_fused:
+                ddpm_fast.ops.fused(net)
+            try:
+                state.step()
+            finally:
+                net.time_table = now_table
+                if not now_fused:
+                    ddpm_fast.ops.unfused(net)
+
+        state.graph = types.SimpleNamespace(replay=replay)
+        return replay
+
+    monkeypatch.setattr(fs, "_graphed", graphed)
+    monkeypatch.setattr(fs, "_GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(fs, "EXTENSION_HAS_CUDA", True)
+    fs.clear_graph_cache()
+    yield captured
+    fs.clear_graph_cache()
+
+
+def _graph_run(model, x_T, ts, coeffs, seed, **kw):
+    return _run(fast_loop, model, x_T, ts, coeffs, seed=seed, cuda_graph=True, fuse=True,
+                n_steps=CFG.diffusion.n_steps, **kw)
+
+
+def test_cached_graph_serves_new_seeds_and_inputs_cpu(stand_in_capture):
+    model = _model()
+    ts, coeffs = _table("ddim", 12)
+    x_a, x_b = _x_T(2, "cpu", seed=3), _x_T(2, "cpu", seed=4)
+    first = _graph_run(model, x_a, ts, coeffs, seed=1)
+    again = _graph_run(model, x_a, ts, coeffs, seed=1)
+    assert len(stand_in_capture) == 1, "the second call must reuse the first call's graph"
+    assert torch.equal(again, first)
+    # New seed and new x_T through the kept graph = a fresh capture with them.
+    cached = _graph_run(model, x_b, ts, coeffs, seed=2)
+    fresh = _graph_run(model, x_b, ts, coeffs, seed=2, reuse_graph=False)
+    assert len(stand_in_capture) == 2 and torch.equal(cached, fresh)
+    assert not torch.equal(cached, first)
+    # Another schedule of the same length only refills the tables.
+    ts2, coeffs2 = _table("ddpm", 12)
+    cached = _graph_run(model, x_a, ts2, coeffs2, seed=1)
+    assert len(stand_in_capture) == 2
+    assert torch.equal(cached, _graph_run(model, x_a, ts2, coeffs2, seed=1, reuse_graph=False))
+    assert not ddpm_fast.ops.is_fused(model) and model.time_table is None
+
+
+def test_cached_graph_is_dropped_when_weights_change_cpu(stand_in_capture):
+    model = _model()
+    ts, coeffs = _table("ddpm", 6)
+    x_T = _x_T(2, "cpu")
+    before = _graph_run(model, x_T, ts, coeffs, seed=5)
+    with torch.no_grad():
+        model.final.bias.add_(0.5)  # in place: same storage, new version
+    after = _graph_run(model, x_T, ts, coeffs, seed=5)
+    assert len(stand_in_capture) == 2, "a changed weight must force a new capture (and time table)"
+    assert not torch.equal(after, before)
+    assert torch.equal(after, _graph_run(model, x_T, ts, coeffs, seed=5, reuse_graph=False))
+
+
+def test_graph_cache_keys_and_eviction_cpu(stand_in_capture):
+    import ddpm_fast.fast_sampler as fs
+
+    model, other = _model(seed=0), _model(seed=1)
+    ts, coeffs = _table("ddpm", 4)
+    _graph_run(model, _x_T(2, "cpu"), ts, coeffs, seed=1)
+    _graph_run(model, _x_T(3, "cpu"), ts, coeffs, seed=1)        # another batch size: another graph
+    _graph_run(other, _x_T(2, "cpu"), ts, coeffs, seed=1)        # another model: another graph
+    _graph_run(model, _x_T(2, "cpu"), ts, coeffs, seed=1, clip=(-1.0, 1.0))  # clip is baked in
+    assert len(stand_in_capture) == 4
+    assert len(fs._GRAPHS) == fs._GraphCache.MAX_ENTRIES, "least recently used entries are evicted"
+    _graph_run(model, _x_T(2, "cpu"), ts, coeffs, seed=1, clip=(-1.0, 1.0))
+    assert len(stand_in_capture) == 4, "the most recent entry is still there"
+    _graph_run(model, _x_T(2, "cpu"), ts, coeffs, seed=1, reuse_graph=False)
+    fs.clear_graph_cache()
+    assert len(fs._GRAPHS) == 0

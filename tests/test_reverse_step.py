@@ -263,12 +263,35 @@ def test_seed_is_taken_mod_2_64():
                                **tol("reverse_step", torch.float32))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("seed", [0, 12345, 2 ** 63 + 5, 2 ** 64 - 1])
+def test_seed_tensor_equals_int_seed(seed, layout):
+    # A seed held in an int64 tensor (a CUDA-graph sampler's static buffer) draws the same noise as the
+    # integer; seeds >= 2^63 are stored as their two's-complement int64, as the op's `int seed` is.
+    coeffs, _ = VARIANTS["ddim_eta0.5"]
+    x, eps = _inputs((2, 3, 8, 8))
+    if layout == "cl":
+        x, eps = x.contiguous(memory_format=torch.channels_last), eps.contiguous(memory_format=torch.channels_last)
+    step = torch.tensor(7)
+    seed_t = torch.tensor(rs._seed_arg(seed), dtype=torch.int64)
+    want = rs.reverse_step(x, eps, step, coeffs, seed=seed)
+    assert torch.equal(rs.reverse_step(x, eps, step, coeffs, seed=seed_t), want)
+    y = x.clone()
+    rs.reverse_step_(y, eps, step, coeffs, seed=seed_t)
+    assert torch.equal(y, want)
+    # The spec takes the tensor too.
+    torch.testing.assert_close(F.reverse_step(x, eps, step, coeffs, seed=seed_t), want,
+                               **tol("reverse_step", torch.float32))
+    other = rs.reverse_step(x, eps, step, coeffs, seed=torch.tensor(rs._seed_arg(seed + 1)))
+    assert not torch.equal(other, want)
+
+
 # --- bad inputs raise from the binding ------------------------------------------------------------
 def _ok():
     coeffs, _ = VARIANTS["labml"]
     x, eps = _inputs((2, 3, 8, 8))
     return dict(x_t=x, eps=eps, step=torch.tensor(0), coeffs=coeffs, noise=None, seed=0, clip_lo=0.0,
-                clip_hi=0.0, clip=False)
+                clip_hi=0.0, clip=False, seed_tensor=None)
 
 
 BAD = {
@@ -292,6 +315,10 @@ BAD = {
     "noise_int": (dict(noise=torch.ones(2, 3, 8, 8, dtype=torch.int32)), TypeError, "noise must be"),
     "clip_reversed": (dict(clip=True, clip_lo=1.0, clip_hi=-1.0), ValueError, "lo <= hi"),
     "clip_nan": (dict(clip=True, clip_lo=float("nan"), clip_hi=1.0), ValueError, "lo <= hi"),
+    "seed_tensor_float": (dict(seed_tensor=torch.tensor(1.0)), TypeError, "seed_tensor must be an int64"),
+    "seed_tensor_two": (dict(seed_tensor=torch.tensor([1, 2])), ValueError, "exactly one seed"),
+    "seed_tensor_meta": (dict(seed_tensor=torch.empty((), dtype=torch.int64, device="meta")), RuntimeError,
+                         "seed_tensor is on meta"),
 }
 
 
@@ -337,6 +364,7 @@ def _opcheck_cases(device):
         (x, eps.bfloat16(), step, coeffs, torch.randn(x.shape, device=device), 7, -1.0, 1.0, True),
         (x.contiguous(memory_format=torch.channels_last), eps, step.cpu(), coeffs, None, -3, 0.0, 0.0, False),
         (xh, eh, step, coeffs, None, 2 ** 40, 0.0, 0.0, False),
+        (x, eps, step, coeffs, None, 0, 0.0, 0.0, False, torch.tensor(-5, dtype=torch.int64, device=device)),
     ]
 
 
@@ -476,6 +504,19 @@ def test_cuda_large_and_philox_stream():
                                                                                           torch.float32))
 
 
+def _captured_step(x, eps, step, coeffs, seed):
+    """reverse_step_ in place on x, captured in a CUDA graph after one warm-up call off the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        rs.reverse_step_(x, eps, step, coeffs, seed=seed)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rs.reverse_step_(x, eps, step, coeffs, seed=seed)
+    return graph
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replay_draws_fresh_noise_per_step():
     _cuda_ext()
@@ -484,14 +525,7 @@ def test_cuda_graph_replay_draws_fresh_noise_per_step():
     x0, eps0 = _inputs((4, 3, 32, 32))
     x, eps = x0.cuda(), eps0.cuda()
     step = torch.zeros((), dtype=torch.long, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        rs.reverse_step_(x, eps, step, coeffs, seed=9)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        rs.reverse_step_(x, eps, step, coeffs, seed=9)
+    graph = _captured_step(x, eps, step, coeffs, seed=9)
     outs = []
     for row in (0, 1, 2, 999):
         x.copy_(x0.cuda())
@@ -504,6 +538,26 @@ def test_cuda_graph_replay_draws_fresh_noise_per_step():
     for a in range(len(outs)):
         for b in range(a + 1, len(outs)):
             assert not torch.equal(outs[a], outs[b])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_reads_the_device_seed():
+    # One capture serves several sampling runs: the kernel reads the seed tensor on every replay.
+    _cuda_ext()
+    coeffs, _ = VARIANTS["labml"]
+    coeffs = coeffs.cuda()
+    x0, eps0 = _inputs((4, 3, 32, 32))
+    x, eps = x0.cuda(), eps0.cuda()
+    step = torch.full((), 5, dtype=torch.long, device="cuda")
+    seed = torch.zeros((), dtype=torch.long, device="cuda")
+    graph = _captured_step(x, eps, step, coeffs, seed=seed)
+    for s in (1, 2 ** 63 + 5, 77):
+        x.copy_(x0.cuda())
+        seed.fill_(rs._seed_arg(s))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = F.reverse_step(x0, eps0, torch.tensor(5), coeffs.cpu(), seed=s)
+        torch.testing.assert_close(x.cpu(), want, **tol("reverse_step", torch.float32))
 
 
 @pytest.mark.gpu

@@ -7,8 +7,10 @@ Philox4x32-10 keyed by (seed, step, logical element index) -- the same stream as
 
 Ops registered in the `ddpm_fast` namespace (schemas in csrc/bindings.cpp):
     reverse_step(Tensor x_t, Tensor eps, Tensor step, Tensor coeffs, Tensor? noise, int seed,
-                 float clip_lo, float clip_hi, bool clip) -> Tensor
+                 float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None) -> Tensor
     reverse_step_(Tensor(a!) x_t, <same arguments>) -> ()          # writes x_{t-1} into x_t
+seed_tensor (an int64 scalar, on x_t's device or the CPU) replaces `seed` when given: on CUDA the kernel
+reads it, so a captured graph can be replayed for a new sampling run after `seed_tensor.fill_(s)`.
 If `ddpm_fast._C` is missing or fails to load, ONE warning is emitted and both ops are defined here
 with the reference as their implementation, so `reverse_step` always works (slower, and without
 CUDA-graph safety: the reference reads the step on the host). DDPM_FAST_DISABLE_EXT=1 (set before
@@ -30,9 +32,9 @@ __all__ = ["reverse_step", "reverse_step_", "HAS_EXTENSION", "EXTENSION_HAS_CUDA
 # Identical to the m.def strings in csrc/bindings.cpp (a test compares them with the loaded op).
 SCHEMAS = {
     "reverse_step": "reverse_step(Tensor x_t, Tensor eps, Tensor step, Tensor coeffs, Tensor? noise, int seed, "
-                    "float clip_lo, float clip_hi, bool clip) -> Tensor",
+                    "float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None) -> Tensor",
     "reverse_step_": "reverse_step_(Tensor(a!) x_t, Tensor eps, Tensor step, Tensor coeffs, Tensor? noise, int seed, "
-                     "float clip_lo, float clip_hi, bool clip) -> ()",
+                     "float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None) -> ()",
 }
 _U64 = (1 << 64) - 1
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -46,7 +48,7 @@ def _out_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip) -> None:
+def _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor=None) -> None:
     """The binding's checks in Python, for the fake (tracing) and the fallback implementations."""
     dev = x_t.device
     if x_t.dtype not in _KERNEL_DTYPES:
@@ -83,13 +85,23 @@ def _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip) -> None:
         if noise.dtype not in _KERNEL_DTYPES + (torch.float64,):
             raise TypeError(f"{_OP}: noise must be a floating tensor (float32/float16/bfloat16/float64), "
                             f"got {noise.dtype}")
+    if seed_tensor is not None:
+        if seed_tensor.dtype != torch.int64:
+            raise TypeError(f"{_OP}: seed_tensor must be an int64 tensor, got {seed_tensor.dtype}")
+        if seed_tensor.numel() != 1:
+            raise ValueError(f"{_OP}: seed_tensor must hold exactly one seed, got shape {tuple(seed_tensor.shape)}")
+        if seed_tensor.device != dev and seed_tensor.device.type != "cpu":
+            raise RuntimeError(f"{_OP}: seed_tensor is on {seed_tensor.device}; it must be on x_t's device ({dev}) "
+                               "or the CPU")
     if clip and not clip_lo <= clip_hi:  # also rejects NaN bounds
         raise ValueError(f"{_OP}: clip range must satisfy lo <= hi, got ({clip_lo}, {clip_hi})")
 
 
 # --- the reference as an op implementation (fallback, and CUDA when the extension has no CUDA) ---
-def _reference_impl(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip):
-    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip)
+def _reference_impl(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None):
+    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor)
+    if seed_tensor is not None:
+        seed = int(seed_tensor.reshape(()).item())
     s = int(step.reshape(()).item())
     if not 0 <= s < coeffs.shape[0]:
         raise ValueError(f"{_OP}: step {s} is out of range for a coefficient table of {coeffs.shape[0]} rows")
@@ -97,8 +109,8 @@ def _reference_impl(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip)
     return out.contiguous(memory_format=_out_format(x_t))
 
 
-def _reference_impl_(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip):
-    x_t.copy_(_reference_impl(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip))
+def _reference_impl_(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None):
+    x_t.copy_(_reference_impl(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor))
 
 
 def _load_extension() -> Tuple[bool, bool, Optional[BaseException]]:
@@ -134,14 +146,14 @@ elif not EXTENSION_HAS_CUDA and torch.cuda.is_available():
 
 
 @torch.library.register_fake("ddpm_fast::reverse_step")
-def _reverse_step_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip):
-    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip)
+def _reverse_step_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None):
+    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor)
     return torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device, memory_format=_out_format(x_t))
 
 
 @torch.library.register_fake("ddpm_fast::reverse_step_")
-def _reverse_step_inplace_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip):
-    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip)
+def _reverse_step_inplace_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None):
+    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor)
     return None
 
 
@@ -152,6 +164,14 @@ def _seed_arg(seed) -> int:
         raise TypeError(f"seed must be an integer, got {seed!r}")
     s = operator.index(seed) & _U64
     return s - (1 << 64) if s >= (1 << 63) else s
+
+
+def _seed_args(seed) -> Tuple[int, Optional[torch.Tensor]]:
+    """(seed, seed_tensor) for the op: an int goes in `seed`; a tensor (an int64 scalar the kernel reads on
+    the device, e.g. a CUDA-graph sampler's static seed buffer) in `seed_tensor`."""
+    if isinstance(seed, torch.Tensor):
+        return 0, seed
+    return _seed_arg(seed), None
 
 
 def _clip_args(clip) -> Tuple[float, float, bool]:
@@ -181,14 +201,15 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeff
     tensor holding one row index (on x_t's device for CUDA-graph capture, or on the CPU; a Python int
     is accepted too); coeffs float32 [S, 6] contiguous on x_t's device (Schedule.ddpm_coeffs,
     ddpm_coeffs_clipped, ddim_coeffs); noise None to draw z in the kernel from Philox keyed by
-    (seed, step, element), or a tensor of x_t's shape; clip (lo, hi) clamps x0.
+    (seed, step, element), or a tensor of x_t's shape; seed an integer, or an int64 scalar tensor (on
+    x_t's device or the CPU) that the kernel reads; clip (lo, hi) clamps x0.
     Returns a new tensor of x_t's dtype, contiguous (channels_last when x_t is channels_last).
     A step outside [0, S) raises, except for a step tensor on CUDA, where reading it would sync:
     there every output element is NaN instead.
     """
     lo, hi, do_clip = _clip_args(clip)
-    return torch.ops.ddpm_fast.reverse_step(x_t, eps, _step_arg(step), coeffs, noise, _seed_arg(seed), lo, hi,
-                                            do_clip)
+    seed, seed_t = _seed_args(seed)
+    return torch.ops.ddpm_fast.reverse_step(x_t, eps, _step_arg(step), coeffs, noise, seed, lo, hi, do_clip, seed_t)
 
 
 def reverse_step_(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeffs: torch.Tensor,
@@ -198,9 +219,11 @@ def reverse_step_(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coef
 
     The form for a CUDA-graph sampler: x_t is the static state buffer, eps the UNet's static output
     and step a device int64 scalar refilled before each replay (`step.fill_(i)` or `copy_`), so the
-    captured launch reads the new row and draws fresh Philox noise for every step. eps (and noise)
+    captured launch reads the new row and draws fresh Philox noise for every step; a device seed tensor
+    lets the same graph serve another sampling run (`seed.fill_(s)`). eps (and noise)
     may be x_t itself but must not partially overlap it.
     """
     lo, hi, do_clip = _clip_args(clip)
-    torch.ops.ddpm_fast.reverse_step_(x_t, eps, _step_arg(step), coeffs, noise, _seed_arg(seed), lo, hi, do_clip)
+    seed, seed_t = _seed_args(seed)
+    torch.ops.ddpm_fast.reverse_step_(x_t, eps, _step_arg(step), coeffs, noise, seed, lo, hi, do_clip, seed_t)
     return x_t

@@ -120,7 +120,8 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeff
 
     x_t: float32 [B, C, H, W] (any strides); eps: same shape, fp32/fp16/bf16; step: int64 scalar tensor
     (the row index, on any device); coeffs: float32 [S, 6]; noise: same shape as x_t, or None to draw
-    z from the counter-based generator `philox_normal(seed, step, element index)`.
+    z from the counter-based generator `philox_normal(seed, step, element index)`; seed: an integer or
+    a one-element integer tensor.
     Returns a new tensor with x_t's dtype and shape (contiguous in x_t's memory format).
     """
     # float32 arithmetic (float64 when x_t is float64, for high-precision reference runs).
@@ -176,7 +177,7 @@ def philox_normal(shape, seed: int, step, device=None) -> torch.Tensor:
     """
     n = math.prod(shape)
     step = int(step.item()) if torch.is_tensor(step) else int(step)
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    seed = (int(seed.item()) if torch.is_tensor(seed) else int(seed)) & 0xFFFFFFFFFFFFFFFF
     e = torch.arange(n, dtype=torch.int64, device=device)
     block = e >> 2
     zeros = torch.zeros_like(block)
