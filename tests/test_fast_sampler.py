@@ -123,6 +123,26 @@ def test_cuda_graph_replay_equals_eager(sampler):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kept_cuda_graph_serves_a_new_seed_and_x_T(dtype):
+    # The second call replays the first call's graph with a new seed and x_T (read from device memory);
+    # it must equal a fresh capture for them, and differ from the first run.
+    import ddpm_fast.fast_sampler as fs
+
+    fs.clear_graph_cache()
+    model = _model("cuda")
+    ts, coeffs = _table("ddpm", 10)
+    first = _run(fast_loop, model, _x_T(2, "cuda", seed=3), ts, coeffs, seed=1, dtype=dtype)
+    assert len(fs._GRAPHS) == 1
+    kept = _run(fast_loop, model, _x_T(2, "cuda", seed=4), ts, coeffs, seed=2, dtype=dtype)
+    assert len(fs._GRAPHS) == 1, "same model, shapes and settings: the kept graph must be reused"
+    fresh = _run(fast_loop, model, _x_T(2, "cuda", seed=4), ts, coeffs, seed=2, dtype=dtype, reuse_graph=False)
+    torch.testing.assert_close(kept, fresh, **tol("graph_vs_eager", torch.float32))
+    assert (kept - first).abs().max() > 0.1
+    fs.clear_graph_cache()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_fast_trajectory_within_tolerance_of_reference_cuda(sampler, dtype):
