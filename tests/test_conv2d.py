@@ -233,8 +233,10 @@ def test_gpu_opcheck(dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_compile_fullgraph(monkeypatch):
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("batch", [1, 64], ids=["split", "nosplit"])
+def test_gpu_compile_fullgraph(monkeypatch, batch, bias):
     monkeypatch.setattr(M, "BACKEND", "triton")
-    x, w, b, s, p = make_inputs(1, (128, 16, 16, 256, 3, 1, True), torch.float32, "cuda")
+    x, w, b, s, p = make_inputs(batch, (128, 16, 16, 256, 3, 1, bias), torch.float32, "cuda")
     compiled = torch.compile(lambda x: M.conv2d(torch.relu(x), w, b, s, p), fullgraph=True)
     check(compiled(x), torch.relu(x), w, b, s, p, same_dtype_ref=False)

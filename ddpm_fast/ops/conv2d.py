@@ -245,7 +245,9 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     # Partials in fp32, each split a dense copy of the output's layout, so the sum kernel walks them linearly.
     dest = out if s == 1 else _new_workspace(s * out.numel(), x.device)
     so = out.stride()
-    bias_t = bias.contiguous() if bias is not None else out  # any valid pointer; never read without a bias
+    # Without a bias, any valid pointer that is never read; an input, not the output, so that tracing
+    # (torch.compile's view of which kernel arguments are written) sees no aliasing.
+    bias_t = bias.contiguous() if bias is not None else x
     grid = (triton.cdiv(b * ho * wo, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]), s)
     soft_bf16 = x.device.type == "cpu"
     wrap_triton(_conv_gemm_kernel)[grid](
