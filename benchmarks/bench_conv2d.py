@@ -5,13 +5,14 @@ The question this file answers: at which shapes, batches and dtypes does `ddpm_f
 the deciding providers are the graph ones.
 
 Providers, side by side per case:
-  reference       eager F.conv2d with bias (cuDNN on CUDA, oneDNN on CPU): the spec
-  fast            the registered op ddpm_fast::conv2d, whatever its rule picks (on CPU: F.conv2d)
-  cudnn-graph     F.conv2d replayed from a CUDA graph (GPU only): cuDNN's kernel time
-  triton-graph    the Triton launcher, forced, replayed from a CUDA graph (GPU only)
-  triton-clw-graph the same with the weight in channels_last (C_in contiguous), to measure what packing
-                  the weights once would buy: the NCHW kernel reads [C_out, C_in] weight tiles along C_in
-(torch.compile is not a provider here: inductor leaves convolutions to cuDNN, so it equals cudnn-graph.)
+  reference         eager F.conv2d with bias (cuDNN on CUDA, oneDNN on CPU): the spec
+  fast              the registered op ddpm_fast::conv2d, whatever its rule picks (on CPU: F.conv2d)
+  reference-graph   F.conv2d replayed from a CUDA graph (GPU only): cuDNN's kernel time, the bar
+  triton-graph      the Triton launcher, forced, replayed from a CUDA graph (GPU only)
+  triton-clw-graph  the same with the weight in channels_last (C_in contiguous), to measure what packing
+                    the weights once would buy: the NCHW kernel reads [C_out, C_in] weight tiles along C_in
+(torch.compile is not a provider here: in its default mode inductor calls cuDNN for a convolution, which
+is reference-graph; max-autotune's own conv templates are measured inside the whole UNet, bench_sampling.)
 
 flops = 2 * B*Ho*Wo * C_out * C_in*KH*KW; bytes = x + weight read, output written once (the floor; the
 split-K partials are extra traffic the kernel pays). CPU: two small shapes, batch 1, fp32. GPU: six
@@ -42,7 +43,7 @@ if HAS_CUDA:
     _BATCHES = ["1", "16", "64", "256"] if FULL else ["1", "64"]
     _DTYPES = ["fp32", "fp16", "bf16"] if FULL else ["fp32", "bf16"]
     _LAYOUTS = ["nchw", "cl"] if FULL else ["nchw"]
-    _PROVIDERS = ["reference", "fast", "cudnn-graph", "triton-graph", "triton-clw-graph"]
+    _PROVIDERS = ["reference", "fast", "reference-graph", "triton-graph", "triton-clw-graph"]
 else:
     _SHAPES = [("tiny", 64, 8, 8, 64, 3, 1, False), ("digits16", 32, 16, 16, 32, 3, 2, True)]
     _BATCHES, _DTYPES, _LAYOUTS = ["1"], ["fp32"], ["nchw"]
@@ -91,7 +92,7 @@ def test_conv2d(benchmark, shape, batch, dtype, layout, provider):
         fn = lambda: ref.conv2d(x, w, b, s, p)  # noqa: E731
     elif provider == "fast":
         fn = lambda: M.conv2d(x, w, b, s, p)  # noqa: E731
-    elif provider == "cudnn-graph":
+    elif provider == "reference-graph":
         fn = cuda_graphed(lambda: ref.conv2d(x, w, b, s, p))
     else:
         wt = w.contiguous(memory_format=torch.channels_last) if provider == "triton-clw-graph" else w
