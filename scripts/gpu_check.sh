@@ -170,7 +170,7 @@ if build; then
     case "$st" in
       test) run_tests || rc=1 ;;
       bench-ops)  # GPU_CHECK_OPS=reverse_step,time_embedding picks op files (default: every op)
-        OPS=${GPU_CHECK_OPS:-conv2d,groupnorm_swish,attention,residual_add,time_embedding,reverse_step}
+        OPS=${GPU_CHECK_OPS:-conv2d,conv_transpose2d,groupnorm_swish,attention,residual_add,time_embedding,reverse_step}
         bench bench-ops $(printf 'benchmarks/bench_%s.py ' ${OPS//,/ }) || rc=1 ;;
       bench-e2e) bench bench-e2e benchmarks/bench_unet.py benchmarks/bench_sampling.py || rc=1 ;;
       bench-sampling) bench bench-sampling benchmarks/bench_sampling.py || rc=1 ;;

@@ -45,6 +45,7 @@ gn = importlib.import_module("ddpm_fast.ops.groupnorm_swish")
 att = importlib.import_module("ddpm_fast.ops.attention")
 te = importlib.import_module("ddpm_fast.ops.time_embedding")
 cv = importlib.import_module("ddpm_fast.ops.conv2d")
+ct = importlib.import_module("ddpm_fast.ops.conv_transpose2d")
 ra = importlib.import_module("ddpm_fast.ops.residual_add")
 
 H100_SMS = 132  # SXM5; the PCIe card has 114 (--sms): the launchers size grids and splits by it
@@ -74,11 +75,11 @@ gn.plan = lambda b, c, hw, g, cl, sms, *a: _plan(b, c, hw, g, cl, H100_SMS if sm
 att.wrap_triton = Recorder
 att._programs_wanted = lambda device: H100_SMS
 att._dot_flags = lambda dtype, device, allow_tf32=None: _dot_flags(dtype, torch.device("cuda"), allow_tf32)
-for _mod in (cv, ra):
+for _mod in (cv, ct, ra):
     assert hasattr(_mod, "wrap_triton"), f"{_mod.__name__}.wrap_triton is gone: update this script"
     _mod.wrap_triton = Recorder
-cv._sms = lambda device: H100_SMS
-cv._dot_flags = att._dot_flags
+cv._sms = lambda device: H100_SMS  # conv_transpose2d asks conv2d's
+cv._dot_flags = ct._dot_flags = att._dot_flags
 
 
 def unet_shapes(cfg):
@@ -129,6 +130,10 @@ def record_all(batches, dtypes):
                     yield from _run(f"{name} conv {ci}->{co} {h}x{w} k{k}s{st} B{b}{tag}", dn, cv.conv2d_triton, x,
                                     new(co, ci, k, k), new(co) if has_bias else None, (st, st), (k // 2, k // 2),
                                     allow_tf32=False)
+                for (c, h, w) in ct.unet_upsample_shapes(mc.unet) if mc else [(24, 5, 7)]:
+                    x = new(b, c, h, w).to(memory_format=fmt)
+                    yield from _run(f"{name} upsample C{c} {h}x{w} B{b}{tag}", dn, ct.conv_transpose2d_triton, x,
+                                    new(c, c, 4, 4), new(c), allow_tf32=False)
                 for (c, h, w, kind) in ra.unet_residual_shapes(mc.unet) if mc else [(96, 7, 9, "conv")]:
                     x = new(b, c, h, w).to(memory_format=fmt)
                     yield from _run(f"{name} resadd C{c} {h}x{w} B{b}{tag}", dn, ra.residual_add_triton, x, new(c),

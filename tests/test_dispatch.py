@@ -9,7 +9,7 @@ from ddpm_fast import ops
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import UNet, functional
 
-OP_NAMES = ["conv2d", "groupnorm_swish", "attention", "residual_add", "time_embedding", "reverse_step"]
+OP_NAMES = ["conv2d", "conv_transpose2d", "groupnorm_swish", "attention", "residual_add", "time_embedding", "reverse_step"]
 
 
 @pytest.mark.parametrize("name", OP_NAMES)

@@ -17,6 +17,7 @@ from ddpm_fast import ops
 from ddpm_fast.config import PRESETS
 from ddpm_fast.ops.attention import attention_triton
 from ddpm_fast.ops.conv2d import conv2d_triton
+from ddpm_fast.ops.conv_transpose2d import conv_transpose2d_triton
 from ddpm_fast.ops.groupnorm_swish import HAS_TRITON, groupnorm_swish_triton
 from ddpm_fast.ops.residual_add import residual_add_triton
 from ddpm_fast.ops.time_embedding import time_embedding_triton
@@ -28,6 +29,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importab
 # The raw Triton kernels behind the reference signatures (no dispatcher): what the CPU test runs.
 TRITON_NAMESPACE = types.SimpleNamespace(
     conv2d=conv2d_triton,
+    conv_transpose2d=conv_transpose2d_triton,
     groupnorm_swish=groupnorm_swish_triton,
     attention=attention_triton,
     residual_add=residual_add_triton,

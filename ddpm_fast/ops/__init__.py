@@ -13,12 +13,13 @@ from torch import nn
 
 from .attention import attention
 from .conv2d import conv2d
+from .conv_transpose2d import conv_transpose2d
 from .groupnorm_swish import groupnorm_swish
 from .residual_add import residual_add
 from .reverse_step import reverse_step, reverse_step_
 from .time_embedding import time_embedding
 
-__all__ = ["attention", "conv2d", "groupnorm_swish", "residual_add", "reverse_step", "reverse_step_", "time_embedding", "fused",
+__all__ = ["attention", "conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add", "reverse_step", "reverse_step_", "time_embedding", "fused",
            "unfused", "is_fused"]
 
 # The namespace object the UNet's blocks call through (`self.F.<op>`): this package itself.

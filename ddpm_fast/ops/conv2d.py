@@ -137,6 +137,40 @@ def _new_workspace(n: int, device: torch.device) -> torch.Tensor:
 
 if HAS_TRITON:
 
+    @triton.jit
+    def _tile_dot(acc, x_ptr, w_ptr, x_off, w_off, ci, k_ok, row_ok, offs_n, n_ok, sx_c, sw_o, sw_i,
+                  M_FAST: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """acc += one K block: input channels `ci` of one filter tap. x_off: [BLOCK_M] offsets of the tap's
+        input pixel per output pixel (row_ok masks padding); w_off: the tap's offset in the weight.
+        M_FAST (pixels contiguous in x): the transposed tile [channels, pixels], else [pixels, channels]."""
+        if M_FAST:
+            a = tl.load(x_ptr + x_off[None, :] + ci[:, None] * sx_c, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + w_off + offs_n[:, None] * sw_o + ci[None, :] * sw_i,
+                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            out = _dot(wt, a, acc, PREC, UPCAST)
+        else:
+            a = tl.load(x_ptr + x_off[:, None] + ci[None, :] * sx_c, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + w_off + ci[:, None] * sw_i + offs_n[None, :] * sw_o,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            out = _dot(a, wt, acc, PREC, UPCAST)
+        return out
+
+    @triton.jit
+    def _store_tile(acc, base, b_ptr, o_m, m_ok, offs_n, n_ok, so_c, HAS_BIAS: tl.constexpr,
+                    M_FAST: tl.constexpr, SOFT_BF16: tl.constexpr):
+        """Write the tile (+ bias) at base + o_m (per-pixel output offsets) + channel * so_c."""
+        if M_FAST:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            ptrs = base + offs_n[:, None] * so_c + o_m[None, :]
+            mask = n_ok[:, None] & m_ok[None, :]
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            ptrs = base + o_m[:, None] + offs_n[None, :] * so_c
+            mask = m_ok[:, None] & n_ok[None, :]
+        tl.store(ptrs, _round_to(acc, base.dtype.element_ty, SOFT_BF16), mask=mask)
+
     # Sizes are not specialised (Triton would compile a variant per "divisible by 16" pattern of each,
     # ~20 variants per preset, each compiled in the sampler's warm-up); strides are, so a unit stride is
     # known at compile time.
@@ -180,33 +214,11 @@ if HAS_TRITON:
             iy = iy0 + ky
             ix = ix0 + kx
             row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # zero padding = masked loads
-            x_off = x_m + ky * sx_h + kx * sx_w
-            w_off = ky * sw_h + kx * sw_w
-            if M_FAST:
-                a = tl.load(x_ptr + x_off[None, :] + ci[:, None] * sx_c, mask=k_ok[:, None] & row_ok[None, :],
-                            other=0.0)
-                wt = tl.load(w_ptr + w_off + offs_n[:, None] * sw_o + ci[None, :] * sw_i,
-                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = _dot(wt, a, acc, PREC, UPCAST)
-            else:
-                a = tl.load(x_ptr + x_off[:, None] + ci[None, :] * sx_c, mask=row_ok[:, None] & k_ok[None, :],
-                            other=0.0)
-                wt = tl.load(w_ptr + w_off + ci[:, None] * sw_i + offs_n[None, :] * sw_o,
-                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = _dot(a, wt, acc, PREC, UPCAST)
+            acc = _tile_dot(acc, x_ptr, w_ptr, x_m + ky * sx_h + kx * sx_w, ky * sw_h + kx * sw_w, ci, k_ok,
+                            row_ok, offs_n, n_ok, sx_c, sw_o, sw_i, M_FAST, PREC, UPCAST)
         o_m = img * so_n + oy * so_h + ox * so_w
-        base = out_ptr + pid_s * split_stride
-        if M_FAST:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            ptrs = base + offs_n[:, None] * so_c + o_m[None, :]
-            mask = n_ok[:, None] & m_ok[None, :]
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            ptrs = base + o_m[:, None] + offs_n[None, :] * so_c
-            mask = m_ok[:, None] & n_ok[None, :]
-        tl.store(ptrs, _round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+        _store_tile(acc, out_ptr + pid_s * split_stride, b_ptr, o_m, m_ok, offs_n, n_ok, so_c, HAS_BIAS, M_FAST,
+                    SOFT_BF16)
 
     @triton.jit
     def _split_sum_kernel(ws_ptr, b_ptr, y_ptr, n, C, HW, S, CHANNELS_LAST: tl.constexpr,
@@ -305,31 +317,39 @@ def _pair(name: str, v) -> List[int]:
     return pair
 
 
-def _check(x, weight, bias, stride, padding) -> None:
+def check_conv_args(op: str, x, weight, bias, stride, padding, weight_layout: str) -> None:
+    """The checks conv2d and conv_transpose2d share. weight_layout: "oi" ([C_out, C_in, KH, KW], a conv)
+    or "io" ([C_in, C_out, K, K], a transposed conv). Output-size checks are the caller's."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"conv2d: x must be a 4-D tensor [B, C, H, W], got "
+        raise ValueError(f"{op}: x must be a 4-D tensor [B, C, H, W], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dtype not in _DTYPES:
-        raise TypeError(f"conv2d: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"{op}: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    in_dim, out_dim = (1, 0) if weight_layout == "oi" else (0, 1)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise ValueError("conv2d: weight must be a 4-D tensor [C_out, C_in, KH, KW]")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"conv2d: weight expects {weight.shape[1]} input channels, x has {x.shape[1]}")
+        raise ValueError(f"{op}: weight must be a 4-D tensor "
+                         + ("[C_out, C_in, KH, KW]" if weight_layout == "oi" else "[C_in, C_out, K, K]"))
+    if weight.shape[in_dim] != x.shape[1]:
+        raise ValueError(f"{op}: weight expects {weight.shape[in_dim]} input channels, x has {x.shape[1]}")
     if weight.dtype != x.dtype:
-        raise TypeError(f"conv2d: weight dtype {weight.dtype} != x dtype {x.dtype}")
+        raise TypeError(f"{op}: weight dtype {weight.dtype} != x dtype {x.dtype}")
     if weight.device != x.device:
-        raise RuntimeError(f"conv2d: weight is on {weight.device} but x is on {x.device}")
+        raise RuntimeError(f"{op}: weight is on {weight.device} but x is on {x.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"conv2d: bias must be a tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"conv2d: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+            raise TypeError(f"{op}: bias must be a tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[out_dim],):
+            raise ValueError(f"{op}: bias must have shape [{weight.shape[out_dim]}], got {list(bias.shape)}")
         if bias.dtype != x.dtype:
-            raise TypeError(f"conv2d: bias dtype {bias.dtype} != x dtype {x.dtype}")
+            raise TypeError(f"{op}: bias dtype {bias.dtype} != x dtype {x.dtype}")
         if bias.device != x.device:
-            raise RuntimeError(f"conv2d: bias is on {bias.device} but x is on {x.device}")
+            raise RuntimeError(f"{op}: bias is on {bias.device} but x is on {x.device}")
     if min(stride) < 1 or min(padding) < 0:
-        raise ValueError(f"conv2d: stride must be >= 1 and padding >= 0, got stride {stride}, padding {padding}")
+        raise ValueError(f"{op}: stride must be >= 1 and padding >= 0, got stride {stride}, padding {padding}")
+
+
+def _check(x, weight, bias, stride, padding) -> None:
+    check_conv_args("conv2d", x, weight, bias, stride, padding, "oi")
     ho, wo = out_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"conv2d: a {weight.shape[2]}x{weight.shape[3]} kernel does not fit the "

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv2d", "groupnorm_swish", "residual_add", "attention", "time_embedding", "reverse_step", "philox_normal", "N_COEFFS"]
+__all__ = ["conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add", "attention", "time_embedding", "reverse_step", "philox_normal", "N_COEFFS"]
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +44,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     """The UNet's Conv2d layers: zero padding, no dilation, one group. x: [B, Ci, H, W]; weight:
     [Co, Ci, KH, KW]; bias: [Co] or None; stride, padding: (h, w) pairs, as an nn.Conv2d holds them."""
     return F.conv2d(x, weight, bias, tuple(stride), tuple(padding))
+
+
+def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+                     padding: Sequence[int]) -> torch.Tensor:
+    """The UNet's Upsample: F.conv_transpose2d without output padding, dilation or groups. x: [B, Ci, H, W];
+    weight: [Ci, Co, K, K]; bias: [Co] or None; stride, padding: (h, w) pairs, as nn.ConvTranspose2d."""
+    return F.conv_transpose2d(x, weight, bias, tuple(stride), tuple(padding))
 
 
 def residual_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
