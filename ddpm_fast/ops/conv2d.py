@@ -138,6 +138,24 @@ def _new_workspace(n: int, device: torch.device) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
+    def _pixel_tile(M, Co, Ho, Wo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's output tile: pixel and channel indices, their masks, and each pixel's
+        (image, row, column) on the Ho x Wo output grid."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        hw = Ho * Wo
+        pix = offs_m % hw
+        return offs_m, offs_n, offs_m < M, offs_n < Co, offs_m // hw, pix // Wo, pix % Wo
+
+    @triton.jit
+    def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_FAST: tl.constexpr):
+        if M_FAST:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the transposed tile, see _tile_dot
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        return acc
+
+    @triton.jit
     def _tile_dot(acc, x_ptr, w_ptr, x_off, w_off, ci, k_ok, row_ok, offs_n, n_ok, sx_c, sw_o, sw_i,
                   M_FAST: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
         """acc += one K block: input channels `ci` of one filter tap. x_off: [BLOCK_M] offsets of the tap's
@@ -182,29 +200,16 @@ if HAS_TRITON:
                           PH: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr, M_FAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PREC: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n, m_ok, n_ok, img, oy, ox = _pixel_tile(M, Co, Ho, Wo, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
-        n_ok = offs_n < Co
-        hw_o = Ho * Wo
-        img = offs_m // hw_o
-        pix = offs_m % hw_o
-        oy = pix // Wo
-        ox = pix % Wo
         iy0 = oy * SH - PH
         ix0 = ox * SW - PW
         x_m = img * sx_n + iy0 * sx_h + ix0 * sx_w  # top-left input offset per pixel (masked below if < 0)
         ci_blocks = tl.cdiv(Ci, BLOCK_K)
         kb0 = pid_s * blocks_per_split
         kb1 = tl.minimum(kb0 + blocks_per_split, KH * KW * ci_blocks)
-        if M_FAST:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _zero_acc(BLOCK_M, BLOCK_N, M_FAST)
         for kb in range(kb0, kb1):
             tap = kb // ci_blocks
             ky = tap // KW

@@ -36,7 +36,7 @@ if HAS_TRITON:
     from torch.library import triton_op, wrap_triton
 
     from .attention import _dot_flags
-    from .conv2d import _split_sum_kernel, _store_tile, _tile_dot
+    from .conv2d import _pixel_tile, _split_sum_kernel, _store_tile, _tile_dot, _zero_acc
 
 __all__ = ["conv_transpose2d", "conv_transpose2d_triton", "supported", "use_triton", "unet_upsample_shapes",
            "HAS_TRITON"]
@@ -83,30 +83,18 @@ if HAS_TRITON:
                               UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr):
         # Output pixel (2i + pa, 2j + pb) of parity class (pa, pb) = sum over taps (t, u) in {0,1}^2 and
         # input channels of x[i + t - 1 + pa, j + u - 1 + pb] * w[ci, co, 3 - pa - 2t, 3 - pb - 2u].
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
         pid_z = tl.program_id(2)
         parity = pid_z // n_split
         pid_s = pid_z % n_split
         pa = parity // 2
         pb = parity % 2
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Each parity class's outputs sit on the H x W grid of input positions (i, j).
+        offs_m, offs_n, m_ok, n_ok, img, iy0, ix0 = _pixel_tile(M, Co, H, W, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
-        n_ok = offs_n < Co
-        hw = H * W
-        img = offs_m // hw
-        pix = offs_m % hw
-        iy0 = pix // W
-        ix0 = pix % W
         ci_blocks = tl.cdiv(Ci, BLOCK_K)
         kb0 = pid_s * blocks_per_split
         kb1 = tl.minimum(kb0 + blocks_per_split, 4 * ci_blocks)
-        if M_FAST:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _zero_acc(BLOCK_M, BLOCK_N, M_FAST)
         for kb in range(kb0, kb1):
             tap = kb // ci_blocks
             t = tap // 2
