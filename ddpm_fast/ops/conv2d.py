@@ -61,6 +61,11 @@ SUM_BLOCK = 1024
 MAX_ELEMENTS = 2 ** 31 - 1
 # "auto" follows use_triton(); "triton" or "cudnn" force one backend for CUDA tensors (benchmarks, tests).
 BACKEND = "auto"
+# The rule's two knobs: the dtypes the kernel takes by default (exact fp32 only until a GPU run shows
+# it beating cuDNN elsewhere, e.g. bf16 at batch 1 where cuDNN adds two layout transposes per conv) and
+# the tile count (64 x 64 output tiles, as a fraction of the SMs) below which cuDNN cannot fill the GPU.
+TRITON_DTYPES = (torch.float32,)
+MAX_TILES_PER_SM = 1.0
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
@@ -119,10 +124,12 @@ def use_triton(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pad
 
 
 def prefers_triton(pixels: int, c_out: int, dtype: torch.dtype, allow_tf32: bool, sms: int) -> bool:
-    """The rule itself: exact fp32 convs whose output (pixels x c_out) has fewer 64x64 tiles than SMs."""
-    if dtype != torch.float32 or allow_tf32:
+    """The rule itself: convs in TRITON_DTYPES (fp32 only while TF32 is off: with TF32 on, cuDNN's
+    tensor-core path is the one to beat, not measured) whose output (pixels x c_out) has fewer 64x64 tiles
+    than MAX_TILES_PER_SM * SMs."""
+    if dtype not in TRITON_DTYPES or (dtype == torch.float32 and allow_tf32):
         return False
-    return triton.cdiv(pixels, 64) * triton.cdiv(c_out, 64) < sms
+    return triton.cdiv(pixels, 64) * triton.cdiv(c_out, 64) < MAX_TILES_PER_SM * sms
 
 
 def _new_output(x: torch.Tensor, c_out: int, ho: int, wo: int) -> torch.Tensor:
