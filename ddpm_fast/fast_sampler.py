@@ -133,9 +133,12 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
             state = _StepState(net, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator")
             run = _graphed(state) if cuda_graph else state.step
             if cuda_graph and reuse_graph:
-                # The graph reads the net's weights and its time table through raw pointers: the
-                # entry keeps both alive after _fast_model detaches the table and unfuses the model.
-                _GRAPHS.store(key, model, state, keep=(net, net.time_table))
+                # The graph reads the net's weights and its time table through raw pointers: the entry
+                # keeps the table and a converted copy alive after _fast_model detaches the table and
+                # unfuses the model. Not the caller's model: the graph no longer needs the module, and
+                # the entry goes when the model does (see _GraphCache.store).
+                _GRAPHS.store(key, model, state, keep=(None if net is model else net, net.time_table))
+                state.net = None
             return _run_steps(state, run, draw, progress)
 
 
@@ -207,8 +210,9 @@ def _fingerprint(model) -> Optional[tuple]:
 
 class _GraphCache:
     """The last MAX_ENTRIES captured sampling graphs (LRU). An entry holds the step state, the graph and
-    what the graph reads (the net, which may be a converted copy, and its time table), plus a weak
-    reference and a fingerprint of the caller's model: a lookup hits only for the same, unchanged model."""
+    what the graph reads besides the caller's weights (a converted copy of the model, the time table),
+    plus a weak reference and a fingerprint of the caller's model: a lookup hits only for the same,
+    unchanged model, and the entry (with its GPU memory) is dropped when that model is garbage collected."""
 
     MAX_ENTRIES = 2
 
@@ -232,6 +236,9 @@ class _GraphCache:
             return
         self._entries[key] = (weakref.ref(model), fingerprint, state, keep)
         self._entries.move_to_end(key)
+        # key holds id(model), which a later object may reuse only after this model is gone, and by
+        # then this has removed the entry.
+        weakref.finalize(model, self._entries.pop, key, None)
         while len(self._entries) > self.MAX_ENTRIES:
             self._entries.popitem(last=False)
 

@@ -1,5 +1,7 @@
 """The fast sampling backend (issue 5): same images as the reference loop when given the same noise,
 CUDA-graph replay equal to eager, reproducible from a seed."""
+import weakref
+
 import pytest
 import torch
 
@@ -218,16 +220,20 @@ def stand_in_capture(monkeypatch):
 
     def graphed(state):
         captured.append(state)
-        net, table, was_fused = state.net, state.net.time_table, ddpm_fast.ops.is_fused(state.net)
+        # Weakly, as a real graph holds no Python reference to the module (fast_loop drops state.net).
+        net_ref, table, was_fused = weakref.ref(state.net), state.net.time_table, ddpm_fast.ops.is_fused(state.net)
 
         def replay():
+            net = net_ref()
             now_table, now_fused = net.time_table, ddpm_fast.ops.is_fused(net)
             net.time_table = table
             if was_fused:
                 ddpm_fast.ops.fused(net)
+            held, state.net = state.net, net
             try:
                 state.step()
             finally:
+                state.net = held
                 net.time_table = now_table
                 if not now_fused:
                     ddpm_fast.ops.unfused(net)
@@ -280,6 +286,25 @@ def test_cached_graph_is_dropped_when_weights_change_cpu(stand_in_capture):
     assert len(stand_in_capture) == 2, "a changed weight must force a new capture (and time table)"
     assert not torch.equal(after, before)
     assert torch.equal(after, _graph_run(model, x_T, ts, coeffs, seed=5, reuse_graph=False))
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["same-dtype", "converted-copy"])
+def test_kept_graph_goes_with_its_model_cpu(stand_in_capture, convert):
+    # The cache must not keep the caller's model (and the graph's memory) alive.
+    import gc
+
+    import ddpm_fast.fast_sampler as fs
+
+    model = _model()
+    ts, coeffs = _table("ddpm", 3)
+    _graph_run(model, _x_T(2, "cpu"), ts, coeffs, seed=1, dtype=torch.bfloat16 if convert else torch.float32)
+    assert len(fs._GRAPHS) == 1
+    ref = weakref.ref(model)
+    del model
+    stand_in_capture.clear()
+    gc.collect()
+    assert ref() is None, "a kept graph must not keep the caller's model alive"
+    assert len(fs._GRAPHS) == 0
 
 
 def test_graph_cache_keys_and_eviction_cpu(stand_in_capture):
