@@ -160,8 +160,9 @@ def test_dispatch_rule():
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_op_cpu_kernel_is_the_reference(layout):
     x, w, b, s, p = make_inputs(2, (32, 8, 8, 64, 3, 2, True), torch.bfloat16, channels_last=layout == "cl")
-    out = M.conv2d(x, w, b, s, p)
-    assert torch.equal(out, R.conv2d(x, w, b, s, p))
+    want = R.conv2d(x, w, b, s, p)
+    assert torch.equal(M.conv2d(x, w, b, s, p), want)  # the wrapper: the reference, called directly
+    assert torch.equal(torch.ops.ddpm_fast.conv2d(x, w, b, list(s), list(p)), want)  # the op's CPU kernel
 
 
 def test_fake_kernel_shapes():

@@ -103,9 +103,9 @@ def test_op_other_geometries_take_the_reference(geometry):
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_op_cpu_kernel_is_the_reference(layout):
     x, w, b = make_inputs(2, 16, 16, 4, 4, torch.bfloat16, channels_last=layout == "cl")
-    out = M.conv_transpose2d(x, w, b, S, P)
-    assert torch.equal(out, R.conv_transpose2d(x, w, b, S, P).contiguous(
-        memory_format=CL if layout == "cl" else torch.contiguous_format))
+    want = R.conv_transpose2d(x, w, b, S, P).contiguous(memory_format=CL if layout == "cl" else torch.contiguous_format)
+    assert torch.equal(M.conv_transpose2d(x, w, b, S, P), want)
+    assert torch.equal(torch.ops.ddpm_fast.conv_transpose2d(x, w, b, [2, 2], [1, 1]), want)
 
 
 def test_fake_kernel_shapes():

@@ -379,6 +379,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     """
     stride, padding = _pair("stride", stride), _pair("padding", padding)
     _check(x, weight, bias, stride, padding)
+    if not use_triton(x, weight, stride, padding):
+        # cuDNN / oneDNN called directly: the op's own non-Triton branch, without the custom op's Python
+        # dispatch (~10 us per call on the dev CPU, more on the GPU machine's host), as eager use of the
+        # fused UNet would otherwise pay it on every conv.
+        return _reference_out(x, weight, bias, stride, padding)
     return torch.ops.ddpm_fast.conv2d(x, weight, bias, stride, padding)
 
 
