@@ -11,6 +11,7 @@ fast+table+nhwc (activations and conv weights in channels_last, the sampler's ch
 that get reported come from benchmarks/ (pytest-benchmark, CUDA events).
 """
 import argparse
+import re
 import sys
 import time
 from collections import defaultdict
@@ -36,6 +37,27 @@ def kernel_table(prof, iters):
             per[ev.name][0] += ev.device_time / iters
             per[ev.name][1] += 1 / iters
     return per
+
+
+# Kernel kinds, first match wins (name patterns of cuDNN, cuBLAS, ATen and this package's kernels), so a
+# forward's time can be read by kind: e.g. "conv" before and after a change to the convolutions.
+KINDS = [
+    ("layout", re.compile(r"nchwToNhwc|nhwcToNchw")),
+    ("conv", re.compile(r"_conv_gemm|_upsample_gemm|_split_sum|fprop|dgrad|fft|pointwise_mult_and_sum_complex"
+                        r"|flip_filter|gemv2T|cudnn")),
+    ("norm", re.compile(r"_gn_|RowwiseMoments|ComputeFusedParams|group_norm")),
+    ("attention", re.compile(r"_flash|_out_proj|fmha|attention|softmax")),
+    ("time", re.compile(r"_time_embedding")),
+    ("gemm", re.compile(r"gemm|gemv|nvjet|sgemm")),
+    ("elementwise", re.compile(r"elementwise|_residual_add|reverse_step|Cat|copy|reduce")),
+]
+
+
+def by_kind(table) -> dict:
+    out = defaultdict(float)
+    for name, (us, _) in table.items():
+        out[next((k for k, pat in KINDS if pat.search(name)), "other")] += us
+    return out
 
 
 def profile_one(model, x, t, iters):
@@ -92,6 +114,8 @@ def main(argv=None):
                     n = sum(v[1] for v in table.values())
                     print(f"\n== {preset} b={batch} {dt} {provider}: wall {wall:.0f} us/forward, "
                           f"kernels {busy:.0f} us ({n:.0f} launches)")
+                    kinds = sorted(by_kind(table).items(), key=lambda kv: -kv[1])
+                    print("   by kind: " + ", ".join(f"{k} {us:.0f} us" for k, us in kinds))
                     for name, (us, cnt) in sorted(table.items(), key=lambda kv: -kv[1][0])[:args.top]:
                         print(f"  {us:9.1f} us  {cnt:5.0f}x  {name[:110]}")
                 model.to(memory_format=torch.contiguous_format)
