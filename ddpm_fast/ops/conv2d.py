@@ -25,12 +25,12 @@ has SMs, i.e. where cuDNN cannot fill it without splitting K. A first rule, not 
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Sequence
 
 import torch
 
 from ..reference import functional as _ref
+from .attention import _pow2_clamp, _sm_count
 from .groupnorm_swish import _out_format
 
 try:  # The package must import (and fall back to cuDNN / the reference) where triton is missing.
@@ -68,17 +68,8 @@ TRITON_DTYPES = (torch.float32,)
 MAX_TILES_PER_SM = 1.0
 
 
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, 1 << max(0, int(n) - 1).bit_length()))
-
-
 def out_size(h: int, w: int, kh: int, kw: int, stride: Sequence[int], padding: Sequence[int]) -> tuple:
     return (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _sms(device: torch.device) -> int:
