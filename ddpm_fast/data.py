@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
 
@@ -67,14 +68,22 @@ class TensorImages(Dataset):
         return f"TensorImages({self.name}, {tuple(self.images.shape)})"
 
 
-def _find_images(root: Path) -> List[Path]:
+def _find_images(root: Path, exclude: Sequence[Path] = ()) -> List[Path]:
     if not root.exists():
-        raise DataError(f"data folder {str(root)!r} does not exist")
+        raise DataError(f"data folder {str(root)!r} does not exist "
+                        f"(or name a built-in dataset: {', '.join(BUILTIN_DATASETS)})")
     if not root.is_dir():
         raise DataError(f"data path {str(root)!r} is not a folder (give a folder of PNG/JPEG images, or 'digits')")
-    files = []
-    # os.walk with followlinks=False: a symlink loop cannot hang the scan. Sorted for a stable order.
-    for dirpath, dirnames, filenames in os.walk(root):
+    skip = {os.path.realpath(p) for p in exclude}
+    files, seen = [], set()
+    # Symlinked folders are followed (a folder of links to image folders is a common layout); each real
+    # folder is walked once, so a symlink loop cannot hang the scan. Sorted for a stable order.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or real in skip:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
@@ -102,15 +111,42 @@ def _pil_to_mode(img, channels: int):
     return img.convert("L" if channels == 1 else "RGB")
 
 
+# PIL refuses images over ~179 MP as possible decompression bombs; a user's own photos can be larger
+# (a 200 MP phone camera), so the limit for training files is raised, not removed.
+MAX_IMAGE_PIXELS = 1 << 30
+
+
+@contextmanager
+def open_image(path: Union[str, Path]):
+    """PIL's Image.open with MAX_IMAGE_PIXELS as the decompression-bomb limit (and no warning below it)."""
+    import warnings
+
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                yield im
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
 def load_image(path: Union[str, Path], image_size: int, channels: int) -> torch.Tensor:
     """One image file -> float32 [channels, image_size, image_size] in [0, 1] (resize + centre crop)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
+            # JPEG: let the decoder scale down by up to 8x while it decodes (never below the target's
+            # short side), which makes large photos several times cheaper to read.
+            im.draft(im.mode, (image_size, image_size))
             im.load()
-            img = _pil_to_mode(im, channels)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            # Camera photos store their rotation in EXIF; apply it, as every image viewer does.
+            img = _pil_to_mode(ImageOps.exif_transpose(im), channels)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image file {str(path)!r}: {e}") from None
     w, h = img.size
     if w < 1 or h < 1:
@@ -133,38 +169,42 @@ def load_image(path: Union[str, Path], image_size: int, channels: int) -> torch.
 class ImageFolder(Dataset):
     """Every PNG/JPEG under `root`, as [channels, size, size] float32 tensors in `data_range`.
 
-    Each file's header is checked up front (cheap: no pixel decoding), so missing, empty or
-    unreadable inputs raise `DataError` naming the file before training starts. A file that passes
-    the header check but fails to decode later also raises `DataError` with its path.
-    `cache` keeps the decoded images in memory as one tensor (`.images`): True, False, or "auto"
-    (the default: cache when that tensor stays under 1 GiB, e.g. ~87k RGB images at 32x32).
+    Every file is decoded once when the dataset is built (each header first, which is cheap), so a
+    missing, empty, truncated or unreadable image raises `DataError` naming the file before training
+    starts, never hours into a run. `cache` keeps the decoded images in memory as one tensor
+    (`.images`): True, False, or "auto" (the default: cache when that tensor stays under 1 GiB, e.g.
+    ~87k RGB images at 32x32); uncached folders are decoded again at each use. `exclude`: folders
+    under `root` to leave out (the trainer's own output folder). `progress`: a bar while decoding.
     """
 
     def __init__(self, root: Union[str, Path], image_size: int, channels: int = 3,
                  data_range: Tuple[float, float] = (-1.0, 1.0), cache: Union[bool, str] = "auto",
-                 verify: bool = True):
+                 verify: bool = True, exclude: Sequence[Path] = (), progress: bool = False):
         if channels not in (1, 3):
             raise DataError(f"image channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.root = Path(root)
-        self.files = _find_images(self.root)
+        self.files = _find_images(self.root, exclude)
         self.image_size = int(image_size)
         self.channels = int(channels)
         self.data_range = tuple(float(v) for v in data_range)
+        if cache == "auto":
+            cache = len(self.files) * channels * self.image_size ** 2 * 4 < (1 << 30)
         if verify:
             self._verify_headers()
         self.images = None
-        if cache == "auto":
-            cache = len(self.files) * channels * self.image_size ** 2 * 4 < (1 << 30)
-        if cache:
-            self.images = torch.stack([self._load(i) for i in range(len(self.files))])
+        if cache or verify:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(range(len(self.files)), desc="reading images", unit="img", leave=False,
+                       disable=not progress or len(self.files) < 500)
+            decoded = [self._load(i) for i in bar]
+            self.images = torch.stack(decoded) if cache else None
 
     def _verify_headers(self) -> None:
-        from PIL import Image
-
         for f in self.files:
             try:
-                with Image.open(f) as im:
-                    im.verify()  # checks structure/CRCs without decoding all pixels
+                with open_image(f) as im:
+                    im.verify()  # structure and CRCs, without decoding: fails fast before the full pass
             except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
                 raise DataError(f"cannot read image file {str(f)!r}: {type(e).__name__}: {e}") from None
 
@@ -221,8 +261,10 @@ def digits_dataset(image_size: int = 16, channels: int = 1,
     return TensorImages(to_data_range(x, data_range), name="digits")
 
 
-def load_dataset(spec, config: ModelConfig, cache: Union[bool, str] = "auto") -> Dataset:
-    """Resolve the trainer's `data` argument into a dataset of images matching `config`."""
+def load_dataset(spec, config: ModelConfig, cache: Union[bool, str] = "auto", exclude: Sequence[Path] = (),
+                 progress: bool = False) -> Dataset:
+    """Resolve the trainer's `data` argument into a dataset of images matching `config` (`exclude` and
+    `progress`: see ImageFolder)."""
     u, rng = config.unet, config.diffusion.data_range
     if isinstance(spec, torch.Tensor):
         ds = TensorImages(spec)
@@ -235,7 +277,7 @@ def load_dataset(spec, config: ModelConfig, cache: Union[bool, str] = "auto") ->
                 return digits_dataset(u.image_size, u.image_channels, rng)
             except ImportError as e:  # a missing optional extra is bad input here, not a broken install
                 raise DataError(str(e)) from None
-        ds = ImageFolder(s, u.image_size, u.image_channels, rng, cache=cache)
+        ds = ImageFolder(s, u.image_size, u.image_channels, rng, cache=cache, exclude=exclude, progress=progress)
     else:
         raise DataError(f"data must be a folder path, one of {BUILTIN_DATASETS}, a tensor [N, C, H, W] "
                         f"or a torch Dataset; got {type(spec).__name__}")

@@ -68,15 +68,35 @@ def save_train_checkpoint(path, model, ema, optimizer, step: int, config: ModelC
 
 def read_train_checkpoint(path) -> tuple:
     """-> (tensors, config, state) from a training checkpoint, with clear errors for bad files."""
-    from safetensors.torch import load
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training checkpoint {str(path)!r} does not exist")
-    data = path.read_bytes()
+    tensors, config, meta = _read(path, with_tensors=True)
     try:
-        tensors = load(data)
-        meta = _read_metadata(data)
+        state = json.loads(meta["train_state"])
+        _check_state(state)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"training checkpoint {str(path)!r} has bad metadata ({e})") from None
+    return tensors, config, state
+
+
+def read_train_config(path) -> ModelConfig:
+    """The model config of a training checkpoint, from its header only (no tensors are read)."""
+    return _read(Path(path), with_tensors=False)[1]
+
+
+def _read(path: Path, with_tensors: bool) -> tuple:
+    """(tensors or None, config, metadata) of a training checkpoint; every failure a CheckpointError."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    try:
+        if with_tensors:
+            data = path.read_bytes()
+            tensors, meta = load(data), _read_metadata(data)
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                tensors, meta = None, f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own and json/struct errors
         raise CheckpointError(f"training checkpoint {str(path)!r} is corrupt or not a safetensors file "
                               f"({type(e).__name__}: {e})") from None
@@ -85,11 +105,29 @@ def read_train_checkpoint(path) -> tuple:
                               f"(format {meta.get('format')!r}, expected {TRAIN_FORMAT!r})")
     try:
         config = ModelConfig.from_json(meta["ddpm_fast_config"])
-        state = json.loads(meta["train_state"])
-        int(state["step"])
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"training checkpoint {str(path)!r} has bad metadata ({e})") from None
-    return tensors, config, state
+    return tensors, config, meta
+
+
+def _check_state(state) -> None:
+    """The train_state's shape, so that a damaged or hand-made file fails here with its reason, never as
+    an AttributeError inside the optimizer or a run that silently restarts at a negative step."""
+    if not isinstance(state, dict):
+        raise ValueError("train_state is not a JSON object")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2 ** 62:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    groups = state.get("optim_param_groups")
+    if not isinstance(groups, list) or not groups or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise ValueError("optim_param_groups must be a list of parameter-group objects with 'params'")
+    if not isinstance(state.get("optim_scalars", {}), dict) or not all(
+            isinstance(v, dict) for v in state.get("optim_scalars", {}).values()):
+        raise ValueError("optim_scalars must map parameter indices to objects")
+    for key in ("scaler", "hparams"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise ValueError(f"{key} must be an object or null")
 
 
 def _read_metadata(data: bytes) -> Dict[str, str]:
@@ -109,6 +147,13 @@ def load_train_checkpoint(path, model, ema, optimizer, scaler=None) -> dict:
     def sub(prefix):
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+    n_params = len(list(model.parameters()))
+    have = {int(k.split(".")[1]) for k in tensors if k.startswith("optim.") and k.split(".")[1].isdigit()}
+    # Adam keeps state for every parameter that has had a gradient (labml's unused attention GroupNorm
+    # never has one), so a checkpoint past step 0 without any would resume inexactly, from fresh moments.
+    if (state["step"] > 0 and not have) or any(i >= n_params for i in have):
+        raise CheckpointError(f"training checkpoint {str(path)!r} has no usable optimizer state "
+                              f"({len(have)} parameter entries for a model of {n_params} parameters)")
     try:
         model.load_state_dict(sub("model."), strict=True)
         ema.load_state_dict(sub("ema."), strict=True)
@@ -124,14 +169,15 @@ def load_train_checkpoint(path, model, ema, optimizer, scaler=None) -> dict:
         for idx, sc in state.get("optim_scalars", {}).items():
             ostate.setdefault(int(idx), {}).update(sc)
         optimizer.load_state_dict({"state": ostate, "param_groups": groups})
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"training checkpoint {str(path)!r} does not match this model/optimizer: {e}") from None
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if "rng.cpu" in tensors:
-        torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if "rng.cpu" in tensors:
+            torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"training checkpoint {str(path)!r} does not match this model/optimizer: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return state
 
 
@@ -140,19 +186,23 @@ def export_model(checkpoint, dest, dtype: torch.dtype = torch.float32) -> Path:
 
     `dtype=torch.float16` halves the file (the shipped model); loaders upcast to float32.
     """
-    from safetensors.torch import save
-
     tensors, config, state = read_train_checkpoint(checkpoint)
     weights = {k[4:]: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()
                if k.startswith("ema.")}
-    meta = {"format": MODEL_FORMAT, "ddpm_fast_config": config.to_json(), "train_step": str(state["step"])}
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    return _write_model_file(dest, weights, config, state["step"])
+
+
+def _save_model_file(path, ema, config: ModelConfig, step: int) -> Path:
+    weights = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+    return _write_model_file(Path(path), weights, config, step)
+
+
+def _write_model_file(dest: Path, weights: Dict[str, torch.Tensor], config: ModelConfig, step: int) -> Path:
+    # train_step lets a resumed run see that a model file is older than its checkpoint (run_dir.model_file_step).
+    from safetensors.torch import save
+
+    meta = {"format": MODEL_FORMAT, "ddpm_fast_config": config.to_json(), "train_step": str(int(step))}
     write_atomic(dest, lambda f: f.write(save(weights, metadata=meta)))
     return dest
-
-
-def _save_model_file(path, ema, config: ModelConfig, step: int) -> None:
-    from .checkpoint import save_checkpoint
-
-    save_checkpoint(path, ema, config)

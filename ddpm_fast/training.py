@@ -52,17 +52,25 @@ from typing import Callable, Optional, Union
 import torch
 
 from .config import ModelConfig, get_preset
+from .devices import parse_device
+from .run_dir import RunLock, check_fresh_run, model_file_step, resumable
 from .reference import Schedule, UNet
 from .atomic import write_atomic
 from .cli import number_arg as _number
 # Re-exported: the training API (tests, scripts/train_default_model.sh) imports these from here.
 from .train_checkpoint import (CheckpointError, _save_model_file, export_model,  # noqa: F401
-                               load_train_checkpoint, read_train_checkpoint, save_train_checkpoint)
+                               load_train_checkpoint, read_train_checkpoint, read_train_config,
+                               save_train_checkpoint)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
 LOSS_LOG = "loss.csv"
 LOSS_COLUMNS = ("step", "loss", "lr", "it_per_s", "elapsed_s")
+MAX_IMAGE_SIZE = 1024  # --image-size: larger UNets than this do not fit any single GPU's training step
+
+
+class DivergedError(ValueError):
+    """The loss or the weights became NaN or Inf (a ValueError: the CLI reports it as one line)."""
 
 
 @dataclass
@@ -180,7 +188,7 @@ def _setup_distributed(device):
     starts the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        dev = torch.device(device) if device is not None else torch.device(
+        dev = parse_device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, dev, False
     import torch.distributed as dist
@@ -237,7 +245,7 @@ def _check_args(steps, batch_size, lr, ema_decay, grad_clip, sample_every, check
     need(is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
 
 
-def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: int = 10_000,
+def train(data, out_dir, preset: Union[str, ModelConfig, None] = None, steps: int = 10_000,
           batch_size: int = 64, lr: float = 3e-4, ema_decay: float = 0.999, grad_clip: Optional[float] = 1.0,
           amp: Union[bool, str] = False, resume: bool = False, sample_every: int = 1000,
           checkpoint_every: int = 500, seed: int = 0, device=None, progress: bool = True,
@@ -246,33 +254,39 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
     """Train a UNet for `steps` optimizer steps in total (a resumed run continues up to `steps`).
 
     data: an image folder, "digits", a tensor [N, C, H, W] in the data range, or a map-style Dataset.
-    preset: a name from config.PRESETS or a ModelConfig. lr: Adam's rate after a linear warm-up of
-    `warmup_steps`. ema_decay: see `ema_decay_at`. amp: False, True (bf16 if supported else fp16),
-    "bf16" or "fp16" (CUDA only). resume: continue from out_dir/checkpoint.safetensors (required to
-    exist); without it an existing checkpoint in out_dir is an error rather than being overwritten.
-    callback(step) runs after every completed step (tests use it to interrupt a run).
+    preset: a name from config.PRESETS or a ModelConfig; None: the checkpoint's config when resuming,
+    "digits16" otherwise. lr: Adam's rate after a linear warm-up of `warmup_steps`. ema_decay: see
+    `ema_decay_at`. amp: False, True (bf16 if supported else fp16), "bf16" or "fp16" (CUDA only).
+    resume: continue from out_dir/checkpoint.safetensors if there is one, else start a new run (with a
+    note). Without it, a folder holding a checkpoint, a model file or a foreign loss.csv is refused
+    rather than overwritten (see run_dir.py). callback(step) runs after every completed step (tests
+    use it to interrupt a run). Raises DivergedError if the loss or the weights become NaN/Inf.
     """
     from .data import load_dataset
 
     _check_args(steps, batch_size, lr, ema_decay, grad_clip, sample_every, checkpoint_every, log_every,
                 warmup_steps, num_workers, seed)
-    config = preset if isinstance(preset, ModelConfig) else get_preset(preset)
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
+        raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
+    out = Path(out_dir)
+    ckpt_path, model_path, log_path = out / CHECKPOINT_NAME, out / MODEL_NAME, out / LOSS_LOG
     rank, world, device, owns_group = _setup_distributed(device)
-    finished = False
+    finished = started = False
+    lock = None
     try:
         amp_dtype = _resolve_amp(amp, device)
-        out = Path(out_dir)
-        ckpt_path, model_path, log_path = out / CHECKPOINT_NAME, out / MODEL_NAME, out / LOSS_LOG
-        if resume and not ckpt_path.is_file():
-            raise CheckpointError(f"resume=True but there is no checkpoint to resume in {str(out)!r}")
-        if not resume and ckpt_path.exists():
-            raise FileExistsError(f"{str(out)!r} already holds a training checkpoint; pass resume=True "
-                                  "(--resume) to continue it, or choose another output folder")
+        resume = resumable(ckpt_path, resume)
+        if rank == 0:
+            lock = RunLock(out)  # before any check: a concurrent run must not pass them at the same time
+        # The cheap checks come before the data, which may take minutes to decode.
+        config = _run_config(preset, ckpt_path if resume else None)
+        if not resume:
+            check_fresh_run(out, ckpt_path, model_path, log_path, LOSS_COLUMNS)
         if batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
         per_rank = batch_size // world
 
-        dataset = load_dataset(data, config)
+        dataset = load_dataset(data, config, exclude=[out], progress=progress and rank == 0)
         order = _BatchOrder(dataset, per_rank, seed, rank, world)
         if order.per_epoch < 1:
             raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size}: "
@@ -283,9 +297,11 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        start = 0
+        start, elapsed0, last_ckpt = 0, 0.0, None
         if resume:
-            start = int(load_train_checkpoint(ckpt_path, model, ema, optimizer, scaler)["step"])
+            state = load_train_checkpoint(ckpt_path, model, ema, optimizer, scaler)
+            start = last_ckpt = int(state["step"])
+            elapsed0 = float((state.get("hparams") or {}).get("elapsed_s", 0.0))
         if rank > 0:  # dropout streams: rank 0's state is in the checkpoint, the others follow from (seed, rank, step)
             torch.manual_seed(_noise_seed(seed, rank, start) + 1)
         hparams = dict(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
@@ -299,14 +315,14 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=True)
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
             for name in (CHECKPOINT_NAME, MODEL_NAME, LOSS_LOG):  # temp files of a run killed mid-write
                 for stale in out.glob(f".{name}.*tmp*"):
                     stale.unlink(missing_ok=True)
-            if resume:
+            if resume and log_path.exists():
                 _truncate_log(log_path, start)
-            if not log_path.exists():
-                log_path.write_text(",".join(LOSS_COLUMNS) + "\n")
+            else:  # a new log (a leftover of ours from a run killed before its first checkpoint is replaced)
+                write_atomic(log_path, lambda f: f.write((",".join(LOSS_COLUMNS) + "\n").encode()))
+        started = True
 
         images = getattr(dataset, "images", None)
         if isinstance(images, torch.Tensor) and images.numel() * 4 < (1 << 29):
@@ -333,7 +349,8 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
                 stop["flag"] = True
             old_handler = signal.signal(signal.SIGINT, on_sigint)
 
-        run_sum, run_n, t_last, t0, last_loss, done = torch.zeros((), device=device), 0, time.perf_counter(), time.perf_counter(), None, start
+        run_sum, run_n, last_loss, done = torch.zeros((), device=device), 0, None, start
+        t_last = t0 = time.perf_counter() - elapsed0  # elapsed_s continues across resumes
         try:
             for step in range(start, steps):
                 x0 = next(batches).to(device, non_blocking=True)
@@ -371,8 +388,7 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
                         run_sum /= world
                     last_loss = run_sum.item() / run_n
                     if not math.isfinite(last_loss):
-                        raise FloatingPointError(f"the training loss became {last_loss} at step {done}; the last good "
-                                                 f"checkpoint is {str(ckpt_path)!r} (try a lower lr)")
+                        raise DivergedError(_diverged(f"the training loss became {last_loss}", done, ckpt_path, last_ckpt))
                     now = time.perf_counter()
                     if rank == 0:
                         with open(log_path, "a") as f:
@@ -381,9 +397,16 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
                     run_sum.zero_()
                     run_n, t_last = 0, now
                 stopping = stop["flag"]  # read once: a Ctrl-C from here on is handled after the next step
-                if rank == 0 and (done % checkpoint_every == 0 or done == steps or stopping):
-                    save_train_checkpoint(ckpt_path, model, ema, optimizer, done, config, scaler, hparams)
-                    _save_model_file(model_path, ema, config, done)
+                if done % checkpoint_every == 0 or done == steps or stopping:
+                    # Every rank checks (the weights are the same on all), so all stop together; never
+                    # replace a good checkpoint with NaN weights, whatever the last logged loss said.
+                    if not _all_finite(model):
+                        raise DivergedError(_diverged("the weights became NaN or Inf", done, ckpt_path, last_ckpt))
+                    if rank == 0:
+                        hp = dict(hparams, elapsed_s=round(time.perf_counter() - t0, 1))
+                        save_train_checkpoint(ckpt_path, model, ema, optimizer, done, config, scaler, hp)
+                        _save_model_file(model_path, ema, config, done)
+                    last_ckpt = done
                 if rank == 0 and sample_every and (done % sample_every == 0 or done == steps):
                     _write_samples(out, ema, config, done, n_samples, sample_steps, seed)
                 if callback is not None:
@@ -392,8 +415,10 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
                     print(f"\ntraining interrupted: checkpoint written at step {done}; continue with resume=True "
                           "(--resume)", file=sys.stderr)
                     raise KeyboardInterrupt(f"training interrupted at step {done}")
-            if rank == 0 and not model_path.exists() and ckpt_path.exists():
-                export_model(ckpt_path, model_path)  # resumed a finished run: make sure the model file is there
+            if rank == 0 and last_ckpt is not None and model_file_step(model_path) != last_ckpt:
+                # Resumed a finished run whose model file is missing or older than its checkpoint (a kill
+                # between the two writes): export the checkpoint's EMA again.
+                export_model(ckpt_path, model_path)
         finally:
             bar.close()
             if old_handler is not None:
@@ -401,8 +426,33 @@ def train(data, out_dir, preset: Union[str, ModelConfig] = "digits16", steps: in
         finished = True
         return TrainResult(step=done, loss=last_loss, out_dir=out, checkpoint=ckpt_path, model=model_path)
     finally:
+        if lock is not None:
+            lock.release(started)
         if owns_group:
             _end_distributed(finished)
+
+
+def _run_config(preset, checkpoint: Optional[Path]) -> ModelConfig:
+    """The run's model config: `preset` (default digits16), or the checkpoint's when resuming without
+    one; a preset that differs from the checkpoint's is refused before any data is read."""
+    saved = read_train_config(checkpoint) if checkpoint is not None else None
+    if preset is None:
+        return saved if saved is not None else get_preset("digits16")
+    config = preset if isinstance(preset, ModelConfig) else get_preset(preset)
+    if saved is not None and saved.unet != config.unet:
+        raise CheckpointError(f"{str(checkpoint)!r} was trained with another model config than the one given "
+                              "(--preset / --image-size / --channels); resume without them to use the checkpoint's")
+    return config
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
+def _diverged(what: str, step: int, checkpoint: Path, last_ckpt: Optional[int]) -> str:
+    where = (f"the last checkpoint ({str(checkpoint)!r}) is from step {last_ckpt}" if last_ckpt is not None
+             else "no checkpoint was written")
+    return f"{what} at step {step} (try a lower --lr or --grad-clip); {where}"
 
 
 def _in_main_thread() -> bool:
@@ -439,8 +489,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--data", required=True, help="a folder of PNG/JPEG images (searched recursively), or 'digits' "
       "(scikit-learn's handwritten digits, upscaled to 16x16)")
     a("--out", required=True, help="run folder: checkpoint, model, loss.csv, samples/")
-    a("--preset", default="digits16", choices=sorted(PRESETS), help="model shape (default: digits16)")
-    a("--image-size", type=_number(int, 1), default=None, help="override the preset's image size")
+    a("--preset", default=None, choices=sorted(PRESETS),
+      help="model shape (default: digits16, or the checkpoint's with --resume)")
+    a("--image-size", type=_number(int, 1, MAX_IMAGE_SIZE, hi_open=False), default=None,
+      help=f"override the preset's image size (at most {MAX_IMAGE_SIZE})")
     a("--channels", type=int, choices=(1, 3), default=None, help="override the preset's image channels")
     a("--steps", type=_number(int, 1), default=10_000, help="total optimizer steps (default: 10000)")
     a("--batch-size", type=_number(int, 1), default=64, help="global batch size (default: 64)")
@@ -449,11 +501,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--ema-decay", type=_number(float, 0.0, 1.0), default=0.999, help="EMA decay in [0, 1) (default: 0.999)")
     a("--grad-clip", type=_number(float, 0.0), default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
     a("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision on CUDA (default: off)")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    a("--resume", action="store_true",
+      help="continue from OUT/checkpoint.safetensors if it exists (else start a new run)")
     a("--sample-every", type=_number(int, 0), default=1000, help="steps between sample grids, 0 = off")
     a("--checkpoint-every", type=_number(int, 1), default=500, help="steps between checkpoints (default: 500)")
     a("--log-every", type=_number(int, 1), default=50, help="steps per loss.csv row (default: 50)")
-    a("--seed", type=_number(int, 0), default=0)
+    a("--seed", type=_number(int, 0, 2 ** 63), default=0)
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available); ignored under torchrun")
     a("--num-workers", type=_number(int, 0), default=0, help="DataLoader workers for image folders")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -464,17 +517,12 @@ def run_train_from_args(args: argparse.Namespace) -> int:
     """Validate parsed `train` arguments, run training, print where things went. Returns 0."""
     import dataclasses
 
-    config = get_preset(args.preset)
     over = {k: v for k, v in (("image_size", args.image_size), ("image_channels", args.channels)) if v is not None}
+    config = None if args.preset is None and not over else get_preset(args.preset or "digits16")
     if over:
         config = ModelConfig(dataclasses.replace(config.unet, **over), config.diffusion)
     if args.device is not None:
-        try:
-            dev = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device: not a device name: {args.device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+        parse_device(args.device, "--device")
     if args.amp != "off" and not torch.cuda.is_available():
         raise ValueError(f"--amp {args.amp} needs a CUDA device")
     res = train(args.data, args.out, preset=config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -497,7 +545,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_train_from_args(args)
-    except (DataError, CheckpointError, FileExistsError, ValueError, ImportError) as e:
+    except (DataError, CheckpointError, OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
