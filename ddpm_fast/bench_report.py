@@ -87,6 +87,8 @@ def load_results(json_path) -> dict:
         data = _from_jsonl(text, path) if path.suffix == ".jsonl" else json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from None
+    except RecursionError:  # json recurses once per level of [ or {: no results file nests this deep
+        raise ValueError(f"{str(path)!r} is not a results file: its JSON is nested too deeply to read") from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise ValueError(f"{str(path)!r} is not pytest-benchmark output (no 'benchmarks' list); write one with "
                          "`pytest benchmarks/ --benchmark-only --benchmark-json=FILE`")
@@ -119,12 +121,24 @@ def _num(v) -> Optional[float]:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def _time(name: str, key: str, value, zero_ok: bool = False) -> Optional[float]:
+    """A timing stat of benchmark `name`, None when not recorded; else a finite number > 0 (>= 0 for a spread):
+    a zero or negative time is a broken measurement the speedups would divide by or show negated."""
+    if value is None:
+        return None
+    x = _num(value)
+    if x is None or x < 0 or (x == 0 and not zero_ok):
+        raise ValueError(f"benchmark {name!r}: {key} is {value!r}, not a finite time "
+                         f"{'>= 0' if zero_ok else '> 0'}")
+    return x
+
+
 def _entry(b: dict, index: int) -> Entry:
     if not isinstance(b, dict):
         raise ValueError(f"benchmark #{index} is not a JSON object")
     name = str(b.get("name") or b.get("fullname") or f"#{index}")
     stats = b.get("stats")
-    if not isinstance(stats, dict) or _num(stats.get("median")) is None:
+    if not isinstance(stats, dict) or stats.get("median") is None:
         raise ValueError(f"benchmark {name!r} has no stats.median")
     extra = b.get("extra_info") if isinstance(b.get("extra_info"), dict) else {}
     params = b.get("params") if isinstance(b.get("params"), dict) else {}
@@ -138,15 +152,17 @@ def _entry(b: dict, index: int) -> Entry:
         group = name.split("[", 1)[0] + (f"[{rest}]" if rest else "")
     # CUDA-event medians (run_bench's do_bench) are more precise than the synchronized wall clock.
     # min and IQR come from pytest-benchmark's rounds, so they are shown only next to its median.
-    median_ms = _num(extra.get("median_ms"))
-    from_stats = median_ms is None or math.isclose(median_ms * 1e-3, float(stats["median"]), rel_tol=1e-6)
-    median_s = float(stats["median"]) if from_stats else median_ms * 1e-3
+    # median_ms is checked first: a .jsonl's stats.median came from it, so an error names what the file holds.
+    median_ms = _time(name, "extra_info.median_ms", extra.get("median_ms"))
+    stats_median = _time(name, "stats.median", stats["median"])
+    from_stats = median_ms is None or math.isclose(median_ms * 1e-3, stats_median, rel_tol=1e-6)
+    median_s = stats_median if from_stats else median_ms * 1e-3
     throughput = [(unit, _num(extra[unit])) for unit in ("images/s", "TFLOP/s", "GB/s")
                   if _num(extra.get(unit)) is not None]
     rounds = stats.get("rounds")
     return Entry(section=section, group=str(group), provider=provider, median_s=median_s,
-                 min_s=_num(stats.get("min")) if from_stats else None,
-                 iqr_s=_num(stats.get("iqr")) if from_stats else None,
+                 min_s=_time(name, "stats.min", stats.get("min")) if from_stats else None,
+                 iqr_s=_time(name, "stats.iqr", stats.get("iqr"), zero_ok=True) if from_stats else None,
                  rounds=int(rounds) if isinstance(rounds, int) else None,
                  timer=str(extra.get("timer") or "pytest-benchmark wall clock"), throughput=throughput,
                  peak_mem=int(extra["peak_mem_bytes"]) if _num(extra.get("peak_mem_bytes")) is not None else None,
@@ -429,8 +445,8 @@ def render_markdown(meta: Dict[str, str], entries: List[Entry], rows: List[Row],
 # Chart
 # ---------------------------------------------------------------------------------------------
 def make_chart(rows: List[Row], entries: List[Entry], meta: Dict[str, str], png_path: Path) -> bool:
-    """Write the PNG; False when matplotlib is not installed. Speedup bars (log scale, 1x marked) when
-    any fast/baseline pair exists, else each provider's median time per case."""
+    """Write the PNG to png_path; False when matplotlib is not installed. Speedup bars (log scale, 1x
+    marked) when any fast/baseline pair exists, else each provider's median time per case."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -501,27 +517,19 @@ def make_chart(rows: List[Row], entries: List[Entry], meta: Dict[str, str], png_
                  f"{meta['date'][:10]}, commit {meta['commit'].split(' ')[0]}", fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, png_path)
+    fig.savefig(png_path, format="png", dpi=110)
     return True
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
-def _write_text_atomic(path: Path, text: str) -> None:
-    # A plain open() of a sibling temp file (not mkstemp, whose 0600 mode would survive the rename)
-    # keeps the usual umask permissions; the rename means no reader ever sees half a report.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _writing(dest: Path, write: Callable[..., Any], *args):
+    """write(*args), a step of writing dest through its temporary name: an OSError names dest itself."""
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+        return write(*args)
+    except OSError as e:
+        raise OSError(f"cannot write {str(dest)!r}: {e.strerror or e}") from None
 
 
 def make_report(json_path, out_dir=None, note: Optional[str] = None) -> Tuple[Path, Optional[Path]]:
@@ -541,15 +549,30 @@ def make_report(json_path, out_dir=None, note: Optional[str] = None) -> Tuple[Pa
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / (json_path.stem + ".md")
     png_path = out / (json_path.stem + ".png")
-    if make_chart(rows, entries, meta, png_path):
-        chart_name, chart_note = png_path.name, None
-    else:
-        png_path, chart_name = None, None
-        chart_note = ("No chart: matplotlib is not installed (`pip install matplotlib`, or the package's "
-                      "`plot` extra); the tables above and below hold every number.")
-    text = render_markdown(meta, entries, rows, json_path.name, chart_name, chart_note, note)
-    _write_text_atomic(md_path, text)
-    return md_path, png_path
+    # Both files are written to sibling temporary names (plain opens, not mkstemp, whose 0600 mode would
+    # survive the rename) and only then renamed into place, so no reader sees half a file; the chart goes
+    # first and is removed again if the markdown cannot follow: a failure leaves no chart without its report.
+    md_tmp, png_tmp = (p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in (md_path, png_path))
+    try:
+        charted = _writing(png_path, make_chart, rows, entries, meta, png_tmp)
+        chart_note = None if charted else (
+            "No chart: matplotlib is not installed (`pip install matplotlib`, or the package's `plot` "
+            "extra); the tables above and below hold every number.")
+        text = render_markdown(meta, entries, rows, json_path.name, png_path.name if charted else None,
+                               chart_note, note)
+        _writing(md_path, md_tmp.write_text, text, "utf-8")
+        if charted:
+            _writing(png_path, os.replace, png_tmp, png_path)
+        try:
+            _writing(md_path, os.replace, md_tmp, md_path)
+        except OSError:
+            if charted:
+                png_path.unlink()
+            raise
+    finally:
+        for tmp in (md_tmp, png_tmp):
+            tmp.unlink(missing_ok=True)
+    return md_path, png_path if charted else None
 
 
 def add_bench_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

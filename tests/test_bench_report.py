@@ -206,6 +206,63 @@ def test_bad_input(tmp_path, content, match):
     assert not (tmp_path / "bad.md").exists()
 
 
+@pytest.mark.parametrize("provider, stats, extra, match", [
+    ("fast", {"median": 0.0}, {}, r"benchmark 'test_op\[fast\]': stats\.median is 0\.0, not a finite time > 0"),
+    ("fast", {"median": -1e-3}, {}, r"'test_op\[fast\]': stats\.median is -0\.001"),
+    ("reference", {"median": 0.0}, {}, r"'test_op\[reference\]': stats\.median is 0\.0"),
+    ("fast", {"median": float("nan")}, {}, r"stats\.median is nan"),
+    ("fast", {}, {"median_ms": 0}, r"extra_info\.median_ms is 0, not a finite time > 0"),  # a CUDA-event median
+    ("fast", {"min": -1e-3}, {}, r"stats\.min is -0\.001"),
+    ("fast", {"iqr": -1e-4}, {}, r"stats\.iqr is -0\.0001, not a finite time >= 0"),
+], ids=["zero", "negative", "zero-reference", "nan", "zero-median_ms", "negative-min", "negative-iqr"])
+def test_bad_times(tmp_path, provider, stats, extra, match):
+    """A time that is not a finite number > 0 is bad input naming its benchmark: not a division by zero,
+    nor a report of negative or zero times and speedups."""
+    benches = [_bench("A", p, 1e-3, extra=extra if p == provider else None) for p in ("reference", "fast")]
+    benches[("reference", "fast").index(provider)]["stats"].update(stats)
+    p = _write(tmp_path, _results(benches))
+    with pytest.raises(ValueError, match=match):
+        make_report(p, tmp_path)
+    assert not (tmp_path / "results.md").exists()
+
+
+def test_zero_spread_and_unused_stats_are_accepted(tmp_path, no_matplotlib):
+    """An IQR of 0 is a real result (one round, or identical rounds); the rounds' min and IQR next to
+    a CUDA-event median are not shown, so they are not checked either."""
+    fast = _bench("A", "fast", 1e-3, extra={"median_ms": 0.5})
+    fast["stats"].update(min=-1.0, iqr="?")
+    ref = _bench("A", "reference", 2e-3)
+    ref["stats"]["iqr"] = 0.0
+    md_path, _ = make_report(_write(tmp_path, _results([ref, fast])), tmp_path)
+    assert _row(md_path.read_text(), "A")["vs reference"] == "4.00x"
+
+
+@pytest.mark.parametrize("name, content", [
+    ("deep.json", "[" * 100_000 + "]" * 100_000),
+    ("deep.json", '{"benchmarks": [' + "[" * 100_000 + "]" * 100_000 + "]}"),
+    ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n"),
+], ids=["top", "inside-benchmarks", "jsonl-row"])
+def test_deeply_nested_json(tmp_path, name, content):
+    """Nesting deeper than Python's recursion limit is a file that cannot be read, not a RecursionError."""
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(ValueError, match=rf"{name}.*nested too deeply"):
+        load_results(p)
+
+
+@pytest.mark.parametrize("blocked", ["results.md", "results.png"])
+def test_write_failure_leaves_no_partial_report(sample_json, tmp_path, blocked):
+    """A destination that cannot be written (here a directory in its way) gives an error naming it,
+    not its temporary file, and leaves no chart without its markdown and no temporary file."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    (out / blocked).mkdir(parents=True)
+    with pytest.raises(OSError, match="cannot write") as info:
+        make_report(sample_json, out)
+    assert repr(str(out / blocked)) in str(info.value) and ".tmp" not in str(info.value)
+    assert [p.name for p in out.iterdir()] == [blocked]
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_results(tmp_path / "nope.json")
@@ -225,6 +282,18 @@ def test_cli_entry_points(sample_json, tmp_path, capsys, no_matplotlib):
     assert (tmp_path / "cli" / "results.md").exists()
     with pytest.raises(SystemExit, match="bench-report: error: .*does not exist"):
         bench_report.main([str(tmp_path / "missing.json")])
+    # Bad times, too-deep nesting and an unwritable destination: one line and exit status 1 as well.
+    zero = _write(tmp_path, _results([_bench("A", "reference", 1e-3), _bench("A", "fast", 1e-3)]), "zero.json")
+    zero.write_text(zero.read_text().replace('"median": 0.001', '"median": 0.0'))
+    with pytest.raises(SystemExit, match=r"bench-report: error: benchmark 'test_op\[\w+\]': stats\.median is 0\.0"):
+        bench_report.main([str(zero)])
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SystemExit, match="bench-report: error: .*deep.json.*nested too deeply"):
+        bench_report.main([str(tmp_path / "deep.json")])
+    (tmp_path / "cli" / "results.md").unlink()
+    (tmp_path / "cli" / "results.md").mkdir()
+    with pytest.raises(SystemExit, match="bench-report: error: cannot write .*results.md"):
+        bench_report.main([str(sample_json), "--out-dir", str(tmp_path / "cli")])
 
 
 _BENCH_FILE = '''
