@@ -4,7 +4,10 @@ safetensors holds tensors only (no pickle), so loading a checkpoint can never ru
 check a loader can make is made, and every failure is a ValueError (FileNotFoundError for a
 missing file) whose message starts with the path: the file parses, carries our metadata, the
 config is valid, the tensor names and shapes are exactly those of the UNet the config builds,
-and every tensor is floating point and finite.
+and every tensor is float16/bfloat16/float32/float64 and finite.
+
+load_checkpoint also takes what training writes: a training checkpoint (its EMA weights, the ones a
+run samples with) and a run folder.
 
 labml's own checkpoints are pickled state_dicts (.pt); `load_labml_state_dict` reads them with
 torch.load(weights_only=True), whose unpickler refuses anything but tensors and plain containers.
@@ -24,7 +27,9 @@ from safetensors.torch import save
 
 from .atomic import write_atomic
 from .config import DiffusionConfig, ModelConfig, UNetConfig, get_preset
+from .devices import parse_device
 from .reference.unet import UNet
+from .train_checkpoint import TRAIN_FORMAT  # a light module (no training stack): the format name only
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_extra_tensors", "load_labml_state_dict",
            "default_checkpoint_path", "CONFIG_KEY", "FORMAT", "EXTRA_PREFIX"]
@@ -35,6 +40,15 @@ FORMAT = "ddpm_fast/1"
 # prefix; no UNet state_dict key contains a '/', so the two can never collide.
 EXTRA_PREFIX = "extra/"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "digits16.safetensors"
+# Where each format keeps the weights to sample with: a model file at the top level (its extras under
+# EXTRA_PREFIX), a training checkpoint as the EMA copy beside model.*, optim.* and rng.* tensors.
+WEIGHTS_PREFIX = {FORMAT: "", TRAIN_FORMAT: "ema."}
+# What a training run folder holds (training.MODEL_NAME / CHECKPOINT_NAME), in the order load_checkpoint
+# tries them: the exported EMA weights, then the full training state.
+RUN_FILES = ("model.safetensors", "checkpoint.safetensors")
+# The dtypes weights may have and models may be loaded in. float8 and friends are refused: they are not
+# a dtype the UNet runs in, and isfinite is not even implemented for them.
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 PathLike = Union[str, os.PathLike]
 
@@ -56,9 +70,8 @@ def save_checkpoint(path: PathLike, model: torch.nn.Module, config: ModelConfig,
         raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     path = Path(path)
     state = model.state_dict()
-    problems = _mismatch(_expected_shapes(config.unet), {k: tuple(v.shape) for k, v in state.items()})
-    if problems:
-        raise ValueError(f"cannot save {path}: the model does not match config.unet ({problems})")
+    _match_config(f"cannot save {path}", config.unet, {k: tuple(v.shape) for k, v in state.items()},
+                  "the model does not match config.unet")
     tensors: Dict[str, torch.Tensor] = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     for name, t in (extra_tensors or {}).items():
         if not isinstance(name, str) or not name:
@@ -72,18 +85,26 @@ def save_checkpoint(path: PathLike, model: torch.nn.Module, config: ModelConfig,
     parent = path.parent
     if not parent.is_dir():
         raise ValueError(f"cannot save {path}: directory {parent} does not exist")
+    if path.is_dir():  # else os.replace fails with an IsADirectoryError naming the temporary file
+        raise ValueError(f"cannot save {path}: it is a directory; give a file name "
+                         f"such as {path / 'model.safetensors'}")
     data = save(tensors, metadata=metadata)
     write_atomic(path, lambda f: f.write(data))
     return path
 
 
-def load_checkpoint(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = None
+def load_checkpoint(path: PathLike, device="cpu", dtype: Union[torch.dtype, str, None] = None
                     ) -> Tuple[UNet, ModelConfig]:
-    """Load (UNet, ModelConfig) from a file written by save_checkpoint; the model is in eval mode.
+    """Load (UNet, ModelConfig) from a checkpoint; the model is in eval mode.
 
-    dtype: the parameters' dtype (default float32, whatever the file stores).
+    path: a file written by save_checkpoint (as training writes RUN/model.safetensors), a training
+    checkpoint (RUN/checkpoint.safetensors: its EMA weights are loaded, the ones a run samples with),
+    or a run folder (its model.safetensors, else its checkpoint.safetensors).
+    device: cpu or cuda[:i]. dtype: the parameters' dtype (default float32, whatever the file stores):
+    a torch dtype or a name sample() accepts ("fp32", "fp16", "bf16", ...).
     """
-    path = _existing_file(path)
+    path = _existing_file(path, run_folder=True)
+    dev, dtype = _device(path, device), _dtype(dtype)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -95,46 +116,48 @@ def load_checkpoint(path: PathLike, device="cpu", dtype: Optional[torch.dtype] =
             hint = " (a pickled labml state_dict? read it with ddpm_fast.load_labml_state_dict)"
         raise ValueError(f"{path}: not a valid safetensors file: {_first_line(e)}{hint}") from None
 
-    if metadata.get("format") != FORMAT or CONFIG_KEY not in metadata:
-        raise ValueError(f"{path}: not a ddpm_fast checkpoint (metadata has format={metadata.get('format')!r}, "
-                         f"expected {FORMAT!r} and a {CONFIG_KEY!r} entry)")
+    fmt = metadata.get("format")
+    if fmt not in WEIGHTS_PREFIX or CONFIG_KEY not in metadata:
+        raise ValueError(f"{path}: not a ddpm_fast checkpoint (metadata has format={fmt!r}, expected {FORMAT!r} "
+                         f"(a model file) or {TRAIN_FORMAT!r} (a training checkpoint) and a {CONFIG_KEY!r} entry)")
     try:
         config = ModelConfig.from_json(metadata[CONFIG_KEY])
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: bad config in metadata: {_first_line(e)}") from None
 
-    model_shapes = {k: s for k, s in shapes.items() if not k.startswith(EXTRA_PREFIX)}
-    problems = _mismatch(_expected_shapes(config.unet), model_shapes)
-    if problems:
-        raise ValueError(f"{path}: tensors do not match the UNet of its config: {problems}")
+    prefix = WEIGHTS_PREFIX[fmt]
+    names = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and not k.startswith(EXTRA_PREFIX)}
+    what = "tensors do not match the UNet of its config" + (f" ({prefix}* tensors)" if prefix else "")
+    _match_config(str(path), config.unet, {name: shapes[k] for name, k in names.items()}, what)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in model_shapes}
+            state = {name: f.get_tensor(k) for name, k in names.items()}
     except Exception as e:
         raise ValueError(f"{path}: cannot read tensors: {_first_line(e)}") from None
-    return _build(path, config, state, device, dtype), config
+    return _build(path, config, state, dev, dtype), config
 
 
 def load_extra_tensors(path: PathLike, device="cpu") -> Dict[str, torch.Tensor]:
     """The extra tensors save_checkpoint stored beside the model (names without the prefix)."""
     path = _existing_file(path)
+    dev = _device(path, device)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             out = {k[len(EXTRA_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA_PREFIX)}
     except Exception as e:
         raise ValueError(f"{path}: not a valid safetensors file: {_first_line(e)}") from None
-    return {k: v.to(_device(path, device)) for k, v in out.items()}
+    return {k: v.to(dev) for k, v in out.items()}
 
 
 def load_labml_state_dict(path: PathLike, config: Union[ModelConfig, UNetConfig, str], device="cpu",
-                          dtype: Optional[torch.dtype] = None) -> Tuple[UNet, ModelConfig]:
+                          dtype: Union[torch.dtype, str, None] = None) -> Tuple[UNet, ModelConfig]:
     """Load a labml-style pickled state_dict (.pt/.pth) into a UNet: (model in eval mode, config).
 
     The file may hold the bare state_dict or {"model": sd} / {"state_dict": sd}; a DDP "module." prefix
     is stripped. It is read with torch.load(weights_only=True): a pickle that carries code (or any
     object but tensors and plain containers) is refused with a ValueError and never executed.
     config: a ModelConfig, a UNetConfig (labml trains on [0, 1] images, so it gets
-    DiffusionConfig(data_range=(0, 1))) or a preset name.
+    DiffusionConfig(data_range=(0, 1))) or a preset name. device, dtype: as for load_checkpoint.
     """
     if isinstance(config, str):
         config = get_preset(config)
@@ -143,6 +166,7 @@ def load_labml_state_dict(path: PathLike, config: Union[ModelConfig, UNetConfig,
     elif not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a ModelConfig, UNetConfig or preset name, got {type(config).__name__}")
     path = _existing_file(path)
+    dev, dtype = _device(path, device), _dtype(dtype)
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it did not write; the refusal below says what matters.
@@ -168,23 +192,55 @@ def load_labml_state_dict(path: PathLike, config: Union[ModelConfig, UNetConfig,
         raise ValueError(f"{path}: the state_dict has non-tensor entries: {_listing(map(str, bad))}")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    problems = _mismatch(_expected_shapes(config.unet), {k: tuple(v.shape) for k, v in state.items()})
-    if problems:
-        raise ValueError(f"{path}: state_dict does not match the UNet of the given config: {problems}")
-    return _build(path, config, dict(state), device, dtype), config
+    _match_config(str(path), config.unet, {k: tuple(v.shape) for k, v in state.items()},
+                  "state_dict does not match the UNet of the given config")
+    return _build(path, config, dict(state), dev, dtype), config
 
 
 # --------------------------------------------------------------------------------------------
 
-def _existing_file(path: PathLike) -> Path:
+def _existing_file(path: PathLike, run_folder: bool = False) -> Path:
+    """`path` as a Path to an existing file; with `run_folder`, a folder stands for the first of RUN_FILES in it."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"expected a file path, got {type(path).__name__}")
+    if not os.fspath(path):  # Path("") is the current directory
+        raise ValueError("the checkpoint path is empty")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if run_folder and path.is_dir():
+        for name in RUN_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise ValueError(f"{path}: not a file, nor a training run folder (it holds neither {' nor '.join(RUN_FILES)})")
     if not path.is_file():
         raise ValueError(f"{path}: not a file")
     return path
+
+
+def _match_config(where: str, unet_config: UNetConfig, found: Dict[str, tuple], what: str) -> None:
+    """Raise a ValueError '<where>: <what>: <differences>' unless `found` (name -> shape) is exactly the
+    state_dict of the UNet that `unet_config` describes."""
+    # Even on the meta device a UNet costs about 1 ms per block to build and the config allows ~1000
+    # blocks, so a file with far fewer tensors than its config needs is refused before anything is built.
+    least = _min_tensor_count(unet_config)
+    if len(found) < least:
+        raise ValueError(f"{where}: {what}: {len(found)} tensor(s), but that UNet has at least {least}")
+    try:
+        expected = _expected_shapes(unet_config)
+    except Exception as e:  # the config bounds should make this unreachable; an error must still name the file
+        raise ValueError(f"{where}: cannot build the UNet of its config: "
+                         f"{type(e).__name__}: {_first_line(e)}") from None
+    problems = _mismatch(expected, found)
+    if problems:
+        raise ValueError(f"{where}: {what}: {problems}")
+
+
+def _min_tensor_count(unet_config: UNetConfig) -> int:
+    # A lower bound, without building anything: n_blocks ResidualBlocks per level down, n_blocks + 1 up,
+    # 2 in the middle, each with at least 10 tensors (weight and bias of norm1, conv1, time_emb, norm2, conv2).
+    c = unet_config
+    return 10 * (len(c.ch_mults) * (2 * c.n_blocks + 1) + 2)
 
 
 def _expected_shapes(unet_config: UNetConfig) -> Dict[str, Tuple[int, ...]]:
@@ -215,17 +271,15 @@ def _listing(items, limit: int = 6) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _build(path: Path, config: ModelConfig, state: Dict[str, torch.Tensor], device, dtype) -> UNet:
-    bad_dtype = [f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point()]
+def _build(path: Path, config: ModelConfig, state: Dict[str, torch.Tensor], dev: torch.device,
+           dtype: torch.dtype) -> UNet:
+    """The UNet holding `state`, on `dev` in `dtype` (both already parsed), after the dtype and finiteness checks."""
+    bad_dtype = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in WEIGHT_DTYPES]
     if bad_dtype:
-        raise ValueError(f"{path}: tensors must be floating point: {_listing(bad_dtype)}")
+        raise ValueError(f"{path}: tensors must be float16, bfloat16, float32 or float64: {_listing(bad_dtype)}")
     non_finite = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
     if non_finite:
         raise ValueError(f"{path}: tensors hold NaN or Inf: {_listing(non_finite)}")
-    dtype = torch.float32 if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
-    dev = _device(path, device)
     with torch.device("meta"):
         model = UNet(config.unet)
     # assign=True adopts the loaded tensors instead of copying into freshly initialised ones.
@@ -235,21 +289,35 @@ def _build(path: Path, config: ModelConfig, state: Dict[str, torch.Tensor], devi
 
 def _device(path: Path, device) -> torch.device:
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: invalid device {device!r} ({_first_line(e)})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{path}: device {device!r} requested but CUDA is not available")
-    return dev
+        return parse_device(device)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _dtype(dtype) -> torch.dtype:
+    """A torch dtype from WEIGHT_DTYPES or a name sample() accepts; None means float32."""
+    from .sampling import _DTYPES  # the one table of dtype names (late: sampling may import this module)
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)} or a torch dtype")
+        return _DTYPES[dtype]
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be torch.float32, float16, bfloat16 or float64, got {dtype!r}")
+    return dtype
 
 
 def _unpickler_reason(e: BaseException) -> str:
     # torch's message is a paragraph of advice; the line naming the refused global/opcode is the news.
+    # Its case varies between versions ("Unsupported global: GLOBAL posix.system", torch 2.13's
+    # "unsupported GLOBAL posix.system"). Never its advice: weights_only=False would run the code.
     for line in str(e).splitlines():
-        m = re.search(r"Unsupported (global|operand)[^\n]*", line)
+        m = re.search(r"unsupported (global|operand)[^\n]*", line, re.IGNORECASE)
         if m:
-            return m.group(0).split(" was not ")[0].split(". Please")[0].strip()
-    return _first_line(e)
+            return re.split(r" was not |\. Please|\. Check", m.group(0))[0].strip().rstrip(".")
+    return "it names something other than tensors and plain containers"
 
 
 def _first_line(e: BaseException) -> str:

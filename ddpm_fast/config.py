@@ -7,8 +7,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
+
+# Upper bounds on what a config may ask for. A checkpoint's config is untrusted input: without them a
+# few bytes of JSON could make the loader build a UNet with millions of blocks, a tensor shape whose
+# byte size overflows, or a sampler that allocates terabytes. Each is far beyond any real DDPM (the
+# 168M-parameter labml-cifar32 has 1024 channels, 4 levels, 2 blocks per level, 32x32 images, T=1000).
+MAX_CHANNELS = 2 ** 16  # any channel count: image, base, every level's, an attention block's n_heads * d_k
+MAX_LEVELS = 8  # len(ch_mults): resolutions
+MAX_BLOCKS = 64  # n_blocks per resolution
+MAX_IMAGE_SIZE = 4096
+MAX_STEPS = 100_000  # the schedule's T
+MAX_DATA_MAGNITUDE = 1e6  # |data_range| bound: the sampler maps x to pixels in float32
+# The signal left at the last step, alpha_bar[T-1], must stay above this. Below it float32 alpha_bar
+# approaches its smallest normal value, 1/sqrt(alpha_bar) in the sampler's coefficients overflows or
+# loses all precision, and sampling returns NaN (measured: 4e-35 still samples, 2e-47 gives NaN).
+# The DDPM paper's schedule leaves 4e-5.
+MIN_ALPHA_BAR = 1e-30
 
 
 @dataclass(frozen=True)
@@ -27,9 +45,15 @@ class UNetConfig:
     d_k: int | None = None  # attention head width; None means the block's channel count (labml)
 
     def __post_init__(self):
-        # Tuples, not lists, so the config hashes and compares equal after a JSON round trip.
-        object.__setattr__(self, "ch_mults", tuple(int(m) for m in self.ch_mults))
-        object.__setattr__(self, "is_attn", tuple(bool(a) for a in self.is_attn))
+        # Tuples, not lists, so the config hashes and compares equal after a JSON round trip. The
+        # entries are checked before conversion: int(1.5) and bool("no") would silently succeed.
+        for name, ok, convert, what in (("ch_mults", _is_integral, int, "ints"),
+                                        ("is_attn", _is_flag, bool, "booleans")):
+            v = getattr(self, name)
+            items = _items(v)
+            if items is None or not all(ok(m) for m in items):
+                raise ValueError(f"UNetConfig: {name} must be a list of {what}, got {_short(v)}")
+            object.__setattr__(self, name, tuple(convert(m) for m in items))
         self.validate()
 
     def validate(self) -> None:
@@ -39,13 +63,27 @@ class UNetConfig:
 
         for name in ("image_channels", "n_channels", "n_blocks", "image_size", "n_groups", "n_heads"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive int, got {v!r}")
+            need(_is_int(v) and v > 0, f"{name} must be a positive int, got {v!r}")
         need(len(self.ch_mults) > 0, "ch_mults must not be empty")
         need(all(m > 0 for m in self.ch_mults), f"ch_mults must be positive, got {self.ch_mults}")
+        need(len(self.ch_mults) <= MAX_LEVELS, f"ch_mults has {len(self.ch_mults)} levels, at most {MAX_LEVELS}")
         need(len(self.is_attn) == len(self.ch_mults),
              f"is_attn has {len(self.is_attn)} entries but ch_mults has {len(self.ch_mults)}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.d_k is None or (isinstance(self.d_k, int) and self.d_k > 0), f"d_k must be None or > 0, got {self.d_k!r}")
+        need(self.n_blocks <= MAX_BLOCKS, f"n_blocks must be <= {MAX_BLOCKS}, got {self.n_blocks}")
+        need(self.image_size <= MAX_IMAGE_SIZE, f"image_size must be <= {MAX_IMAGE_SIZE}, got {self.image_size}")
+        need(self.image_channels <= MAX_CHANNELS,
+             f"image_channels must be <= {MAX_CHANNELS}, got {self.image_channels}")
+        # Multipliers compound, so the last level has the most channels (every multiplier is >= 1).
+        widest = self.level_channels()[-1]
+        need(widest <= MAX_CHANNELS, f"n_channels * product(ch_mults) = {widest} channels, at most {MAX_CHANNELS} "
+                                     f"(n_channels={self.n_channels}, ch_mults={self.ch_mults})")
+        need(_is_real(self.dropout) and 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+        need(self.d_k is None or (_is_int(self.d_k) and self.d_k > 0),
+             f"d_k must be None or a positive int, got {self.d_k!r}")
+        # The middle block always has attention, over the widest level; d_k None means that width.
+        attn_width = self.n_heads * (self.d_k or widest)
+        need(attn_width <= MAX_CHANNELS, f"n_heads * d_k = {attn_width} (n_heads={self.n_heads}, d_k={self.d_k}, "
+                                         f"{widest} channels at the widest level), at most {MAX_CHANNELS}")
         down = 2 ** (len(self.ch_mults) - 1)
         need(self.image_size % down == 0,
              f"image_size {self.image_size} must be divisible by {down} ({len(self.ch_mults)} resolutions)")
@@ -99,13 +137,36 @@ class DiffusionConfig:
     data_range: Tuple[float, float] = (-1.0, 1.0)
 
     def __post_init__(self):
-        object.__setattr__(self, "data_range", tuple(float(v) for v in self.data_range))
-        if not (isinstance(self.n_steps, int) and self.n_steps >= 2):
-            raise ValueError(f"DiffusionConfig: n_steps must be an int >= 2, got {self.n_steps!r}")
-        if not (0.0 < self.beta_start < self.beta_end < 1.0):
-            raise ValueError(f"DiffusionConfig: need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
-        if len(self.data_range) != 2 or not self.data_range[0] < self.data_range[1]:
-            raise ValueError(f"DiffusionConfig: data_range must be (low, high) with low < high, got {self.data_range}")
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"DiffusionConfig: {msg}")
+
+        r = self.data_range
+        need(isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_real(v) for v in r),
+             f"data_range must be (low, high), two numbers, got {_short(r)}")
+        object.__setattr__(self, "data_range", tuple(float(v) for v in r))
+        low, high = self.data_range
+        need(all(math.isfinite(v) and abs(v) <= MAX_DATA_MAGNITUDE for v in self.data_range),
+             f"data_range values must be finite with |value| <= {MAX_DATA_MAGNITUDE:g}, got {self.data_range}")
+        # The sampler divides by (high - low) in float32: a range narrower than float32 can resolve maps
+        # every sample to NaN or to one pixel value.
+        need(high - low >= 1e-6 * max(1.0, abs(low), abs(high)),
+             f"data_range must be (low, high) with low < high (and not narrower than 1e-6 relative), "
+             f"got {self.data_range}")
+        need(_is_int(self.n_steps) and 2 <= self.n_steps <= MAX_STEPS,
+             f"n_steps must be an int in [2, {MAX_STEPS}], got {self.n_steps!r}")
+        need(_is_real(self.beta_start) and _is_real(self.beta_end) and 0.0 < self.beta_start < self.beta_end < 1.0,
+             f"need 0 < beta_start < beta_end < 1, got {self.beta_start!r}, {self.beta_end!r}")
+        alpha_bar = self.final_alpha_bar()
+        need(alpha_bar >= MIN_ALPHA_BAR,
+             f"the schedule (beta {self.beta_start:g} to {self.beta_end:g} over n_steps={self.n_steps}) leaves "
+             f"alpha_bar = {alpha_bar:.3g} at the last step, below {MIN_ALPHA_BAR:g}: the sampler's float32 "
+             "coefficients (1/sqrt(alpha_bar)) would overflow; use smaller betas or fewer steps")
+
+    def final_alpha_bar(self) -> float:
+        """alpha_bar at the last step, prod(1 - beta_t) over the linear schedule (in float64, as Schedule)."""
+        step = (self.beta_end - self.beta_start) / (self.n_steps - 1)
+        return math.exp(math.fsum(math.log1p(-(self.beta_start + i * step)) for i in range(self.n_steps)))
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -144,6 +205,38 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"ModelConfig: not valid JSON ({e})") from None
         return cls.from_dict(d)
+
+
+def _is_int(v: Any) -> bool:
+    # A plain int: the field goes into JSON as is (numpy integers would not serialise).
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_integral(v: Any) -> bool:
+    # Sequence entries (ch_mults) are converted with int(), so numpy integers are fine there.
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_flag(v: Any) -> bool:
+    # True/False, 0/1, numpy booleans; never a string, which bool() would turn into True ("no" too).
+    try:
+        return not isinstance(v, (str, bytes)) and bool(v in (0, 1))
+    except (TypeError, ValueError):  # e.g. an array, whose == is elementwise
+        return False
+
+
+def _items(v: Any):
+    """The entries of a list, tuple or other iterable (a numpy array), or None for a string or non-iterable."""
+    if isinstance(v, (str, bytes, dict)):
+        return None
+    try:
+        return tuple(v)
+    except TypeError:
+        return None
 
 
 def _short(obj: Any) -> str:

@@ -2,15 +2,18 @@
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ddpm_fast import (DiffusionConfig, ModelConfig, UNet, UNetConfig, default_checkpoint_path, get_preset,
-                       load_checkpoint, load_labml_state_dict, save_checkpoint)
+import ddpm_fast.checkpoint as checkpoint_module
+from ddpm_fast import (PRESETS, DiffusionConfig, ModelConfig, UNet, UNetConfig, default_checkpoint_path,
+                       get_preset, load_checkpoint, load_labml_state_dict, sample, save_checkpoint)
 from ddpm_fast.checkpoint import CONFIG_KEY, FORMAT, load_extra_tensors
+from ddpm_fast.train_checkpoint import TRAIN_FORMAT, save_train_checkpoint
 
 CFG = ModelConfig(UNetConfig(image_channels=1, n_channels=16, ch_mults=(1, 2), is_attn=(False, True), n_blocks=1,
                              image_size=8, n_groups=4),
@@ -84,6 +87,19 @@ def test_load_in_another_dtype_and_overwrite(tmp_path, model):
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
 
+def test_dtype_names_as_sample_takes_them(ckpt, tmp_path, model):
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        loaded, _ = load_checkpoint(ckpt, dtype=name)
+        assert all(p.dtype == dtype for p in loaded.parameters()), name
+    sd_path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), sd_path)
+    assert load_labml_state_dict(sd_path, CFG, dtype="fp16")[0].final.weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'half'"):
+        load_checkpoint(ckpt, dtype="half")
+    with pytest.raises(ValueError, match="dtype must be"):
+        load_checkpoint(ckpt, dtype=torch.int8)
+
+
 def test_save_rejects_model_that_does_not_match_config(tmp_path, model):
     with pytest.raises(ValueError, match="does not match config.unet"):
         save_checkpoint(tmp_path / "x.safetensors", model, get_preset("tiny"))
@@ -94,6 +110,15 @@ def test_save_rejects_model_that_does_not_match_config(tmp_path, model):
     with pytest.raises(ValueError, match="does not exist"):
         save_checkpoint(tmp_path / "nodir" / "x.safetensors", model, CFG)
     assert os.listdir(tmp_path) == []
+
+
+def test_save_onto_a_directory_names_it(tmp_path, model):
+    # Not an IsADirectoryError about a temporary file: a ValueError naming the path.
+    target = tmp_path / "run"
+    target.mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"cannot save {target}: it is a directory")):
+        save_checkpoint(target, model, CFG)
+    assert os.listdir(target) == [] and os.listdir(tmp_path) == ["run"]
 
 
 def test_failed_save_leaves_no_file(tmp_path, model, monkeypatch):
@@ -139,7 +164,9 @@ def _expect_error(path, match, exc=ValueError):
 
 def test_missing_file_and_directory(tmp_path):
     _expect_error(tmp_path / "nope.safetensors", "not found", FileNotFoundError)
-    _expect_error(tmp_path, "not a file")
+    _expect_error(tmp_path, "not a file, nor a training run folder")
+    with pytest.raises(ValueError, match="path is empty"):  # not the current directory
+        load_checkpoint("")
 
 
 def test_random_bytes(tmp_path):
@@ -211,6 +238,99 @@ def test_bad_metadata(ckpt, meta, match):
     _expect_error(_rewrite(ckpt, state, meta), match)
 
 
+def _config_with(**changes):
+    d = CFG.to_dict()
+    for key, value in changes.items():
+        section, field = key.split("__")
+        d[section][field] = value
+    return json.dumps(d)
+
+
+# Each of these used to crash (RuntimeError: Storage size calculation overflowed), take a minute and
+# gigabytes to refuse, or load and then fail (or sample NaN) later.
+@pytest.mark.parametrize("changes,match", [
+    ({"unet__ch_mults": [1, 10 ** 12]}, r"n_channels \* product\(ch_mults\)"),
+    ({"unet__ch_mults": [1, 1e12]}, r"ch_mults must be a list of ints"),
+    ({"unet__n_channels": 8 * 10 ** 9}, r"n_channels \* product\(ch_mults\)"),
+    ({"unet__n_blocks": 10 ** 4}, "n_blocks must be <= 64"),
+    ({"unet__image_size": 2 ** 31}, "image_size must be <= 4096"),
+    ({"unet__n_heads": 2 ** 20}, r"n_heads \* d_k"),
+    ({"unet__d_k": True}, "d_k must be None or a positive int"),
+    ({"unet__is_attn": ["no", "no"]}, "is_attn must be a list of booleans"),
+    ({"diffusion__n_steps": 2 ** 40}, r"n_steps must be an int in \[2, 100000\]"),
+    ({"diffusion__data_range": [float("-inf"), float("inf")]}, "data_range values must be finite"),
+    ({"diffusion__data_range": [-1e308, 1e308]}, "data_range values must be finite"),
+    ({"diffusion__beta_start": 0.5, "diffusion__beta_end": 0.99999}, "alpha_bar = 4.02e-77 at the last step"),
+])
+def test_hostile_config(ckpt, changes, match):
+    state, _ = _state(ckpt)
+    meta = {"format": FORMAT, CONFIG_KEY: _config_with(**changes)}
+    _expect_error(_rewrite(ckpt, state, meta), "bad config.*" + match)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(data_range=(float("-inf"), float("inf"))), "data_range values must be finite"),
+    (dict(data_range=(float("nan"), 1.0)), "data_range values must be finite"),
+    (dict(data_range=(-1e308, 1e308)), r"\|value\| <= 1e\+06"),
+    (dict(data_range=(1.0, 1.0 + 1e-9)), "low < high"),
+    (dict(data_range=(1.0, 0.0)), "low < high"),
+    (dict(data_range=("0", 1.0)), "two numbers"),
+    (dict(data_range=(0.0, 1.0, 2.0)), "two numbers"),
+    (dict(beta_start=0.5, beta_end=0.99999), "alpha_bar = 0 at the last step"),
+    (dict(beta_end=0.2), r"alpha_bar = .* below 1e-30"),
+    (dict(beta_start=0.02, beta_end=0.02), "beta_start < beta_end"),
+    (dict(beta_start=True), "beta_start < beta_end"),
+    (dict(n_steps=100_001, beta_end=1e-3), r"n_steps must be an int in \[2, 100000\]"),
+])
+def test_diffusion_config_refuses_schedules_that_sample_nan(kwargs, match):
+    with pytest.raises(ValueError, match="DiffusionConfig: .*" + match):
+        DiffusionConfig(**kwargs)
+
+
+def test_diffusion_config_at_its_bounds_samples_finite_images(tmp_path, model):
+    # The widest data range with the harshest schedule allowed: every sampler stays finite (the
+    # schedule just past the bound, alpha_bar ~ 1e-47, gave all-NaN images).
+    cfg = DiffusionConfig(n_steps=1000, beta_end=0.1318, data_range=(-1e6, 1e6))
+    assert 1e-30 <= cfg.final_alpha_bar() < 2e-30
+    assert DiffusionConfig(n_steps=100_000, beta_start=1e-5, beta_end=1e-4).n_steps == 100_000
+    path = save_checkpoint(tmp_path / "edge.safetensors", model, ModelConfig(CFG.unet, cfg))
+    for kw in (dict(num_inference_steps=1000), dict(num_inference_steps=3),
+               dict(sampler="ddim", num_inference_steps=20),
+               dict(num_inference_steps=50, variant="posterior", clip_x0=True)):
+        x = sample(path, batch_size=1, output_type="pt", progress=False, device="cpu",
+                   generator=torch.Generator().manual_seed(0), **kw)
+        assert x.isfinite().all(), kw
+
+
+def test_config_asking_for_many_blocks_is_refused_before_building(ckpt, monkeypatch):
+    # A valid config at the bounds (8 levels x 64 blocks: ~1 s to build even on the meta device) in a
+    # file with a handful of tensors is refused from the count alone.
+    state, _ = _state(ckpt)
+    big = UNetConfig(image_channels=1, n_channels=16, ch_mults=(1,) * 8, is_attn=(False,) * 8, n_blocks=64,
+                     image_size=128, n_groups=4)
+    built = []
+    monkeypatch.setattr(checkpoint_module, "_expected_shapes", lambda cfg: built.append(cfg) or {})
+    meta = {"format": FORMAT, CONFIG_KEY: ModelConfig(big, CFG.diffusion).to_json()}
+    _expect_error(_rewrite(ckpt, state, meta), rf"do not match the UNet of its config: {len(state)} tensor\(s\), "
+                                               "but that UNet has at least")
+    assert built == []
+
+
+@pytest.mark.parametrize("cfg", [p.unet for p in PRESETS.values()] + [
+    CFG.unet, UNetConfig(image_channels=1, n_channels=16, ch_mults=(1, 2, 1, 1, 2, 1, 1, 1), is_attn=(True,) * 8,
+                         n_blocks=3, image_size=128, n_groups=4, n_heads=2, d_k=8)])
+def test_min_tensor_count_is_a_lower_bound(cfg):
+    assert checkpoint_module._min_tensor_count(cfg) <= len(checkpoint_module._expected_shapes(cfg))
+
+
+def test_failure_to_build_the_unet_names_the_file(ckpt, monkeypatch):
+    def overflow(cfg):
+        raise RuntimeError("Storage size calculation overflowed with sizes=[32000000000000, 3]")
+
+    monkeypatch.setattr(checkpoint_module, "_expected_shapes", overflow)
+    _expect_error(ckpt, "cannot build the UNet of its config: RuntimeError: Storage size calculation overflowed")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_tensor(ckpt, bad):
     state, meta = _state(ckpt)
@@ -218,15 +338,75 @@ def test_non_finite_tensor(ckpt, bad):
     _expect_error(_rewrite(ckpt, state, meta), r"NaN or Inf: down\.0\.res\.conv1\.weight")
 
 
-def test_integer_tensor(ckpt):
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_tensor_of_unsupported_dtype(ckpt, dtype):
+    # float8 used to reach isfinite, which raised NotImplementedError.
     state, meta = _state(ckpt)
-    state["final.bias"] = torch.zeros(1, dtype=torch.int32)
-    _expect_error(_rewrite(ckpt, state, meta), r"floating point: final\.bias")
+    state["final.bias"] = torch.zeros(1).to(dtype)
+    _expect_error(_rewrite(ckpt, state, meta), rf"float16, bfloat16, float32 or float64: final\.bias \({dtype}\)")
 
 
-def test_bad_device(ckpt):
-    with pytest.raises(ValueError, match="invalid device"):
-        load_checkpoint(ckpt, device="gpu7")
+@pytest.mark.parametrize("device,match", [("gpu7", "not a device name"), ("meta", "not supported"),
+                                          ("mps", "not supported"), ("xpu", "not supported"),
+                                          ("cuda:7", "CUDA|CUDA device")])
+def test_bad_device(ckpt, device, match):
+    # meta used to load silently into weights without data; mps/xpu failed inside torch.
+    for load in (lambda: load_checkpoint(ckpt, device=device), lambda: load_extra_tensors(ckpt, device=device)):
+        with pytest.raises(ValueError, match=match) as info:
+            load()
+        assert str(ckpt) in str(info.value) and device in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# What training writes: a training checkpoint (its EMA weights) and a run folder
+# --------------------------------------------------------------------------------------------
+def _train_checkpoint(path, model):
+    torch.manual_seed(1)
+    ema = UNet(CFG.unet)  # differs from `model`: the loader must pick the EMA copy
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 1, 8, 8), torch.tensor([3])).square().mean().backward()
+    optimizer.step()
+    save_train_checkpoint(path, model, ema, optimizer, 5, CFG)
+    return ema
+
+
+def _assert_weights(loaded, module):
+    want = module.state_dict()
+    assert set(loaded.state_dict()) == set(want)
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+
+
+def test_training_checkpoint_loads_its_ema_weights(tmp_path, model):
+    path = tmp_path / "checkpoint.safetensors"
+    ema = _train_checkpoint(path, model)
+    assert _state(path)[1]["format"] == TRAIN_FORMAT
+    loaded, cfg = load_checkpoint(path, dtype="fp32")
+    assert cfg == CFG and not loaded.training
+    _assert_weights(loaded, ema)
+
+
+def test_run_folder_loads_model_file_else_training_checkpoint(tmp_path, model):
+    run = tmp_path / "run"
+    run.mkdir()
+    ema = _train_checkpoint(run / "checkpoint.safetensors", model)
+    _assert_weights(load_checkpoint(run)[0], ema)
+    exported = UNet(CFG.unet)
+    save_checkpoint(run / "model.safetensors", exported, CFG)
+    _assert_weights(load_checkpoint(str(run))[0], exported)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda st: st["ema.final.bias"].fill_(float("nan")), r"NaN or Inf: final\.bias"),
+    (lambda st: st.pop("ema.final.bias"), r"\(ema\.\* tensors\): 1 missing key\(s\): final\.bias"),
+    (lambda st: st.__setitem__("ema.final.bias", torch.zeros(2)), r"final\.bias \(2,\) \(expected \(1,\)\)"),
+    (lambda st: st.__setitem__("ema.final.bias", torch.zeros(1, dtype=torch.float8_e5m2)), "float16, bfloat16"),
+])
+def test_training_checkpoint_is_validated_like_a_model_file(tmp_path, model, edit, match):
+    path = tmp_path / "checkpoint.safetensors"
+    _train_checkpoint(path, model)
+    state, meta = _state(path)
+    edit(state)
+    _expect_error(_rewrite(path, state, meta), match)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +512,29 @@ def test_hostile_pickle_is_never_executed(tmp_path, model, container):
     # Nor through the safetensors loader.
     with pytest.raises(ValueError):
         load_checkpoint(path)
+    assert not marker.exists()
+
+
+class BlockedPayload:
+    """Unpickling this calls os.mkdir(marker): a global from a module torch blocks outright (posix)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_hostile_pickle_refusal_names_the_blocked_global(tmp_path, model):
+    # torch 2.13 says "unsupported GLOBAL posix.mkdir whose module posix is blocked" (lower case), which
+    # used to fall through to torch's first line: advice to retry with weights_only=False.
+    marker = tmp_path / "pwned"
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": model.state_dict(), "hook": BlockedPayload(marker)}, path)
+    with pytest.raises(ValueError, match="refused") as info:
+        load_labml_state_dict(path, CFG)
+    message = str(info.value)
+    assert re.search(r"GLOBAL (posix|nt)\.mkdir", message) and "weights_only" not in message
     assert not marker.exists()
 
 

@@ -176,6 +176,42 @@ def test_cifar35m_is_about_35m_parameters():
     assert 30e6 < sum(p.numel() for p in model.parameters()) < 40e6
 
 
+# --------------------------------------------------------------------------------------------
+# UNetConfig's bounds: a checkpoint's config is untrusted input, so shapes no real DDPM has (whose
+# tensor sizes overflow, or whose build takes minutes) are refused, naming the field
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes,match", [
+    (dict(n_channels=2 ** 17), r"n_channels \* product\(ch_mults\) = 524288 channels, at most 65536"),
+    (dict(ch_mults=(1, 2, 2 ** 20)), r"n_channels \* product\(ch_mults\)"),
+    (dict(ch_mults=(1,) * 9, is_attn=(False,) * 9, image_size=256), "ch_mults has 9 levels, at most 8"),
+    (dict(n_blocks=65), "n_blocks must be <= 64"),
+    (dict(image_size=8192), "image_size must be <= 4096"),
+    (dict(image_channels=2 ** 17), "image_channels must be <= 65536"),
+    (dict(n_heads=2 ** 14), r"n_heads \* d_k = 131072"),
+    (dict(d_k=2 ** 17), r"n_heads \* d_k"),
+    (dict(d_k=True), "d_k must be None or a positive int"),
+    (dict(ch_mults=(1, 2.5, 2)), "ch_mults must be a list of ints"),  # int(2.5) used to make it 2
+    (dict(ch_mults="122"), "ch_mults must be a list of ints"),
+    (dict(is_attn=("no", "no", "no")), "is_attn must be a list of booleans"),  # bool("no") is True
+    (dict(dropout="0.1"), "dropout must be in"),
+])
+def test_unet_config_bounds(changes, match):
+    with pytest.raises(ValueError, match="UNetConfig: " + match):
+        UNetConfig(**{**SMALL.to_dict(), **changes})
+
+
+def test_presets_and_configs_at_the_bounds_are_accepted():
+    # labml-cifar32's multipliers compound (64 * 1 * 2 * 2 * 4): 1024 channels, well inside the bound.
+    assert get_preset("labml-cifar32").unet.level_channels() == (64, 128, 256, 1024)
+    for name, preset in PRESETS.items():
+        assert UNetConfig.from_dict(preset.unet.to_dict()) == preset.unet, name
+    UNetConfig(image_channels=3, n_channels=2 ** 16, ch_mults=(1,), is_attn=(True,), n_blocks=64, image_size=4096)
+    UNetConfig(n_channels=8, ch_mults=(1,) * 8, is_attn=(0, 1) * 4, image_size=4096, n_groups=8, n_heads=2 ** 13)
+    np = pytest.importorskip("numpy")
+    cfg = UNetConfig(ch_mults=np.array([1, 2, 2, 4]), is_attn=np.array([False, False, True, True]))
+    assert cfg == UNetConfig() and hash(cfg) == hash(UNetConfig())
+
+
 def test_non_square_input_keeps_its_shape():
     model = UNet(SMALL).eval()
     x = torch.randn(1, 3, 8, 12)
