@@ -28,6 +28,10 @@ PROG = "ddpm-fast"
 DEFAULT_PRESET = "tiny"
 # The seed of a randomly initialised model is fixed, so --seed picks the samples, not the network.
 INIT_SEED = 0
+# All images are drawn as one batch: a typo such as 100000000 should be refused at once, not end in an
+# allocator error. 65536 tiny-preset images are ~200 MB per x_t; larger models run out of memory
+# sooner, which main() reports as one line too.
+MAX_IMAGES = 65536
 
 # Subcommands that live in other modules, registered only when their module imports:
 # (command, module, add-arguments function, run function, help).
@@ -73,14 +77,16 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
                      help=f"sample from a randomly initialised preset ({', '.join(sorted(PRESETS))}): noise, "
                           "for trying the pipeline")
-    p.add_argument("--num-images", type=number_arg(int, 1), default=16, metavar="N", help="images to draw (default 16)")
+    p.add_argument("--num-images", type=number_arg(int, 1, MAX_IMAGES, hi_open=False), default=16, metavar="N",
+                   help=f"images to draw, in one batch (default 16, at most {MAX_IMAGES})")
     p.add_argument("--steps", type=number_arg(int, 1), default=None, metavar="S",
                    help="sampler steps, strided over the schedule (default: T for ddpm, 50 for ddim)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--eta", type=number_arg(float, 0.0, 1.0, hi_open=False), default=0.0, metavar="E",
                    help="DDIM noise scale in [0, 1] (ddim only; default 0)")
     p.add_argument("--variant", choices=["labml", "paper", "posterior"], default="labml",
-                   help="DDPM variance: labml (noise at every step), paper (none at the last), posterior")
+                   help="DDPM variance (ddpm only): labml (noise at every step, default), paper (none at the "
+                        "last), posterior")
     p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to the data range")
     p.add_argument("--seed", type=number_arg(int, 0, 2 ** 63), default=0, metavar="K", help="noise seed (default 0)")
     p.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
@@ -98,21 +104,29 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 def run_sample_from_args(args: argparse.Namespace) -> int:
     # Imported here so `ddpm-fast --help` stays quick and the parser does not depend on them.
     from .checkpoint import default_checkpoint_path, load_checkpoint
+    from .devices import parse_device
     from .reference.unet import UNet
-    from .sampling import (DEFAULT_DDIM_STEPS, _parse_device, image_format_for_path, make_grid, sample,
-                           save_image_atomic)
+    from .sampling import (DEFAULT_DDIM_STEPS, DEFAULT_VARIANT, image_format_for_path, image_mode, make_grid,
+                           sample, save_image_atomic)
 
     out = Path(args.out)
     image_format_for_path(out)  # refuse a bad output path before any work
     if args.sampler == "ddpm" and args.eta != 0.0:
         raise UserError("--eta applies to --sampler ddim only")
+    if args.sampler == "ddim" and args.variant != DEFAULT_VARIANT:
+        raise UserError("--variant applies to --sampler ddpm only (DDIM's noise is set by --eta)")
     if args.channels_last and args.backend != "fast":
         raise UserError("--channels-last applies to --backend fast only")
-    device = _parse_device(args.device) if args.device else torch.device(
+    # `is not None`, not truthiness: an empty --device or --checkpoint (an unset shell variable) is an
+    # error, not a request for the default.
+    device = parse_device(args.device, what="--device") if args.device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if args.checkpoint is not None and not args.checkpoint.strip():
+        raise UserError("--checkpoint must not be empty (give a .safetensors path, or leave it out for the "
+                        "default model)")
+    checkpoint = Path(args.checkpoint) if args.checkpoint is not None else None
     if checkpoint is None and args.preset is None:
         checkpoint = default_checkpoint_path()
     notice = None
@@ -136,8 +150,8 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
     n_train = config.diffusion.n_steps
     if args.steps is not None and args.steps > n_train:
         raise UserError(f"--steps {args.steps} exceeds the model's schedule length T={n_train}")
-    if notice:  # after every check, so an error stays the only line
-        print(f"{PROG}: note: {notice}", file=sys.stderr)
+    # Now that the channel count is known: can PIL write such an image in this format at all?
+    image_format_for_path(out, mode=image_mode(config.unet.image_channels))
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     images = sample(model, batch_size=args.num_images, num_inference_steps=args.steps, sampler=args.sampler,
@@ -146,6 +160,8 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
                     clip_x0=args.clip_x0, config=config, channels_last=args.channels_last)
     seconds = time.perf_counter() - start
     save_image_atomic(make_grid(images, nrow=args.nrow), out)
+    if notice:  # only after a successful save, so an error stays the only line
+        print(f"{PROG}: note: {notice}", file=sys.stderr)
     n_steps = args.steps or (n_train if args.sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, n_train))
     print(out)
     print(f"{args.num_images} images, {n_steps} steps, {args.sampler} sampler, {source}, {device}, "
@@ -195,12 +211,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except (UserError, ValueError, OSError) as e:
         # ValueError/OSError are what the library raises for bad input and bad files.
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        _print_error(str(e) or type(e).__name__)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        # Running out of memory is the size the user asked for, not a bug (torch.OutOfMemoryError is a
+        # RuntimeError; the CPU allocator raises a plain RuntimeError); any other RuntimeError is a bug.
+        if not _is_out_of_memory(e):
+            raise
+        _print_error(f"out of memory: {str(e) or type(e).__name__} (try fewer images or a smaller batch)")
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return "can't allocate memory" in text or "out of memory" in text
+
+
+def _print_error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

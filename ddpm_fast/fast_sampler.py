@@ -10,6 +10,9 @@ On CPU there is no graph and no fused UNet: the fast ops' CPU kernels are the re
 routing the UNet through them would only add dispatch overhead (measured: ~10 us per op call). The CPU
 loop runs the reference UNet with the C++ reverse step (in-kernel noise, no torch.randn) and the time
 table when it saves work, so the fast backend is never slower than the reference there.
+
+Any other nn.Module mapping (x, t) -> eps runs too, as sample() promises: without a time table (it
+needs the UNet's time path) and with only the UNet blocks it contains fused, but with the fused step.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from tqdm.auto import tqdm
 from . import ops
 from .ops.reverse_step import EXTENSION_HAS_CUDA, _seed_arg
 from .ops.time_embedding import attach_time_table, detach_time_table
+from .reference.unet import UNet
+from .sampling import check_model_output
 
 NOISE_MODES = ("philox", "generator")
 _CONV2D = importlib.import_module(".ops.conv2d", __package__)  # the module (ops.conv2d is the function)
@@ -39,8 +44,8 @@ def _fast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
     """The model in `dtype` on `device`, fused if `fuse`, with a fresh time table if `table`, its
     conv weights in channels_last if `channels_last`; restored afterwards. A model of another
     dtype/device/layout is converted as a copy, so the caller's model is never changed."""
-    p = next(model.parameters())
-    if p.dtype != dtype or p.device != device or channels_last:
+    p = next(model.parameters(), None)  # None: a module without parameters, nothing to convert
+    if channels_last or (p is not None and (p.dtype != dtype or p.device != device)):
         # Outside inference mode even when the caller samples inside it: parameters made there would
         # be inference tensors, which have no version counter for the time table's staleness check.
         # Conv weights in NHWC make cuDNN write NHWC activations, which every later op keeps (the fused
@@ -49,7 +54,7 @@ def _fast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
         fmt = torch.channels_last if channels_last else torch.preserve_format
         with torch.inference_mode(False):
             model = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=fmt)
-    was_fused, old_table = ops.is_fused(model), model.time_table
+    was_fused, old_table = ops.is_fused(model), (model.time_table if table else None)
     # eval() and train() walk every module (~0.4 ms for the tiny UNet, >1% of a short CPU run):
     # only switch the modules that are in training mode, and only those back.
     training = [m for m in model.modules() if m.training]
@@ -66,7 +71,7 @@ def _fast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
     finally:
         if table:
             detach_time_table(model)
-        model.time_table = old_table
+            model.time_table = old_table
         if fuse and not was_fused:
             ops.unfused(model)
         for m in training:
@@ -114,8 +119,9 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
 
     on_gpu = device.type == "cuda"
     # The table replaces S per-step time-path passes over B rows by one pass over T rows: on the GPU
-    # always worth it (it also makes the step graph-capturable); on CPU when S * B >= T.
-    use_table = on_gpu or len(timesteps) * x_T.shape[0] >= n_steps
+    # always worth it (it also makes the step graph-capturable); on CPU when S * B >= T. Only a UNet
+    # has the time path the table replaces.
+    use_table = isinstance(model, UNet) and (on_gpu or len(timesteps) * x_T.shape[0] >= n_steps)
     # Triton launches on the *current* CUDA device and the side stream / graph below are created
     # on it too, so make x_T's device current (a no-op on a single-GPU machine).
     device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
@@ -137,7 +143,8 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
                 # keeps the table and a converted copy alive after _fast_model detaches the table and
                 # unfuses the model. Not the caller's model: the graph no longer needs the module, and
                 # the entry goes when the model does (see _GraphCache.store).
-                _GRAPHS.store(key, model, state, keep=(None if net is model else net, net.time_table))
+                _GRAPHS.store(key, model, state, keep=(None if net is model else net,
+                                                       getattr(net, "time_table", None)))
                 state.net = None
             return _run_steps(state, run, draw, progress)
 
@@ -169,10 +176,14 @@ class _StepState:
         self.coeffs = coeffs.to(device=device, dtype=torch.float32).contiguous()
         self.z = torch.empty_like(self.x) if injected_noise else None
         self.batch = self.x.shape[0]
+        self.output_checked = False
 
     def step(self) -> None:
         t = self.timesteps.index_select(0, self.step_index.reshape(1)).expand(self.batch)
         eps = self.net(self.x.to(self.dtype), t)
+        if not self.output_checked:  # the first (eager) step: shapes cannot change after it
+            check_model_output(eps, self.x)
+            self.output_checked = True
         ops.reverse_step_(self.x, eps, self.step_index, self.coeffs, noise=self.z, seed=self.seed_t, clip=self.clip)
         self.step_index.add_(1)
 

@@ -15,6 +15,7 @@ to the model's floating-point differences between devices).
 from __future__ import annotations
 
 import copy
+import io
 import math
 import numbers
 import os
@@ -28,16 +29,19 @@ from tqdm.auto import tqdm
 
 from .atomic import write_atomic
 from .config import DiffusionConfig, ModelConfig, UNetConfig
+from .devices import parse_device
 from .reference import functional
 from .reference.diffusion import DDPM_VARIANTS, Schedule
 
-__all__ = ["sample", "reference_loop", "make_grid", "save_image_atomic", "image_format_for_path",
-           "SAMPLERS", "OUTPUT_TYPES", "BACKENDS", "DDPM_VARIANTS", "DEFAULT_DDIM_STEPS"]
+__all__ = ["sample", "reference_loop", "make_grid", "save_image_atomic", "image_format_for_path", "image_mode",
+           "SAMPLERS", "OUTPUT_TYPES", "BACKENDS", "DDPM_VARIANTS", "DEFAULT_VARIANT", "DEFAULT_DDIM_STEPS"]
 
 SAMPLERS = ("ddpm", "ddim")
 OUTPUT_TYPES = ("pil", "np", "pt")
 BACKENDS = ("reference", "fast")
 DEFAULT_DDIM_STEPS = 50  # diffusers' DDIMPipeline default
+DEFAULT_VARIANT = "labml"  # the DDPM variance; DDIM has its own (eta), so any other variant is refused there
+_IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -45,7 +49,7 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optional[int] = None,
            sampler: str = "ddpm", eta: float = 0.0, generator: Optional[torch.Generator] = None,
            output_type: str = "pil", progress: bool = True, device=None, dtype=None,
-           backend: str = "reference", variant: str = "labml", clip_x0: bool = False,
+           backend: str = "reference", variant: str = DEFAULT_VARIANT, clip_x0: bool = False,
            config: Optional[ModelConfig] = None, image_size: Union[int, Tuple[int, int], None] = None,
            channels_last: bool = False):
     """Draw `batch_size` images from a DDPM model.
@@ -58,11 +62,12 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
         default T (all steps) for "ddpm", 50 for "ddim".
     sampler: "ddpm" (ancestral; `variant` "labml" = noise at every step as labml does, "paper" = no
         noise at the last step, "posterior" = posterior variance beta_tilde) or "ddim" (`eta` in [0, 1];
-        eta must be 0 for "ddpm").
+        eta must be 0 for "ddpm", and variant must stay "labml" for "ddim").
     clip_x0: clamp the predicted x0 to config.diffusion.data_range at every step.
     generator: a CPU torch.Generator (default: a fresh one seeded from torch's global RNG).
-    device: where to run (default: the module's device; for a checkpoint CUDA when available). A module
-        is moved there in place (nn.Module.to).
+    device: "cpu" or "cuda[:i]" (default: the module's device; for a checkpoint CUDA when available). A
+        module is moved there in place (nn.Module.to), after every argument has been checked; if sampling
+        then fails, it is moved back.
     dtype: the model's compute dtype (default: the module's parameter dtype; float32 for a checkpoint);
         x_t stays float32. A module in another dtype is run through a converted copy.
     backend: "reference" (this file's loop) or "fast" (ddpm_fast.fast_sampler).
@@ -72,13 +77,17 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     output_type: "pil" (list of PIL images; grayscale for 1 channel), "np" (float32 [B, H, W, C] in
         [0, 1], diffusers' convention) or "pt" (float32 CPU tensor [B, C, H, W] in [0, 1]).
     The model runs in eval mode under torch.inference_mode; its training flags are restored afterwards.
+    Raises ValueError if the model's output is not a tensor of x_t's shape, or if x_0 is not finite.
     """
     # -- cheap argument checks first, before anything is loaded --------------------------------
-    _check_int("batch_size", batch_size, low=1)
+    batch_size = _check_int("batch_size", batch_size, low=1)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if variant not in DDPM_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {DDPM_VARIANTS}")
+    if sampler == "ddim" and variant != DEFAULT_VARIANT:
+        raise ValueError(f"variant={variant!r} only applies to sampler='ddpm' (DDIM's noise is set by eta); "
+                         "use sampler='ddpm' or leave variant at its default")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}")
     if backend not in BACKENDS:
@@ -94,7 +103,7 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     if not isinstance(clip_x0, bool):
         raise ValueError(f"clip_x0 must be a bool, got {clip_x0!r}")
     if num_inference_steps is not None:
-        _check_int("num_inference_steps", num_inference_steps, low=1)
+        num_inference_steps = _check_int("num_inference_steps", num_inference_steps, low=1)
     if generator is None:
         # Seeded from the global RNG so torch.manual_seed(k) makes a default call reproducible.
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ()).item()))
@@ -104,7 +113,7 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
         raise ValueError(f"generator must be a CPU torch.Generator (device-independent noise), got one on "
                          f"{generator.device}")
     run_dtype = _parse_dtype(dtype) if dtype is not None else None
-    dev = _parse_device(device) if device is not None else None
+    dev = parse_device(device) if device is not None else None
 
     # -- the model and its config -------------------------------------------------------------
     if isinstance(model_or_checkpoint, (str, os.PathLike)):
@@ -128,7 +137,8 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
                     for k in model_cfg.to_dict() if getattr(model_cfg, k) != getattr(config.unet, k)]
             raise ValueError("config.unet does not describe this model (" + "; ".join(diff) + ")")
         if dev is None:
-            dev = _module_device(model)
+            # A model on `meta` (no data) or another unsupported device is refused here, not deep in the loop.
+            dev = parse_device(_module_device(model), what="the model's device")
     else:
         raise ValueError("model_or_checkpoint must be an nn.Module or a checkpoint path, got "
                          f"{type(model_or_checkpoint).__name__}")
@@ -167,22 +177,22 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     # The initial noise is drawn before anything else from the generator (see the module docstring).
     x_T = torch.randn((batch_size, ucfg.image_channels, height, width), generator=generator,
                       dtype=torch.float32).to(dev)
-    if _module_device(model) != dev:
-        model.to(dev)  # only now that every argument has been checked
-    run_model = model
-    if _module_dtype(model) != run_dtype and backend != "fast":
-        # Never cast the caller's weights in place. The fast loop converts a copy itself, keyed on the
-        # caller's model, so that its kept CUDA graph (and that copy) serve the next call too.
-        run_model = copy.deepcopy(model).to(run_dtype)
-    flags = [(m, m.training) for m in run_model.modules()]
-    run_model.eval()
+    home = _module_device(model)
     try:
-        with torch.inference_mode():
-            x0 = loop(run_model, x_T, timesteps, coeffs.to(dev), generator=generator, clip=clip,
-                      dtype=run_dtype, progress=progress, **loop_kwargs)
-    finally:
-        for m, was_training in flags:
-            m.training = was_training
+        if home != dev:
+            model.to(dev)  # only now that every argument has been checked
+        x0 = _run_loop(loop, model, x_T, timesteps, coeffs.to(dev), generator=generator, clip=clip,
+                       dtype=run_dtype, progress=progress, backend=backend, **loop_kwargs)
+        # One host sync for the whole run: a diverged sample (a broken checkpoint, an fp16 overflow) would
+        # otherwise come back as a clamped black or white image that looks like a result.
+        if not bool(torch.isfinite(x0).all()):
+            bad = int((~torch.isfinite(x0)).sum())
+            raise ValueError(f"sampling diverged: {bad} of {x0.numel()} values of x_0 are NaN or Inf (check the "
+                             f"model's weights and its diffusion config; dtype was {run_dtype})")
+    except BaseException:
+        if home != dev:
+            model.to(home)  # an error (or Ctrl-C) leaves the caller's model where it was
+        raise
 
     lo, hi = config.diffusion.data_range
     # clone() outside inference mode gives the caller an ordinary tensor (usable with autograd later).
@@ -192,6 +202,38 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     if output_type == "np":
         return images.permute(0, 2, 3, 1).contiguous().numpy()
     return [_pil_from_hwc(a) for a in _to_uint8_hwc(images)]
+
+
+def _run_loop(loop, model, x_T, timesteps, coeffs, *, dtype, backend, **kwargs) -> torch.Tensor:
+    """`loop` on `model` in eval mode under inference mode, in `dtype`; training flags restored afterwards."""
+    run_model = model
+    if _module_dtype(model) != dtype and backend != "fast":
+        # Never cast the caller's weights in place. The fast loop converts a copy itself, keyed on the
+        # caller's model, so that its kept CUDA graph (and that copy) serve the next call too.
+        run_model = copy.deepcopy(model).to(dtype)
+    flags = [(m, m.training) for m in run_model.modules()]
+    run_model.eval()
+    try:
+        with torch.inference_mode():
+            return loop(run_model, x_T, timesteps, coeffs, dtype=dtype, **kwargs)
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+
+
+def check_model_output(eps, x: torch.Tensor) -> None:
+    """The model's output on the first step must be a floating tensor of x_t's shape (shared by both loops).
+
+    Checked once, on metadata only (no host sync): the reverse step would broadcast an eps of shape
+    [B, 1, H, W] over 3 channels and return plausible-looking images of a model that does not fit.
+    """
+    if not isinstance(eps, torch.Tensor) or not eps.is_floating_point():
+        what = f"a {eps.dtype} tensor" if isinstance(eps, torch.Tensor) else type(eps).__name__
+        raise ValueError(f"the model must return eps as a floating tensor of x_t's shape {tuple(x.shape)}, "
+                         f"got {what}")
+    if eps.shape != x.shape:
+        raise ValueError(f"the model returned eps of shape {tuple(eps.shape)} for x_t of shape {tuple(x.shape)}; "
+                         "it must predict the noise of x_t, of the same shape (does config describe the model?)")
 
 
 def reference_loop(model, x_T: torch.Tensor, timesteps: torch.Tensor, coeffs: torch.Tensor,
@@ -210,7 +252,10 @@ def reference_loop(model, x_T: torch.Tensor, timesteps: torch.Tensor, coeffs: to
     rows = torch.arange(len(timesteps), device=device)  # row indices live on the device: no host sync
     for i, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc="sampling", unit="step")):
         t_batch = torch.full((b,), t, dtype=torch.long, device=device)
-        eps = model(x.to(dtype), t_batch).to(torch.float32)
+        eps = model(x.to(dtype), t_batch)
+        if i == 0:
+            check_model_output(eps, x)
+        eps = eps.to(torch.float32)
         z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
         x = functional.reverse_step(x, eps, rows[i], coeffs, noise=z, clip=clip)
     return x
@@ -231,8 +276,8 @@ def make_grid(images, nrow: Optional[int] = None, padding: int = 2) -> Image.Ima
     n, h, w, c = arr.shape
     if nrow is None:
         nrow = math.ceil(math.sqrt(n))
-    _check_int("nrow", nrow, low=1)
-    _check_int("padding", padding, low=0)
+    nrow = _check_int("nrow", nrow, low=1)
+    padding = _check_int("padding", padding, low=0)
     ncol = min(nrow, n)
     nrows = math.ceil(n / ncol)
     grid = np.zeros((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), dtype=np.uint8)
@@ -243,11 +288,12 @@ def make_grid(images, nrow: Optional[int] = None, padding: int = 2) -> Image.Ima
     return _pil_from_hwc(grid)
 
 
-def image_format_for_path(path) -> str:
-    """PIL's format name for `path`'s extension, after checking its directory is writable.
+def image_format_for_path(path, mode: Optional[str] = None) -> str:
+    """PIL's format name for `path`'s extension, after checking its directory is writable and, given a
+    PIL `mode` ("RGB", "L": see `image_mode`), that PIL can write an image of that mode in that format.
 
-    Raises ValueError naming the problem (unknown extension, missing or unwritable directory), so a
-    caller can refuse bad output paths before doing any work.
+    Raises ValueError naming the problem (unknown extension, a format PIL cannot write in that mode,
+    missing or unwritable directory), so a caller can refuse bad output paths before doing any work.
     """
     path = Path(path)
     Image.init()
@@ -256,6 +302,15 @@ def image_format_for_path(path) -> str:
     if fmt is None or fmt not in Image.SAVE:
         raise ValueError(f"cannot write {path}: unknown image extension {ext or '(none)'!r} "
                          "(use .png, .jpg, .bmp, ...)")
+    if mode is not None:
+        # A trial save of one pixel: PIL registers savers it cannot run (HDF5, GRIB, BUFR, WMF without a
+        # handler) and savers for a few modes only (XBM, MSP, Palm, BLP; QOI has no grayscale), and
+        # finding out only when the real image is saved would waste the whole sampling run.
+        try:
+            Image.new(mode, (1, 1)).save(io.BytesIO(), format=fmt)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot write {path}: PIL cannot save {mode} images as {fmt} ({e}); "
+                             "use .png, .jpg, .bmp, ...") from None
     parent = path.parent
     if not parent.exists():
         raise ValueError(f"cannot write {path}: directory {parent} does not exist")
@@ -266,6 +321,13 @@ def image_format_for_path(path) -> str:
     if path.is_dir():
         raise ValueError(f"cannot write {path}: it is a directory")
     return fmt
+
+
+def image_mode(channels: int) -> str:
+    """The PIL mode of an image with `channels` channels, as sample() and make_grid() make them."""
+    if channels not in _IMAGE_MODES:
+        raise ValueError(f"cannot make a PIL image with {channels} channels (need 1, 3 or 4)")
+    return _IMAGE_MODES[channels]
 
 
 def save_image_atomic(image: Image.Image, path) -> Path:
@@ -288,11 +350,13 @@ def save_image_atomic(image: Image.Image, path) -> Path:
 # Internals
 # --------------------------------------------------------------------------------------------
 
-def _check_int(name: str, value, low: int) -> None:
+def _check_int(name: str, value, low: int) -> int:
+    """`value` as a Python int; integer-likes (numpy ints) pass, as plain ints for what comes after."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 def _parse_dtype(dtype) -> torch.dtype:
@@ -303,19 +367,6 @@ def _parse_dtype(dtype) -> torch.dtype:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     return dtype
-
-
-def _parse_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r} ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 def _module_device(model: torch.nn.Module) -> torch.device:
@@ -350,16 +401,19 @@ def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
 
 
 def _pil_from_hwc(a: np.ndarray) -> Image.Image:
-    c = a.shape[-1]
-    if c == 1:
-        return Image.fromarray(np.ascontiguousarray(a[..., 0]))
-    if c in (3, 4):
-        return Image.fromarray(np.ascontiguousarray(a))
-    raise ValueError(f"cannot make a PIL image with {c} channels (need 1, 3 or 4)")
+    gray = image_mode(a.shape[-1]) == "L"
+    return Image.fromarray(np.ascontiguousarray(a[..., 0] if gray else a))
 
 
 def _images_to_uint8(images) -> np.ndarray:
     if isinstance(images, torch.Tensor):
+        # Checked first: sparse, nested and meta tensors would fail later in clamp or the copy to the
+        # CPU with NotImplementedError, not with a message about the input.
+        if images.layout != torch.strided or images.is_nested:
+            kind = "nested" if images.is_nested else str(images.layout).replace("torch.", "")
+            raise ValueError(f"make_grid expects a dense tensor, got a {kind} tensor")
+        if images.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"make_grid expects a CPU or CUDA tensor, got one on {images.device}")
         if images.dim() != 4 or not images.is_floating_point():
             raise ValueError(f"expected a float tensor [B, C, H, W] in [0, 1], got {images.dtype} "
                              f"{tuple(images.shape)}")

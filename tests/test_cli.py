@@ -111,8 +111,12 @@ def test_default_uses_the_shipped_model_when_present(tmp_path, capsys, monkeypat
     (["--sampler", "pndm"], "--sampler"), (["--eta", "1.5"], "--eta"), (["--eta", "0.3"], "ddim only"),
     (["--variant", "x"], "--variant"), (["--dtype", "fp64"], "--dtype"), (["--backend", "cuda"], "--backend"),
     (["--nrow", "0"], "--nrow"), (["--seed", "-1"], "--seed"), (["--preset", "huge"], "--preset"),
-    (["--device", "tpu9"], "invalid device"), (["--bogus"], "unrecognized arguments"),
+    (["--device", "tpu9"], "not a device name"), (["--bogus"], "unrecognized arguments"),
     (["--backend", "reference", "--channels-last"], "--channels-last"),
+    (["--device", "meta"], "--device 'meta' is not supported"), (["--device", "mps"], "not supported"),
+    (["--device", ""], "--device must not be empty"), (["--device", "cuda:64"], "--device 'cuda:64'"),
+    (["--sampler", "ddim", "--variant", "paper"], "--variant applies to --sampler ddpm only"),
+    (["--num-images", "100000000"], "must be in [1, 65536]"),
 ])
 def test_bad_arguments(tmp_path, capsys, args, match):
     out = tmp_path / "g.png"
@@ -121,6 +125,80 @@ def test_bad_arguments(tmp_path, capsys, args, match):
     assert err.startswith("ddpm-fast: error: ") and err.endswith("\n") and err.count("\n") == 1
     assert match in err
     assert os.listdir(tmp_path) == []
+
+
+def test_empty_checkpoint_is_an_error_not_the_default_model(tmp_path, capsys, monkeypatch):
+    # An empty --checkpoint (an unset shell variable) used to sample the shipped model silently.
+    import ddpm_fast.checkpoint as ck
+    cfg = get_preset("tiny")
+    shipped = save_checkpoint(tmp_path / "shipped.safetensors", UNet(cfg.unet), cfg)
+    monkeypatch.setattr(ck, "default_checkpoint_path", lambda: shipped)
+    out = tmp_path / "g.png"
+    code = cli.main(["sample", "--checkpoint", "", "--steps", "2", "--num-images", "1", "--no-progress",
+                     "--device", "cpu", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code != 0 and captured.out == "" and not out.exists()
+    assert captured.err == "ddpm-fast: error: --checkpoint must not be empty (give a .safetensors path, or leave it " \
+                           "out for the default model)\n"
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 2147483648 bytes.\nError code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError(),
+], ids=["cpu-allocator", "cuda", "python"])
+def test_out_of_memory_is_a_one_line_error(tmp_path, capsys, monkeypatch, error):
+    import ddpm_fast.sampling as sampling
+
+    def too_big(*a, **k):
+        raise error
+
+    monkeypatch.setattr(sampling, "sample", too_big)
+    code, stdout, err = sample_cli(capsys, tmp_path / "g.png")
+    assert code == 2 and stdout == "" and os.listdir(tmp_path) == []
+    assert err.startswith("ddpm-fast: error: out of memory") and err.count("\n") == 1
+
+
+def test_other_runtime_errors_are_bugs_with_a_traceback(tmp_path, capsys, monkeypatch):
+    import ddpm_fast.sampling as sampling
+
+    def bug(*a, **k):
+        raise RuntimeError("shape mismatch in some kernel")
+
+    monkeypatch.setattr(sampling, "sample", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        sample_cli(capsys, tmp_path / "g.png")
+
+
+@pytest.mark.parametrize("name,preset", [("g.h5", "tiny"), ("g.xbm", "tiny"), ("g.wmf", "tiny"),
+                                         ("g.qoi", "digits16")])
+def test_unwritable_format_fails_before_sampling(tmp_path, capsys, monkeypatch, name, preset):
+    # PIL knows these extensions but cannot write the grid's mode (RGB for tiny, L for the 1-channel
+    # digits16) in them: refused before a sampling run, as one line (no note before it).
+    import ddpm_fast.sampling as sampling
+
+    def must_not_run(*a, **k):
+        raise AssertionError("sampled before refusing the output format")
+
+    monkeypatch.setattr(sampling, "sample", must_not_run)
+    code = cli.main(["sample", "--preset", preset, "--steps", "2", "--num-images", "1", "--no-progress",
+                     "--device", "cpu", "--out", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("ddpm-fast: error: cannot write") and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_note_only_after_a_successful_save(tmp_path, capsys, monkeypatch):
+    import ddpm_fast.sampling as sampling
+
+    def disk_full(image, path):
+        raise OSError(f"cannot write {path}: disk full")
+
+    monkeypatch.setattr(sampling, "save_image_atomic", disk_full)
+    code, stdout, err = sample_cli(capsys, tmp_path / "g.png")
+    assert code != 0 and stdout == ""
+    assert err.startswith("ddpm-fast: error: ") and "disk full" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "both-sources"])

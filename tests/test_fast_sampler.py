@@ -113,6 +113,60 @@ def test_fast_loop_rejects_bad_arguments():
         _run(fast_loop, model, _x_T(1, "cpu"), ts, coeffs, seed=0, cuda_graph=True)
 
 
+class _PlainEps(torch.nn.Module):
+    """Not a UNet: any module mapping (x, t) -> eps, as sample() documents (no time table, nothing to fuse)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(CFG.unet.image_channels, CFG.unet.image_channels, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x) * (t.to(x.dtype) / CFG.diffusion.n_steps).view(-1, 1, 1, 1)
+
+
+class _NoParams(torch.nn.Module):
+    def forward(self, x, t):
+        return 0.1 * x
+
+
+@pytest.mark.parametrize("make", [_PlainEps, _NoParams], ids=["plain-module", "no-parameters"])
+@pytest.mark.parametrize("fuse", [False, True], ids=["cpu-path", "fused-path"])
+def test_fast_loop_runs_any_module_cpu(make, fuse):
+    # A non-UNet module used to die in _fast_model with AttributeError 'time_table'. It runs without a
+    # time table (a batch of 64 would build one for a UNet) and still goes through the fused step.
+    torch.manual_seed(0)
+    model = make().eval()
+    ts, coeffs = _table("ddpm", 20)
+    x_T = _x_T(64, "cpu")
+    ref = _run(reference_loop, model, x_T, ts, coeffs, seed=7)
+    fast = _run(fast_loop, model, x_T, ts, coeffs, seed=7, noise="generator", n_steps=CFG.diffusion.n_steps,
+                fuse=fuse)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    assert "time_table" not in vars(model), "fast_loop must not add attributes to the caller's module"
+
+
+def test_sample_fast_backend_with_a_plain_module_cpu():
+    model = _PlainEps()
+    out = ddpm_fast.sample(model, config=CFG, batch_size=2, num_inference_steps=5, backend="fast", output_type="pt",
+                           generator=torch.Generator().manual_seed(0), progress=False)
+    assert out.shape == (2, 3, 16, 16) and out.isfinite().all()
+    assert model.training and "time_table" not in vars(model)
+
+
+def test_fast_loop_checks_the_model_output_once_cpu():
+    calls = []
+
+    class OneChannel(_NoParams):
+        def forward(self, x, t):
+            calls.append(1)
+            return x[:, :1]
+
+    ts, coeffs = _table("ddpm", 5)
+    with pytest.raises(ValueError, match=r"eps of shape \(1, 1, 16, 16\)"):
+        _run(fast_loop, OneChannel(), _x_T(1, "cpu"), ts, coeffs, seed=0)
+    assert calls == [1]  # refused at the first step, before the fused step broadcasts anything
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_cuda_graph_replay_equals_eager(sampler):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ddpm_fast import DiffusionConfig, ModelConfig, Schedule, UNet, get_preset, make_grid, sample, save_checkpoint
-from ddpm_fast.sampling import reference_loop, save_image_atomic
+from ddpm_fast.sampling import image_format_for_path, reference_loop, save_image_atomic
 from tolerances import tol
 
 TINY = get_preset("tiny")
@@ -210,6 +210,8 @@ def test_progress_bar_only_when_asked(tiny, capsys):
     (dict(generator=7), "generator"), (dict(dtype=torch.float64), "dtype"), (dict(dtype="fp8"), "dtype"),
     (dict(device="nonsense"), "device"), (dict(clip_x0="yes"), "clip_x0"),
     (dict(channels_last=True), "channels_last"),
+    (dict(sampler="ddim", variant="paper"), "variant"), (dict(sampler="ddim", variant="posterior"), "variant"),
+    (dict(device="mps"), "not supported"), (dict(device=""), "must not be empty"),
     (dict(image_size=13), "divisible"), (dict(image_size=(16, 0)), "image_size"),
     (dict(config=ModelConfig(get_preset("digits16").unet)), "image_channels"),
     (dict(config=TINY.unet), "ModelConfig"),
@@ -236,6 +238,75 @@ def test_non_model_and_config_with_checkpoint(tiny, tmp_path):
 def test_cuda_generator_rejected(tiny):
     with pytest.raises(ValueError, match="CPU torch.Generator"):
         run(tiny, generator=torch.Generator(device="cuda"))
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu"])
+def test_unsupported_device_is_refused_before_the_model_moves(device):
+    # device="meta" used to move the caller's weights to meta in place (their data gone) and then crash.
+    model = UNet(TINY.unet)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="not supported"):
+        run(model, device=device)
+    after = model.state_dict()
+    assert all(v.device.type == "cpu" and torch.equal(v, before[k]) for k, v in after.items())
+
+
+def test_model_on_meta_is_refused():
+    with pytest.raises(ValueError, match="the model's device 'meta' is not supported"):
+        run(UNet(TINY.unet).to("meta"))
+
+
+@pytest.mark.gpu
+def test_failed_run_moves_the_model_back():
+    # sample() moves a module to `device` in place; when the run then fails, the module goes back.
+    model = UNet(TINY.unet)
+
+    def fail(module, args):
+        raise RuntimeError("boom")
+
+    handle = model.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(model, device="cuda")
+    handle.remove()
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_integer_likes_are_accepted(tiny):
+    # numpy integers pass the int check and must reach Schedule.timesteps as plain ints.
+    out = run(tiny, output_type="pt", batch_size=np.int64(2), num_inference_steps=np.int64(STEPS))
+    assert torch.equal(out, run(tiny, output_type="pt"))
+    assert make_grid(out, nrow=np.int64(1), padding=np.int32(0)).size == (16, 32)
+
+
+class _ConstantEps(torch.nn.Module):
+    """A stand-in model: eps = out(x), to test what sample() does with odd model outputs."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.out = out
+
+    def forward(self, x, t):
+        return self.out(x * self.scale)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_non_finite_x0_is_an_error_not_a_black_image(backend):
+    nan = _ConstantEps(lambda x: torch.full_like(x, float("nan")))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run(nan, config=TINY, backend=backend, output_type="pt")
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("out,match", [(lambda x: x[:, :1], r"shape \(2, 1, 16, 16\)"),
+                                       (lambda x: x[:, :, :8], r"shape \(2, 3, 8, 16\)"),
+                                       (lambda x: (x,), "got tuple"),
+                                       (lambda x: x.to(torch.int64), "torch.int64")],
+                         ids=["one-channel", "half-height", "tuple", "integer"])
+def test_model_output_must_have_x_t_shape(backend, out, match):
+    # A [B, 1, H, W] eps for 3-channel images used to be broadcast silently on the reference backend.
+    with pytest.raises(ValueError, match=match):
+        run(_ConstantEps(out), config=TINY, backend=backend)
 
 
 def test_cuda_device_without_cuda(tiny):
@@ -291,6 +362,15 @@ def test_make_grid_rejects(bad):
         make_grid(bad)
 
 
+@pytest.mark.parametrize("bad,match", [(torch.rand(2, 3, 4, 4).to_sparse(), "dense tensor, got a sparse_coo"),
+                                       (torch.rand(2, 3, 4, 4, device="meta"), "CPU or CUDA tensor, got one on meta")],
+                         ids=["sparse", "meta"])
+def test_make_grid_rejects_sparse_and_meta_tensors(bad, match):
+    # These used to fail inside clamp / the copy to the CPU with NotImplementedError.
+    with pytest.raises(ValueError, match=match):
+        make_grid(bad)
+
+
 def test_make_grid_rejects_nrow():
     with pytest.raises(ValueError, match="nrow"):
         make_grid(torch.rand(2, 3, 4, 4), nrow=0)
@@ -321,6 +401,29 @@ def test_save_image_atomic_rejects(tmp_path, name, match):
     with pytest.raises(ValueError, match=match):
         save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / name)
     assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("ext,mode", [(".h5", "RGB"), (".grib", "RGB"), (".wmf", "L"), (".xbm", "RGB"),
+                                      (".msp", "L"), (".palm", "RGB"), (".blp", "RGB"), (".qoi", "L")])
+def test_image_format_refuses_what_pil_cannot_write(tmp_path, ext, mode):
+    # PIL registers these extensions but cannot write an image of `mode` in them: found out up front,
+    # not after a whole sampling run.
+    path = tmp_path / f"g{ext}"
+    Image.init()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        pytest.skip(f"this Pillow has no saver registered for {ext}")
+    assert image_format_for_path(path)  # the extension alone is known
+    with pytest.raises(ValueError, match=f"cannot save {mode} images"):
+        image_format_for_path(path, mode=mode)
+    assert os.listdir(tmp_path) == []
+
+
+def test_image_format_accepts_what_pil_can_write(tmp_path):
+    assert image_format_for_path(tmp_path / "g.png", mode="L") == "PNG"
+    if "QOI" in Image.SAVE:
+        assert image_format_for_path(tmp_path / "g.qoi", mode="RGB") == "QOI"  # QOI has RGB, not grayscale
+    assert image_format_for_path(tmp_path / "g.JPG", mode="RGB") == "JPEG"
+    assert os.listdir(tmp_path) == []
 
 
 def test_save_image_atomic_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
