@@ -1,5 +1,6 @@
 """The one dispatch point: the fast namespace mirrors the reference spec, and swapping it is all
 `fused` does (same weights, same module tree, same state_dict)."""
+import importlib
 import inspect
 
 import pytest
@@ -60,3 +61,64 @@ def test_fused_model_matches_reference_on_cpu():
         out = ops.fused(model)(x, t)
     ops.unfused(model)
     torch.testing.assert_close(out, ref)
+
+
+# --- plain eager calls skip the torch.library dispatcher (ops/_eager.py) ----------------------------
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _gn_args():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 16, 5, 7, generator=g), torch.randn(16, generator=g), torch.randn(16, generator=g), 4)
+
+
+def test_plain_eager_calls_run_the_device_implementation_directly(monkeypatch):
+    mod = importlib.import_module("ddpm_fast.ops.groupnorm_swish")  # the module (ops.groupnorm_swish is the function)
+
+    calls = []
+    real = mod._run
+    monkeypatch.setattr(mod, "_run", lambda *a: calls.append(1) or real(*a))
+    x, w, b, groups = _gn_args()
+    direct = ops.groupnorm_swish(x, w, b, groups)
+    assert calls == [1]  # the wrapper ran the implementation itself (the op's CPU kernel does not call _run)
+    via_op = torch.ops.ddpm_fast.groupnorm_swish(x, w, b, groups, 1e-5, None, True)
+    assert calls == [1] and torch.equal(direct, via_op)
+
+
+@pytest.mark.parametrize("context", ["dispatch_mode", "requires_grad", "fake"])
+def test_everything_else_keeps_the_op(context, monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mod = importlib.import_module("ddpm_fast.ops.groupnorm_swish")  # the module (ops.groupnorm_swish is the function)
+
+    calls = []
+    real = mod._run
+    monkeypatch.setattr(mod, "_run", lambda *a: calls.append(1) or real(*a))
+    x, w, b, groups = _gn_args()
+    if context == "dispatch_mode":  # e.g. an op counter or FlopCounterMode: it must see the fused op
+        with _OpCounter() as counter:
+            ops.groupnorm_swish(x, w, b, groups)
+        assert "ddpm_fast.groupnorm_swish.default" in counter.ops
+    elif context == "requires_grad":  # autograd recording: the op (no backward) stays opaque
+        ops.groupnorm_swish(x, w.requires_grad_(), b, groups)
+    else:
+        with FakeTensorMode() as mode:
+            out = ops.groupnorm_swish(*(mode.from_tensor(t) for t in (x, w, b)), groups)
+        assert out.shape == x.shape
+    assert calls == []
+
+
+def test_a_fused_unet_under_a_dispatch_mode_still_shows_the_fused_ops():
+    model = ops.fused(UNet(PRESETS["tiny"].unet)).eval()
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
+    with torch.no_grad(), _OpCounter() as counter:
+        model(x, t)
+    names = {op.split(".")[1] for op in counter.ops if op.startswith("ddpm_fast.")}
+    assert {"groupnorm_swish", "attention", "residual_add", "time_embedding"} <= names

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import functional as ref
+from ._eager import plain_eager
 
 try:  # The module must import (and the op fall back to the reference) where triton is missing.
     import triton
@@ -461,6 +462,14 @@ def _fake(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
+    """What the op runs: the fused Triton block for CUDA tensors, the reference math elsewhere (the
+    interpreter is for tests, not for use)."""
+    if x.device.type != "cuda":
+        return _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
+    return attention_triton(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
+
+
 if HAS_TRITON:
 
     @triton_op("ddpm_fast::attention", mutates_args=())
@@ -519,4 +528,6 @@ def attention(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tenso
     reference math.
     """
     _check(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
+    if HAS_TRITON and plain_eager(x, proj_weight, proj_bias, out_weight, out_bias):  # see ops/_eager.py
+        return _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
     return torch.ops.ddpm_fast.attention(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)

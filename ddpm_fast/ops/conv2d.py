@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..reference import functional as _ref
+from ._eager import plain_eager
 from .attention import _pow2_clamp, _sm_count
 from .groupnorm_swish import _out_format
 
@@ -375,6 +376,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
         # dispatch (~10 us per call on the dev CPU, more on the GPU machine's host), as eager use of the
         # fused UNet would otherwise pay it on every conv.
         return _reference_out(x, weight, bias, stride, padding)
+    if plain_eager(x, weight, bias):  # see ops/_eager.py
+        return conv2d_triton(x, weight, bias, stride, padding)
     return torch.ops.ddpm_fast.conv2d(x, weight, bias, stride, padding)
 
 

@@ -208,6 +208,8 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     _check(x, weight, bias, stride, padding)
     if not use_triton(x, weight, stride, padding):  # direct call, as in conv2d
         return _reference_out(x, weight, bias, stride, padding)
+    if _conv.plain_eager(x, weight, bias):  # see ops/_eager.py
+        return conv_transpose2d_triton(x, weight, bias, stride, padding)
     return torch.ops.ddpm_fast.conv_transpose2d(x, weight, bias, stride, padding)
 
 

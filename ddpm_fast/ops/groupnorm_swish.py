@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from ..reference import functional as _ref
+from ._eager import plain_eager
 
 try:  # The package must import (and fall back to the reference) where triton is missing.
     import triton
@@ -382,16 +383,21 @@ def _fake(x, weight, bias, num_groups, eps, add, swish):
     return _new_output(x)
 
 
+def _run(x, weight, bias, num_groups, eps, add, swish):
+    """What the op runs for x's device: the reference on CPU and for groups wider than the kernel takes,
+    the Triton kernel otherwise. torch.compile traces it as the op's body, so CPU compiles trace the
+    reference math, as the CPU kernel runs it."""
+    if x.device.type == "cpu" or x.shape[1] // num_groups > MAX_GROUP_CHANNELS:
+        return _reference_out(x, weight, bias, num_groups, eps, add, swish)
+    return groupnorm_swish_triton(x, weight, bias, num_groups, eps, add, swish)
+
+
 if HAS_TRITON:
 
     @triton_op("ddpm_fast::groupnorm_swish", mutates_args=())
     def _groupnorm_swish_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
                             eps: float, add: Optional[torch.Tensor], swish: bool) -> torch.Tensor:
-        # torch.compile traces this body (not the registered kernels): CPU tensors trace the reference
-        # math, as the CPU kernel runs it, so compile and opcheck also work on CPU.
-        if x.device.type == "cpu" or x.shape[1] // num_groups > MAX_GROUP_CHANNELS:
-            return _reference_out(x, weight, bias, num_groups, eps, add, swish)
-        return groupnorm_swish_triton(x, weight, bias, num_groups, eps, add, swish)
+        return _run(x, weight, bias, num_groups, eps, add, swish)
 
     # CPU tensors take the reference math; the kernel itself is tested on CPU through the launcher.
     _groupnorm_swish_op.register_kernel("cpu")(_reference_out)
@@ -446,6 +452,8 @@ def groupnorm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     Not differentiable (inference op).
     """
     _check(x, weight, bias, num_groups, eps, add, swish)
+    if HAS_TRITON and plain_eager(x, weight, bias, add):  # see ops/_eager.py
+        return _run(x, weight, bias, num_groups, float(eps), add, swish)
     return torch.ops.ddpm_fast.groupnorm_swish(x, weight, bias, num_groups, float(eps), add, swish)
 
 

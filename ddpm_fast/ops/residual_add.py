@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..reference import functional as _ref
+from ._eager import plain_eager
 from .groupnorm_swish import _out_format
 
 try:  # The package must import (and fall back to the reference) where triton is missing.
@@ -133,16 +134,21 @@ def _fake(x, bias, residual, residual_bias):
     return _new_output(x)
 
 
+def _run(x, bias, residual, residual_bias):
+    """What the op runs (torch.compile traces it as the op's body): the reference for CPU tensors and
+    layouts the kernel cannot walk, the Triton kernel otherwise."""
+    cl = None if x.device.type == "cpu" else fusable_layout(x, residual)
+    if cl is None:
+        return _reference_out(x, bias, residual, residual_bias)
+    return _launch(x, bias, residual, residual_bias, cl)
+
+
 if HAS_TRITON:
 
     @triton_op("ddpm_fast::residual_add", mutates_args=())
     def _residual_add_op(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
                          residual_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        # torch.compile traces this body: CPU tensors and unfusable layouts trace the reference math.
-        cl = None if x.device.type == "cpu" else fusable_layout(x, residual)
-        if cl is None:
-            return _reference_out(x, bias, residual, residual_bias)
-        return _launch(x, bias, residual, residual_bias, cl)
+        return _run(x, bias, residual, residual_bias)
 
     # CPU tensors take the reference math; the kernel itself is tested on CPU through the launcher.
     _residual_add_op.register_kernel("cpu")(_reference_out)
@@ -193,6 +199,8 @@ def residual_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.
     Not differentiable (inference op).
     """
     _check(x, bias, residual, residual_bias)
+    if HAS_TRITON and plain_eager(x, bias, residual, residual_bias):  # see ops/_eager.py
+        return _run(x, bias, residual, residual_bias)
     return torch.ops.ddpm_fast.residual_add(x, bias, residual, residual_bias)
 
 

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..reference import functional as ref
+from ._eager import plain_eager
 
 try:  # The module must import (and the op must work through the reference) without triton.
     import triton
@@ -223,17 +224,24 @@ def _fake(t, lin1_weight, lin1_bias, lin2_weight, lin2_bias):
     return lin2_weight.new_empty((t.shape[0], lin2_weight.shape[0]))
 
 
+def _run(t, lin1_weight, lin1_bias, lin2_weight, lin2_bias):
+    """What the op runs: the Triton kernel for CUDA tensors, the reference elsewhere (a CPU-built
+    triton cannot run kernels outside the interpreter)."""
+    if t.device.type != "cuda":
+        return ref.time_embedding(t, lin1_weight, lin1_bias, lin2_weight, lin2_bias)
+    out = lin2_weight.new_empty((t.shape[0], lin2_weight.shape[0]))
+    _launch(torch.library.wrap_triton(_time_embedding_kernel), t, lin1_weight, lin1_bias, lin2_weight,
+            lin2_bias, out)
+    return out
+
+
 if HAS_TRITON:
 
     @torch.library.triton_op("ddpm_fast::time_embedding", mutates_args=())
     def _time_embedding_op(t: torch.Tensor, lin1_weight: torch.Tensor, lin1_bias: torch.Tensor,
                            lin2_weight: torch.Tensor, lin2_bias: torch.Tensor) -> torch.Tensor:
-        out = lin2_weight.new_empty((t.shape[0], lin2_weight.shape[0]))
-        _launch(torch.library.wrap_triton(_time_embedding_kernel), t, lin1_weight, lin1_bias, lin2_weight,
-                lin2_bias, out)
-        return out
+        return _run(t, lin1_weight, lin1_bias, lin2_weight, lin2_bias)
 
-    # CPU tensors take the reference (a CPU-built triton cannot run kernels outside the interpreter).
     _time_embedding_op.register_kernel("cpu")(ref.time_embedding)
 else:  # pragma: no cover
 
@@ -253,6 +261,8 @@ def time_embedding(t: torch.Tensor, lin1_weight: torch.Tensor, lin1_bias: torch.
     in the weights' dtype, accumulation in fp32.
     """
     _check_inputs(t, lin1_weight, lin1_bias, lin2_weight, lin2_bias)
+    if HAS_TRITON and plain_eager(t, lin1_weight, lin1_bias, lin2_weight, lin2_bias):  # see ops/_eager.py
+        return _run(t, lin1_weight, lin1_bias, lin2_weight, lin2_bias)
     return torch.ops.ddpm_fast.time_embedding(t, lin1_weight, lin1_bias, lin2_weight, lin2_bias)
 
 
