@@ -72,8 +72,8 @@ def number_arg(kind, lo, hi=None, lo_open=False, hi_open=True):
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="PATH",
-                     help="a .safetensors checkpoint (default: the shipped model if installed, else a randomly "
-                          f"initialised '{DEFAULT_PRESET}' model)")
+                     help="a model file, a training checkpoint (its EMA weights) or a run folder (default: the "
+                          f"shipped model if installed, else a randomly initialised '{DEFAULT_PRESET}' model)")
     src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
                      help=f"sample from a randomly initialised preset ({', '.join(sorted(PRESETS))}): noise, "
                           "for trying the pipeline")
@@ -81,7 +81,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"images to draw, in one batch (default 16, at most {MAX_IMAGES})")
     p.add_argument("--steps", type=number_arg(int, 1), default=None, metavar="S",
                    help="sampler steps, strided over the schedule (default: T for ddpm, 50 for ddim)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="(default: ddpm)")
     p.add_argument("--eta", type=number_arg(float, 0.0, 1.0, hi_open=False), default=0.0, metavar="E",
                    help="DDIM noise scale in [0, 1] (ddim only; default 0)")
     p.add_argument("--variant", choices=["labml", "paper", "posterior"], default="labml",
@@ -90,7 +90,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to the data range")
     p.add_argument("--seed", type=number_arg(int, 0, 2 ** 63), default=0, metavar="K", help="noise seed (default 0)")
     p.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model compute dtype")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model compute dtype (default: fp32)")
     p.add_argument("--backend", choices=["reference", "fast"], default="fast",
                    help="fast (default): fused kernels, fused step, CUDA graph on a GPU; reference: plain PyTorch")
     p.add_argument("--channels-last", action="store_true",
@@ -150,7 +150,10 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
     n_train = config.diffusion.n_steps
     if args.steps is not None and args.steps > n_train:
         raise UserError(f"--steps {args.steps} exceeds the model's schedule length T={n_train}")
-    # Now that the channel count is known: can PIL write such an image in this format at all?
+    # Now that the channel count is known, before any sampling: can the grid be made and written at all?
+    if config.unet.image_channels not in (1, 3):
+        raise UserError(f"this model makes {config.unet.image_channels}-channel images; the image grid takes "
+                        "1 (grayscale) or 3 (RGB) channels: use ddpm_fast.sample() from Python instead")
     image_format_for_path(out, mode=image_mode(config.unet.image_channels))
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()

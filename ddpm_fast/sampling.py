@@ -54,10 +54,12 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
            channels_last: bool = False):
     """Draw `batch_size` images from a DDPM model.
 
-    model_or_checkpoint: a UNet (any nn.Module mapping (x [B, C, H, W], t [B] int64) -> eps), or the path
-        of a checkpoint written by `save_checkpoint`.
+    model_or_checkpoint: a UNet (any nn.Module mapping (x [B, C, H, W], t [B] int64) -> eps), or
+        anything `load_checkpoint` reads: a model file, a training checkpoint (its EMA weights) or a
+        run folder.
     config: the ModelConfig of a module (default: ModelConfig(unet=model.config) with the default
-        DiffusionConfig); must be None for a checkpoint, which carries its own.
+        DiffusionConfig, i.e. data range [-1, 1] and T = 1000: pass the config a loader returned, e.g.
+        labml's [0, 1]); must be None for a checkpoint, which carries its own.
     num_inference_steps: S sampler steps, strided over the schedule by Schedule.timesteps(S);
         default T (all steps) for "ddpm", 50 for "ddim".
     sampler: "ddpm" (ancestral; `variant` "labml" = noise at every step as labml does, "paper" = no
@@ -324,7 +326,8 @@ def image_format_for_path(path, mode: Optional[str] = None) -> str:
 
 
 def image_mode(channels: int) -> str:
-    """The PIL mode of an image with `channels` channels, as sample() and make_grid() make them."""
+    """The PIL mode of an image with `channels` channels, as sample(output_type="pil") makes them
+    (make_grid takes 1 or 3 channels only)."""
     if channels not in _IMAGE_MODES:
         raise ValueError(f"cannot make a PIL image with {channels} channels (need 1, 3 or 4)")
     return _IMAGE_MODES[channels]

@@ -23,8 +23,7 @@ checkpoint, never a torn one: `resume=True` loses at most the steps since the la
 continues exactly as the uninterrupted run would (the data order and the per-step noise are functions
 of (seed, step), and the dropout RNG state is saved).
 
-Multi-GPU on one node (not testable on the CPU dev machine; written against torch.distributed's
-documented API):
+Multi-GPU on one node (tested with torchrun on 2 CPU processes over gloo, not yet on several GPUs):
 
     torchrun --standalone --nproc_per_node=8 -m ddpm_fast.training --data DIR --preset cifar35m \
         --steps 800000 --batch-size 128 --out runs/cifar --amp bf16

@@ -189,6 +189,21 @@ def test_unwritable_format_fails_before_sampling(tmp_path, capsys, monkeypatch, 
     assert os.listdir(tmp_path) == []
 
 
+def test_a_four_channel_model_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    import ddpm_fast.sampling as sampling
+
+    cfg = get_preset("tiny")
+    cfg = type(cfg)(dataclasses.replace(cfg.unet, image_channels=4), cfg.diffusion)
+    path = save_checkpoint(tmp_path / "rgba.safetensors", UNet(cfg.unet), cfg)
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: pytest.fail("sampled before refusing"))
+    code = cli.main(["sample", "--checkpoint", str(path), "--no-progress", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert code != 0 and "4-channel images" in err and err.count("\n") == 1
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_note_only_after_a_successful_save(tmp_path, capsys, monkeypatch):
     import ddpm_fast.sampling as sampling
 

@@ -3,7 +3,9 @@ with a CPU kernel, a fake (meta) kernel and a CUDA kernel (Triton, or the C++/CU
 
 This namespace exports the same op names and signatures as `ddpm_fast.reference.functional`, so a
 UNet runs on it by swapping `F`: `fused(model)` does that for every block, `unfused(model)` undoes it.
-The device choice stays with PyTorch's dispatcher (a CPU and a CUDA kernel per op), not model code.
+The device choice stays out of model code: each op has a CPU and a CUDA kernel; plain eager calls run
+the one for the tensors' device directly, everything else (compile, export, dispatch modes) goes
+through the dispatcher (see _eager.py).
 """
 from __future__ import annotations
 
