@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .ops.reverse_step import EXTENSION_HAS_CUDA, _seed_arg
-from .ops.time_embedding import attach_time_table, detach_time_table
+from .ops.time_embedding import _version, attach_time_table, detach_time_table, optimizer_steps
 from .reference.unet import UNet
 from .sampling import check_model_output
 
@@ -59,15 +59,15 @@ def _fast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
     # eval() and train() walk every module (~0.4 ms for the tiny UNet, >1% of a short CPU run):
     # only switch the modules that are in training mode, and only those back.
     training = [m for m in model.modules() if m.training]
-    for m in training:
-        m.training = False
-    if fuse:
-        ops.fused(model)
-    if table:
-        # Rebuilt on every sampling call: it costs one batched time-MLP pass over T rows, and a fresh
-        # table can never be stale whatever happened to the weights since the last call.
-        attach_time_table(model, n_steps)
-    try:
+    try:  # everything below is undone by the finally, even when building the table fails
+        for m in training:
+            m.training = False
+        if fuse:
+            ops.fused(model)
+        if table:
+            # Rebuilt on every sampling call: it costs one batched time-MLP pass over T rows, and a fresh
+            # table can never be stale whatever happened to the weights since the last call.
+            attach_time_table(model, n_steps)
         yield model
     finally:
         if table:
@@ -185,6 +185,8 @@ class _StepState:
         if not self.output_checked:  # the first (eager) step: shapes cannot change after it
             check_model_output(eps, self.x)
             self.output_checked = True
+        if eps.dtype == torch.float64:  # a custom module's float64 output: the fused step takes 32 bits or less
+            eps = eps.float()
         ops.reverse_step_(self.x, eps, self.step_index, self.coeffs, noise=self.z, seed=self.seed_t, clip=self.clip)
         self.step_index.add_(1)
 
@@ -211,13 +213,12 @@ def _cache_key(model, x_T, dtype, clip, noise, n_timesteps, n_steps, fuse, table
             torch.backends.cudnn.allow_tf32, _CONV2D.BACKEND)
 
 
-def _fingerprint(model) -> Optional[tuple]:
-    """Identity, storage and version of every parameter and buffer: any in-place update, reassignment or
-    move of a weight changes it. None when unreadable (inference tensors have no version counter)."""
-    try:
-        return tuple((id(t), t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
-    except RuntimeError:
-        return None
+def _fingerprint(model) -> tuple:
+    """Identity, storage and version of every parameter and buffer, and the process's optimizer step
+    count (fused optimizers write without bumping versions): any in-place update, reassignment or move
+    of a weight changes it."""
+    tensors = (*model.parameters(), *model.buffers())
+    return (optimizer_steps(),) + tuple((id(t), t.data_ptr(), _version(t)) for t in tensors)
 
 
 class _GraphCache:
@@ -236,17 +237,14 @@ class _GraphCache:
         if entry is None:
             return None
         model_ref, fingerprint, state, _keep = entry
-        if model_ref() is not model or fingerprint is None or _fingerprint(model) != fingerprint:
+        if model_ref() is not model or _fingerprint(model) != fingerprint:
             del self._entries[key]  # stale: the model changed (or is another object with a reused id)
             return None
         self._entries.move_to_end(key)
         return state, state.graph.replay
 
     def store(self, key, model, state, keep) -> None:
-        fingerprint = _fingerprint(model)
-        if fingerprint is None:
-            return
-        self._entries[key] = (weakref.ref(model), fingerprint, state, keep)
+        self._entries[key] = (weakref.ref(model), _fingerprint(model), state, keep)
         self._entries.move_to_end(key)
         # key holds id(model), which a later object may reuse only after this model is gone, and by
         # then this has removed the entry.

@@ -358,6 +358,18 @@ def test_gpu_torch_compile_fullgraph(dtype):
     torch.testing.assert_close(got, want, **tol("attention", dtype))
 
 
+def test_torch_compile_fullgraph_cpu():
+    # The op's traced body must pick the reference math for CPU tensors, not the Triton launcher.
+    args = make_inputs(1, 32, 4, 4, 2, 16, torch.float32)
+
+    def block(x, pw, pb, ow, ob):
+        return attention(x.flip(-1), pw, pb, ow, ob, 2, 16) * 0.5
+
+    got = torch.compile(block, fullgraph=True)(*args)
+    want = expected([args[0].flip(-1), *args[1:]], 2, 16) * 0.5
+    torch.testing.assert_close(got, want, **tol("attention", torch.float32))
+
+
 @pytest.mark.gpu
 def test_gpu_device_mismatch_raises():
     args = make_inputs(1, 32, 4, 4, 1, 32, torch.float32, device="cuda")

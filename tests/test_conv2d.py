@@ -203,6 +203,9 @@ def _bad_cases():
         ("stride_zero", (x, w, b, (0, 1), p), ValueError, "stride must be >= 1"),
         ("stride_triple", (x, w, b, (1, 1, 1), p), ValueError, "stride must be a pair"),
         ("padding_int", (x, w, b, s, 1), TypeError, "padding must be a pair"),
+        ("stride_float", (x, w, b, (1.9, 1.9), p), TypeError, "stride must be a pair of ints"),
+        ("padding_float", (x, w, b, s, (0.5, 0.5)), TypeError, "padding must be a pair of ints"),
+        ("autocast_hint", (x, w.bfloat16(), b, s, p), TypeError, "torch.autocast is on"),
         ("kernel_too_big", (x[:, :, :2, :2], w, b, s, (0, 0)), ValueError, "does not fit"),
     ]
 
@@ -210,7 +213,8 @@ def _bad_cases():
 @pytest.mark.parametrize("name", [c[0] for c in _bad_cases()])
 def test_bad_inputs_raise(name):
     _, args, exc, msg = next(c for c in _bad_cases() if c[0] == name)
-    with pytest.raises(exc, match=msg):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "autocast_hint")
+    with autocast, pytest.raises(exc, match=msg):
         M.conv2d(*args)
 
 

@@ -42,7 +42,8 @@ def test_fused_swaps_namespace_only():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ops.fused(model)
     assert ops.is_fused(model)
-    assert all(m.F is ops for m in model.modules() if hasattr(m, "F"))
+    assert all(m.F.conv2d is ops.conv2d and m.F.attention is ops.attention
+               for m in model.modules() if hasattr(m, "F"))
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -122,3 +123,19 @@ def test_a_fused_unet_under_a_dispatch_mode_still_shows_the_fused_ops():
         model(x, t)
     names = {op.split(".")[1] for op in counter.ops if op.startswith("ddpm_fast.")}
     assert {"groupnorm_swish", "attention", "residual_add", "time_embedding"} <= names
+
+
+def test_a_fused_model_copies_pickles_and_saves(tmp_path):
+    import copy
+    import pickle
+
+    model = ops.fused(UNet(PRESETS["tiny"].unet)).eval()
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([3])
+    with torch.no_grad():
+        want = model(x, t)
+    torch.save(model, tmp_path / "m.pt")
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
+                  torch.load(tmp_path / "m.pt", weights_only=False)):
+        assert ops.is_fused(clone)
+        with torch.no_grad():
+            assert torch.equal(clone(x, t), want)

@@ -342,6 +342,63 @@ def test_cached_graph_is_dropped_when_weights_change_cpu(stand_in_capture):
     assert torch.equal(after, _graph_run(model, x_T, ts, coeffs, seed=5, reuse_graph=False))
 
 
+def test_a_fused_optimizer_step_drops_the_kept_graph_cpu(stand_in_capture):
+    # fused=True optimizers write parameters without bumping their version counters.
+    model = _model()
+    ts, coeffs = _table("ddpm", 6)
+    x_T = _x_T(2, "cpu")
+    before = _graph_run(model, x_T, ts, coeffs, seed=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(x_T, torch.tensor([3, 4])).square().mean().backward()
+    opt.step()
+    after = _graph_run(model, x_T, ts, coeffs, seed=5)
+    assert len(stand_in_capture) == 2 and not torch.equal(after, before)
+
+
+def test_fast_backend_with_a_model_made_in_inference_mode_cpu():
+    # Inference tensors have no version counter; the time table (S * B >= T here) must still work.
+    import dataclasses
+
+    cfg = type(CFG)(CFG.unet, dataclasses.replace(CFG.diffusion, n_steps=12))
+    with torch.inference_mode():
+        model = UNet(cfg.unet)
+    out = ddpm_fast.sample(model, config=cfg, batch_size=1, backend="fast", output_type="pt", progress=False,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all() and model.time_table is None and not ddpm_fast.ops.is_fused(model)
+
+
+def test_a_failed_setup_leaves_the_model_as_it_was_cpu(monkeypatch):
+    import ddpm_fast.fast_sampler as fs
+
+    model = _model().train()
+
+    def broken(*a, **k):
+        raise RuntimeError("table build failed")
+
+    monkeypatch.setattr(fs, "attach_time_table", broken)
+    ts, coeffs = _table("ddpm", 20)
+    with pytest.raises(RuntimeError, match="table build failed"):
+        _run(fast_loop, model, _x_T(64, "cpu"), ts, coeffs, seed=1, fuse=True, n_steps=CFG.diffusion.n_steps)
+    assert model.training and all(m.training for m in model.modules())
+    assert not ddpm_fast.ops.is_fused(model)
+
+
+def test_a_float64_model_output_runs_on_the_fast_backend_cpu():
+    class Float64Eps(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x, t):
+            return (x * self.w).double()
+
+    ts, coeffs = _table("ddim", 5)
+    x_T = _x_T(2, "cpu")
+    fast = _run(fast_loop, Float64Eps(), x_T, ts, coeffs, seed=1, noise="generator", n_steps=CFG.diffusion.n_steps)
+    ref = _run(reference_loop, Float64Eps(), x_T, ts, coeffs, seed=1)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("convert", [False, True], ids=["same-dtype", "converted-copy"])
 def test_kept_graph_goes_with_its_model_cpu(stand_in_capture, convert):
     # The cache must not keep the caller's model (and the graph's memory) alive.

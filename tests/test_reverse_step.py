@@ -350,6 +350,12 @@ def test_wrapper_rejects_bad_python_arguments():
         rs.reverse_step(x, eps, 0, coeffs, seed=1.5)
     with pytest.raises(TypeError):
         rs.reverse_step(x, eps, torch.tensor(0.0), coeffs)
+    # No backward: refused rather than an output without grad_fn, or a write into a tracked leaf.
+    for fn in (rs.reverse_step, rs.reverse_step_):
+        with pytest.raises(RuntimeError, match="without a backward"):
+            fn(x.clone().requires_grad_(), eps, 0, coeffs)
+    with torch.no_grad():
+        rs.reverse_step(x.clone().requires_grad_(), eps, 0, coeffs)
 
 
 # --- op registration -------------------------------------------------------------------------------

@@ -386,3 +386,40 @@ def test_table_lookup_under_cuda_graph_capture():
             want = _computed(model, static_t)
             for o, w in zip(outs, want):
                 torch.testing.assert_close(o, w, **tol("time_table", torch.float32))
+
+
+# --- writes the version counters do not see ---------------------------------------------------------
+@pytest.mark.parametrize("fused_optimizer", [True, False])
+def test_an_optimizer_step_makes_the_table_stale(fused_optimizer):
+    # torch.optim's fused=True steps write parameters without bumping their version counters.
+    model = UNet(PRESETS["tiny"].unet)
+    table = TimeTable(model, 10)
+    assert not table.is_stale()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused_optimizer)
+    model(torch.randn(1, 3, 16, 16), torch.tensor([3])).square().mean().backward()
+    opt.step()
+    assert table.is_stale()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(table.lookup(torch.tensor([4])), 1),
+                                   torch.cat(TimeTable(model, 10).lookup(torch.tensor([4])), 1))
+
+
+def test_a_partly_frozen_time_path_keeps_its_gradients():
+    model = UNet(PRESETS["tiny"].unet)
+    model.time_emb.requires_grad_(False)  # the shared MLP frozen, the blocks' projections trained
+    attach_time_table(model, 10)
+    model(torch.randn(1, 3, 16, 16), torch.tensor([3])).square().mean().backward()
+    block = model.res_blocks()[0]
+    assert block.time_emb.weight.grad is not None and block.conv1.bias.grad is not None
+
+
+def test_a_model_made_in_inference_mode_gets_a_table():
+    with torch.inference_mode():
+        model = UNet(PRESETS["tiny"].unet)
+    table = TimeTable(model, 10)  # inference tensors have no version counter to read
+    assert not table.is_stale()
+    block = model.res_blocks()[0]
+    with torch.no_grad():  # as sampling runs it
+        rows = table.lookup(torch.tensor([4]))
+        want = block.time_projection(model.time_emb(torch.tensor([4])))
+    torch.testing.assert_close(rows[0], want)

@@ -6,10 +6,14 @@ UNet runs on it by swapping `F`: `fused(model)` does that for every block, `unfu
 The device choice stays out of model code: each op has a CPU and a CUDA kernel; plain eager calls run
 the one for the tensors' device directly, everything else (compile, export, dispatch modes) goes
 through the dispatcher (see _eager.py).
+
+Each op function has its module's name, so `ddpm_fast.ops.groupnorm_swish` is the function; reach a
+module's other names with `from ddpm_fast.ops.groupnorm_swish import groupnorm_swish_triton` (or
+`importlib.import_module("ddpm_fast.ops.groupnorm_swish")`).
 """
 from __future__ import annotations
 
-import sys
+import types
 
 from torch import nn
 
@@ -24,8 +28,25 @@ from .time_embedding import time_embedding
 __all__ = ["attention", "conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add", "reverse_step", "reverse_step_", "time_embedding", "fused",
            "unfused", "is_fused"]
 
-# The namespace object the UNet's blocks call through (`self.F.<op>`): this package itself.
-_FAST = sys.modules[__name__]
+class _FastNamespace(types.SimpleNamespace):
+    """What a fused block calls through (`self.F.<op>`): the fast ops under the reference's names.
+
+    An object rather than this module because modules cannot be pickled: a fused model must survive
+    copy.deepcopy (sample() copies a model to change its dtype), pickle and torch.save. It pickles as
+    a reference to the one instance, so `m.F is _FAST` still holds after a copy.
+    """
+
+    def __reduce__(self):
+        return (_fast_namespace, ())
+
+
+def _fast_namespace() -> "_FastNamespace":
+    return _FAST
+
+
+_FAST = _FastNamespace(**{name: globals()[name] for name in
+                          ("attention", "conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add",
+                           "reverse_step", "time_embedding")})
 
 
 def _ops_modules(model: nn.Module):

@@ -30,3 +30,12 @@ def plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
         if type(t) not in _PLAIN or (grad and t.requires_grad):
             return False
     return True
+
+
+def autocast_hint(x: torch.Tensor) -> str:
+    """Appended to a dtype-mismatch error: under torch.autocast the reference's convs and linears cast
+    their inputs, but the fused ops take tensors as they are, so a model must be converted instead."""
+    if torch.is_autocast_enabled(x.device.type):
+        return (" (torch.autocast is on: the fused ops do not autocast; convert the model with .to(dtype), "
+                "as sample(dtype=...) does)")
+    return ""

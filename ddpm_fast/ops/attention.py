@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import functional as ref
-from ._eager import plain_eager
+from ._eager import autocast_hint, plain_eager
 
 try:  # The module must import (and the op fall back to the reference) where triton is missing.
     import triton
@@ -475,7 +475,8 @@ if HAS_TRITON:
     @triton_op("ddpm_fast::attention", mutates_args=())
     def _attention_op(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
                       out_weight: torch.Tensor, out_bias: torch.Tensor, n_heads: int, d_k: int) -> torch.Tensor:
-        return attention_triton(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
+        # torch.compile traces this body: CPU tensors must trace the reference math, not the kernels.
+        return _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
 
     # CPU tensors run the reference math (the interpreter is for tests, not for use).
     _attention_op.register_kernel("cpu")(_reference_out)
@@ -513,7 +514,7 @@ def _check(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k) -> Non
             raise ValueError(f"attention: {name} must have shape {expected[name]} for C={c}, n_heads={n_heads}, "
                              f"d_k={d_k}, got {tuple(t.shape)}")
         if t.dtype != x.dtype:
-            raise TypeError(f"attention: {name} has dtype {t.dtype} but x has {x.dtype}")
+            raise TypeError(f"attention: {name} has dtype {t.dtype} but x has {x.dtype}{autocast_hint(x)}")
         if t.device != x.device:
             raise RuntimeError(f"attention: {name} is on {t.device} but x is on {x.device}")
 

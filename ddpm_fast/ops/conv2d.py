@@ -25,12 +25,13 @@ has SMs, i.e. where cuDNN cannot fill it without splitting K. A first rule, not 
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence
 
 import torch
 
 from ..reference import functional as _ref
-from ._eager import plain_eager
+from ._eager import autocast_hint, plain_eager
 from .attention import _pow2_clamp, _sm_count
 from .groupnorm_swish import _out_format
 
@@ -313,9 +314,9 @@ _conv2d_op.register_fake(_fake)
 
 def _pair(name: str, v) -> List[int]:
     try:
-        pair = [int(e) for e in v]
+        pair = [operator.index(e) for e in v]  # 1.9 is an error, as in F.conv2d, not a silent 1
     except TypeError:
-        raise TypeError(f"conv2d: {name} must be a pair of ints, got {type(v).__name__}") from None
+        raise TypeError(f"conv2d: {name} must be a pair of ints, got {v!r}") from None
     if len(pair) != 2:
         raise ValueError(f"conv2d: {name} must be a pair (h, w), got {list(v)}")
     return pair
@@ -336,7 +337,7 @@ def check_conv_args(op: str, x, weight, bias, stride, padding, weight_layout: st
     if weight.shape[in_dim] != x.shape[1]:
         raise ValueError(f"{op}: weight expects {weight.shape[in_dim]} input channels, x has {x.shape[1]}")
     if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: weight dtype {weight.dtype} != x dtype {x.dtype}")
+        raise TypeError(f"{op}: weight dtype {weight.dtype} != x dtype {x.dtype}{autocast_hint(x)}")
     if weight.device != x.device:
         raise RuntimeError(f"{op}: weight is on {weight.device} but x is on {x.device}")
     if bias is not None:
@@ -345,7 +346,7 @@ def check_conv_args(op: str, x, weight, bias, stride, padding, weight_layout: st
         if tuple(bias.shape) != (weight.shape[out_dim],):
             raise ValueError(f"{op}: bias must have shape [{weight.shape[out_dim]}], got {list(bias.shape)}")
         if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: bias dtype {bias.dtype} != x dtype {x.dtype}")
+            raise TypeError(f"{op}: bias dtype {bias.dtype} != x dtype {x.dtype}{autocast_hint(x)}")
         if bias.device != x.device:
             raise RuntimeError(f"{op}: bias is on {bias.device} but x is on {x.device}")
     if min(stride) < 1 or min(padding) < 0:

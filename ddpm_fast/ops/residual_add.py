@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..reference import functional as _ref
-from ._eager import plain_eager
+from ._eager import autocast_hint, plain_eager
 from .groupnorm_swish import _out_format
 
 try:  # The package must import (and fall back to the reference) where triton is missing.
@@ -173,7 +173,7 @@ def _check(x, bias, residual, residual_bias) -> None:
     if residual.shape != x.shape:
         raise ValueError(f"residual_add: residual shape {list(residual.shape)} != x shape {list(x.shape)}")
     if residual.dtype != x.dtype:
-        raise TypeError(f"residual_add: residual dtype {residual.dtype} != x dtype {x.dtype}")
+        raise TypeError(f"residual_add: residual dtype {residual.dtype} != x dtype {x.dtype}{autocast_hint(x)}")
     if residual.device != x.device:
         raise RuntimeError(f"residual_add: residual is on {residual.device} but x is on {x.device}")
     c = x.shape[1]

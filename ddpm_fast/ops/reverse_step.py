@@ -191,6 +191,15 @@ def _step_arg(step) -> torch.Tensor:
     return torch.tensor(operator.index(step), dtype=torch.int64)
 
 
+def _no_autograd(op: str, *tensors) -> None:
+    # The extension's op has no backward: through the dispatcher, inputs that require grad would give an
+    # output without grad_fn (a warning, then None gradients), and the in-place form would write into a
+    # leaf autograd tracks. Refuse instead, and point at the differentiable reference.
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op} is an inference op without a backward, and an input requires grad: run it "
+                           "under torch.no_grad(), or use ddpm_fast.reference.functional.reverse_step")
+
+
 def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeffs: torch.Tensor,
                  noise: Optional[torch.Tensor] = None, seed: int = 0,
                  clip: Optional[Tuple[float, float]] = None) -> torch.Tensor:
@@ -207,6 +216,7 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeff
     A step outside [0, S) raises, except for a step tensor on CUDA, where reading it would sync:
     there every output element is NaN instead.
     """
+    _no_autograd("reverse_step", x_t, eps, coeffs, noise)
     lo, hi, do_clip = _clip_args(clip)
     seed, seed_t = _seed_args(seed)
     return torch.ops.ddpm_fast.reverse_step(x_t, eps, _step_arg(step), coeffs, noise, seed, lo, hi, do_clip, seed_t)
@@ -223,6 +233,7 @@ def reverse_step_(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coef
     lets the same graph serve another sampling run (`seed.fill_(s)`). eps (and noise)
     may be x_t itself but must not partially overlap it.
     """
+    _no_autograd("reverse_step_", x_t, eps, coeffs, noise)
     lo, hi, do_clip = _clip_args(clip)
     seed, seed_t = _seed_args(seed)
     torch.ops.ddpm_fast.reverse_step_(x_t, eps, _step_arg(step), coeffs, noise, seed, lo, hi, do_clip, seed_t)

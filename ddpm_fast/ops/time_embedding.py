@@ -17,6 +17,7 @@ import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..reference import functional as ref
 from ._eager import plain_eager
@@ -286,12 +287,35 @@ def _time_path(model) -> Tuple[List[Tuple[dict, str, object]], List[torch.nn.Mod
     return links, linears, shifts
 
 
-_VERSION = operator.attrgetter("_version")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 
 
-def _fingerprint(params: Sequence[torch.Tensor]) -> Tuple[list, list, list, list]:
+# torch.optim's fused implementations (`fused=True`) update parameters in place without bumping their
+# version counters, so every optimizer step anywhere counts as a possible weight change: a lookup after
+# one rebuilds the table once (a few ms), and sampling (no optimizer steps) never pays it.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """How many torch.optim optimizer steps this process has taken (a staleness signal, see above)."""
+    return _OPTIMIZER_STEPS[0]
+
+
+def _version(p: torch.Tensor) -> int:
+    # Inference tensors (made under torch.inference_mode) have no version counter; outside inference
+    # mode they cannot be written in place at all, so identity, storage and the step count cover them.
+    return -1 if p.is_inference() else p._version
+
+
+def _fingerprint(params: Sequence[torch.Tensor]) -> Tuple[int, list, list, list, list]:
     # `_version` is bumped by every in-place update made through autograd-visible ops: optimizer
     # steps, `load_state_dict` (param.copy_), EMA `lerp_`/`mul_`. `model.to(dtype/device)` instead
     # swaps the storage under the same Parameter (`param.data = ...`) without a bump: dtype/device
@@ -299,7 +323,7 @@ def _fingerprint(params: Sequence[torch.Tensor]) -> Tuple[list, list, list, list
     # keeps the old storages alive (`_held`), so a new storage never reuses an old address.
     # Writes through `p.data` (a detached alias with its own counter) are invisible: call refresh().
     # map() keeps the per-lookup cost at a few microseconds for the ~50 parameters of a large UNet.
-    return (list(map(_VERSION, params)), list(map(torch.Tensor.data_ptr, params)),
+    return (optimizer_steps(), list(map(_version, params)), list(map(torch.Tensor.data_ptr, params)),
             list(map(_DTYPE, params)), list(map(_DEVICE, params)))
 
 
@@ -314,7 +338,8 @@ class TimeTable:
     Never silently stale: the identity of every Linear and parameter of the time path, and each
     parameter's version counter, data pointer, dtype and device, are recorded at build time and
     checked on the host by each lookup (no device work; ~50 parameters for the largest preset),
-    which rebuilds when anything changed. `refresh()` rebuilds explicitly: needed after writes
+    which rebuilds when anything changed; so does any torch.optim step since the build (fused
+    optimizers write without bumping version counters). `refresh()` rebuilds explicitly: needed after writes
     through `p.data` and after replacing whole ResidualBlocks. A rebuild follows the model's
     dtype and device. `copy.deepcopy(model)` gives the copy its own table, bound to the copy
     (rebuilt at its first lookup: its parameters live in new storage).
@@ -412,7 +437,7 @@ class TimeTable:
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"TimeTable.lookup: t must have an integer dtype, got {t.dtype}")
-        if torch.is_grad_enabled() and self._params[0].requires_grad:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._params):
             return self._computed(t)
         if self.is_stale():
             if self.table.is_cuda and torch.cuda.is_current_stream_capturing():
