@@ -405,3 +405,16 @@ def test_gpu_forced_split(dtype, split):
     for cl in (False, True):
         x, weight, bias, g, a = make_inputs(3, 128, 32, 32, 32, dtype, "cuda", add=True, channels_last=cl)
         check(fast(x, weight, bias, g, add=a, split=split), x, weight, bias, g, add=a)
+
+
+def test_span_is_the_reach_of_a_strided_view():
+    # The kernels' int32 guards (groupnorm per sample, conv2d / conv_transpose2d per input) use it.
+    from ddpm_fast.ops.groupnorm_swish import span
+
+    base = torch.empty(4, 8, 6, 5)
+    assert span(base) == base.numel()
+    assert span(base[:, ::2]) == base.numel() - (8 - 7) * 30  # last reachable element + 1
+    assert span(base.transpose(2, 3)) == base.numel()
+    assert span(torch.empty(1, 1).expand(3, 7)) == 1  # stride 0 reaches nothing new
+    assert span(base, (1, 2, 3)) == 8 * 6 * 5
+    assert span(torch.empty(0, 3)) == 1 + 2

@@ -33,7 +33,7 @@ import torch
 from ..reference import functional as _ref
 from ._eager import autocast_hint, plain_eager
 from .attention import _pow2_clamp, _sm_count
-from .groupnorm_swish import _out_format
+from .groupnorm_swish import _out_format, span
 
 try:  # The package must import (and fall back to cuDNN / the reference) where triton is missing.
     import triton
@@ -104,7 +104,9 @@ def plan(batch: int, c_in: int, h: int, w: int, c_out: int, kh: int, kw: int, st
 
 def use_triton(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> bool:
     """The dispatch rule for CUDA tensors (see the module docstring)."""
-    if not HAS_TRITON or x.device.type != "cuda":
+    # The kernel indexes x in int32 through its strides: a view reaching past that takes cuDNN, whatever
+    # BACKEND says.
+    if not HAS_TRITON or x.device.type != "cuda" or span(x) > MAX_ELEMENTS:
         return False
     if BACKEND != "auto":
         return BACKEND == "triton"
@@ -112,8 +114,7 @@ def use_triton(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pad
     ho, wo = out_size(h, w, weight.shape[2], weight.shape[3], stride, padding)
     # Fewer tiles than SMs also bounds the output (< SMs * 64 * 64) and its split-K partials (< 2 * SMs
     # copies) far below int32 offsets; x itself can still be large (a big input, a large stride).
-    return (prefers_triton(b * ho * wo, weight.shape[0], x.dtype, torch.backends.cudnn.allow_tf32, _sms(x.device))
-            and x.numel() <= MAX_ELEMENTS)
+    return prefers_triton(b * ho * wo, weight.shape[0], x.dtype, torch.backends.cudnn.allow_tf32, _sms(x.device))
 
 
 def prefers_triton(pixels: int, c_out: int, dtype: torch.dtype, allow_tf32: bool, sms: int) -> bool:

@@ -58,13 +58,15 @@ def supported(weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int
 
 def use_triton(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> bool:
     """conv2d's rule, applied per parity class (B*H*W pixels each), for the supported geometry only."""
-    if not HAS_TRITON or x.device.type != "cuda" or not supported(weight, stride, padding):
+    # int32 offsets: the input through its strides, and the output (4x the input's pixels).
+    if (not HAS_TRITON or x.device.type != "cuda" or not supported(weight, stride, padding)
+            or _conv.span(x) > _conv.MAX_ELEMENTS or 4 * x.numel() > _conv.MAX_ELEMENTS):
         return False
     if _conv.BACKEND != "auto":
         return _conv.BACKEND == "triton"
     b, _, h, w = x.shape
     return (_conv.prefers_triton(b * h * w, weight.shape[1], x.dtype, torch.backends.cudnn.allow_tf32,
-                                 _conv._sms(x.device)) and 4 * x.numel() <= _conv.MAX_ELEMENTS)
+                                 _conv._sms(x.device)))
 
 
 def _new_output(x: torch.Tensor, c_out: int, ho: int, wo: int) -> torch.Tensor:

@@ -86,6 +86,16 @@ def _out_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def span(t: torch.Tensor, dims=None) -> int:
+    """1 + the largest element offset of t over `dims` (default: all): what a kernel indexing t through
+    its strides must represent, which for a strided view can exceed numel()."""
+    dims = range(t.dim()) if dims is None else dims
+    return 1 + sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims if t.shape[d] > 0)
+
+
+INT32_MAX = 2 ** 31 - 1
+
+
 def _new_output(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
 
@@ -387,7 +397,9 @@ def _run(x, weight, bias, num_groups, eps, add, swish):
     """What the op runs for x's device: the reference on CPU and for groups wider than the kernel takes,
     the Triton kernel otherwise. torch.compile traces it as the op's body, so CPU compiles trace the
     reference math, as the CPU kernel runs it."""
-    if x.device.type == "cpu" or x.shape[1] // num_groups > MAX_GROUP_CHANNELS:
+    # The kernel offsets within a sample in int32 (samples in int64): a sample beyond that takes the reference.
+    if (x.device.type == "cpu" or x.shape[1] // num_groups > MAX_GROUP_CHANNELS
+            or span(x, (1, 2, 3)) > INT32_MAX):
         return _reference_out(x, weight, bias, num_groups, eps, add, swish)
     return groupnorm_swish_triton(x, weight, bias, num_groups, eps, add, swish)
 
