@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, compiled, cuda_graphed, env_list, run_bench
+from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, check_output, compiled, cuda_graphed, env_list, run_bench
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
 from ddpm_fast.reference.unet import AttentionBlock, UNet
@@ -129,6 +129,7 @@ def test_attention_block(benchmark, shape, batch, dtype, provider):
                     d_k=dk, batch=batch, dtype=dtype)
     want = ref.attention(*[a.double() for a in args], nh, dk)
     benchmark.extra_info["max_abs_err"] = _max_abs_err(out, want)
+    check_output(call, want.to(out.dtype), f"attention block/{provider}")
 
 
 @pytest.mark.parametrize("provider", CORE_PROVIDERS)
@@ -161,3 +162,4 @@ def test_attention_core(benchmark, core, batch, dtype, provider):
     qd, kd, vd = q.double(), k.double(), v.double()
     want = torch.softmax(qd @ kd.transpose(-1, -2) * scale, dim=-1) @ vd
     benchmark.extra_info["max_abs_err"] = _max_abs_err(out, want)
+    check_output(call, want.to(out.dtype), f"attention core/{provider}")

@@ -24,7 +24,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, cuda_graphed, op_grid, run_bench
+from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, check_output, cuda_graphed, op_grid, run_bench
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
 
@@ -97,5 +97,6 @@ def test_conv2d(benchmark, shape, batch, dtype, layout, provider):
     else:
         wt = w.contiguous(memory_format=torch.channels_last) if provider == "triton-clw-graph" else w
         fn = cuda_graphed(lambda: M.conv2d_triton(x, wt, b, s, p))
-    out = run_bench(benchmark, fn, nbytes=nbytes, flops=flops, **info)
-    assert out.shape == (batch, co, ho, wo) and out.dtype == x.dtype and bool(torch.isfinite(out).all())
+    run_bench(benchmark, fn, nbytes=nbytes, flops=flops, **info)
+    if provider != "reference":
+        check_output(fn, ref.conv2d(x, w, b, s, p), f"conv2d/{provider}")

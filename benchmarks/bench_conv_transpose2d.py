@@ -17,7 +17,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, cuda_graphed, op_grid, run_bench
+from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, check_output, cuda_graphed, op_grid, run_bench
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
 
@@ -68,5 +68,6 @@ def test_conv_transpose2d(benchmark, shape, batch, dtype, layout, provider):
         fn = cuda_graphed(lambda: ref.conv_transpose2d(x, wt, b, S, P))
     else:
         fn = cuda_graphed(lambda: M.conv_transpose2d_triton(x, wt, b, S, P))
-    out = run_bench(benchmark, fn, nbytes=nbytes, flops=flops, **info)
-    assert out.shape == (batch, c, 2 * h, 2 * w) and bool(torch.isfinite(out).all())
+    run_bench(benchmark, fn, nbytes=nbytes, flops=flops, **info)
+    if provider != "reference":
+        check_output(fn, ref.conv_transpose2d(x, wt, b, S, P), f"conv_transpose2d/{provider}")

@@ -16,7 +16,7 @@ DDPM_FAST_BENCH_PRESETS / _BATCHES / _DTYPES narrow or widen the grid (comma-sep
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, compiled, env_cases, env_list, run_bench
+from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, check_output, compiled, env_cases, env_list, run_bench
 from ddpm_fast import ops
 from ddpm_fast.config import PRESETS
 from ddpm_fast.ops.time_embedding import TimeTable
@@ -63,6 +63,8 @@ def test_time_embedding(benchmark, preset, batch, dtype, provider):
     flops, nbytes = _embedding_cost(te.n_channels, batch, w[0].element_size())
     run_bench(benchmark, lambda: fn(t, *w), flops=flops, nbytes=nbytes, E=te.n_channels, batch=batch,
               dtype=dtype)
+    if provider != "reference":
+        check_output(lambda: fn(t, *w), ref.time_embedding(t, *w), f"time_embedding/{provider}")
 
 
 @pytest.mark.parametrize("provider", PATH_PROVIDERS)
@@ -77,6 +79,8 @@ def test_time_path(benchmark, preset, batch, dtype, provider):
     emb_flops, emb_bytes = _embedding_cost(e, batch, esize)
     flops = emb_flops + 2 * batch * e * sum(widths)
     nbytes = emb_bytes + (e * sum(widths) + sum(widths)) * esize + batch * sum(widths) * esize
+    with torch.no_grad():
+        want = model.time_projections(t)  # the reference path, before any provider changes the model
 
     if provider == "table":
         table = TimeTable(model, PRESETS[preset].diffusion.n_steps)
@@ -93,6 +97,7 @@ def test_time_path(benchmark, preset, batch, dtype, provider):
         with torch.no_grad():
             return fn(t)
 
-    out = run_bench(benchmark, call, flops=flops, nbytes=nbytes, E=e, batch=batch, dtype=dtype,
-                    blocks=len(widths), sum_out_c=sum(widths))
-    assert len(out) == len(widths)
+    run_bench(benchmark, call, flops=flops, nbytes=nbytes, E=e, batch=batch, dtype=dtype,
+              blocks=len(widths), sum_out_c=sum(widths))
+    if provider != "reference":
+        check_output(call, want, f"time path/{provider}")

@@ -17,7 +17,7 @@ DDPM_FAST_BENCH_PRESETS / _BATCHES / _DTYPES / _PROVIDERS narrow or widen any ax
 import pytest
 import torch
 
-from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, compiled, count_flops, cuda_graphed, env_cases, env_list,
+from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, check_output, compiled, count_flops, cuda_graphed, env_cases, env_list,
                       run_bench)
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import UNet
@@ -99,6 +99,7 @@ def test_unet_forward(benchmark, fresh_compile_state, provider, preset, batch, d
     x, t = unet_inputs(preset, batch, dtype)
     with torch.no_grad():
         flops = count_flops(lambda: model(x, t))  # on the reference, before any swap
+        want = model(x, t) if provider != "reference" else None
     graphed = provider.endswith("-graph")
     if graphed and not HAS_CUDA:
         pytest.skip("CUDA-graph providers need a GPU")
@@ -115,6 +116,8 @@ def test_unet_forward(benchmark, fresh_compile_state, provider, preset, batch, d
     out = run_bench(benchmark, forward, flops=flops, memory=True, provider=provider, preset=preset,
                     batch=batch, dtype=dtype, n_params=sum(p.numel() for p in model.parameters()))
     # A benchmark that timed a broken forward would be a lie: the output must be the right shape
-    # and finite.
+    # and finite, and (other providers) close to the reference's.
     assert out.shape == x.shape, f"{provider}: output shape {tuple(out.shape)} != {tuple(x.shape)}"
     assert torch.isfinite(out).all(), f"{provider}: non-finite UNet output"
+    if want is not None:
+        check_output(forward, want, f"unet_forward/{provider}", loosen=2.0)

@@ -79,9 +79,13 @@ def op_grid(shapes, measured, batches, dtypes, layouts, what):
     for preset, *shape in shapes:
         assert tuple(shape) in measured[preset], f"{preset} has no {what} of shape {tuple(shape)}"
     keep = env_list("DDPM_FAST_BENCH_PRESETS", [])
+    # "nhwc" is what benchmarks/README.md says; the case ids say "cl" (channels_last).
+    chosen = ["cl" if v in ("nhwc", "channels_last") else v for v in env_list("DDPM_FAST_BENCH_LAYOUTS", layouts)]
+    bad = [v for v in chosen if v not in ("nchw", "cl")]
+    assert not bad, f"DDPM_FAST_BENCH_LAYOUTS: unknown layout(s) {bad}; use nchw and/or nhwc"
     return ([s for s in shapes if not keep or s[0] in keep],
             [int(b) for b in env_list("DDPM_FAST_BENCH_BATCHES", batches)],
-            env_list("DDPM_FAST_BENCH_DTYPES", dtypes), env_list("DDPM_FAST_BENCH_LAYOUTS", layouts))
+            env_list("DDPM_FAST_BENCH_DTYPES", dtypes), chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +256,42 @@ def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, memory=Fal
         median_ms = statistics.median(benchmark.stats.stats.data) * 1e3
     _finish(benchmark, info, median_ms, nbytes, flops)
     return out
+
+
+# How far a benchmarked output may be from the reference's, as a relative L2 error. Loose on purpose:
+# exactness is tests/'s job (tests/tolerances.py); this only proves the timed call computed the right
+# thing, where a no-op, a stale buffer or a wrong kernel is off by ~1.
+CHECK_REL_ERR = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+def check_output(fn, want, what: str, loosen: float = 1.0):
+    """Call fn() once more, with its output's memory NaN-filled first, and compare with `want`.
+
+    The previous result is filled with NaN and freed just before the call, so the allocator (CUDA's
+    caching allocator, and the CPU's for a same-sized request) hands the same block to the new output,
+    and a CUDA-graph provider's static output buffer is NaN until the replay writes it: a kernel that
+    writes nothing fails instead of passing on a previous provider's answer. Tensors or lists of them.
+    loosen: a factor on CHECK_REL_ERR for deep compositions (a whole UNet in 16 bits).
+    """
+    def each(v):
+        return list(v) if isinstance(v, (list, tuple)) else [v]
+
+    old = fn()
+    _sync()
+    with torch.inference_mode():  # outputs made under inference mode can only be written there
+        for t in each(old):
+            t.fill_(float("nan"))
+    del old
+    got = fn()
+    _sync()
+    for g, w in zip(each(got), each(want), strict=True):
+        assert g.shape == w.shape, f"{what}: output shape {tuple(g.shape)} != {tuple(w.shape)}"
+        g64, w64 = g.double(), w.double()
+        assert bool(torch.isfinite(g64).all()), f"{what}: non-finite output"
+        err = float((g64 - w64).norm() / w64.norm().clamp_min(1e-30))
+        bound = CHECK_REL_ERR.get(g.dtype, 1e-4) * loosen
+        assert err <= bound, f"{what}: relative error {err:.3g} against the reference (bound {bound})"
+    return got
 
 
 @pytest.fixture(autouse=True)

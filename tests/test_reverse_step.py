@@ -344,9 +344,9 @@ def test_device_mismatch_raises():
 def test_wrapper_rejects_bad_python_arguments():
     coeffs, _ = VARIANTS["labml"]
     x, eps = _inputs((2, 3, 4, 4))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="clip"):
         rs.reverse_step(x, eps, 0, coeffs, clip=(1.0,))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="seed"):
         rs.reverse_step(x, eps, 0, coeffs, seed=1.5)
     with pytest.raises(TypeError):
         rs.reverse_step(x, eps, torch.tensor(0.0), coeffs)
@@ -488,11 +488,14 @@ def test_cuda_matches_cpu(dtypes, noise, layout):
         for row in _rows(coeffs):
             want = rs.reverse_step(x, eps, torch.tensor(row), coeffs, noise=z, seed=21, clip=clip)
             # Poison: a NaN-filled block of the output's size, freed, is what the caching allocator
-            # hands the op next, so an element the kernel skips stays NaN and fails the comparison.
+            # hands the op next (the step and the table are allocated before it, so nothing else takes
+            # the block), so an element the kernel skips stays NaN and fails the comparison.
+            step_c, coeffs_c = torch.tensor(row, device="cuda"), coeffs.cuda()
             del_me = poison(torch.empty(x.shape, dtype=x.dtype, device="cuda"))
+            poisoned_at = del_me.data_ptr()
             del del_me
-            got = rs.reverse_step(xc, ec, torch.tensor(row, device="cuda"), coeffs.cuda(), noise=zc, seed=21,
-                                  clip=clip)
+            got = rs.reverse_step(xc, ec, step_c, coeffs_c, noise=zc, seed=21, clip=clip)
+            assert got.data_ptr() == poisoned_at, "the output did not land on the poisoned block"
             torch.testing.assert_close(got.cpu(), want, **_tol(*dtypes))
             # and the injected-noise path matches the reference itself
             if noise == "injected":

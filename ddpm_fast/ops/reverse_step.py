@@ -160,7 +160,7 @@ def _reverse_step_inplace_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, cli
 # --- Python wrappers: the reference signature -------------------------------------------------
 def _seed_arg(seed) -> int:
     """Any integer seed, reduced mod 2^64 like the reference, as the schema's signed int64."""
-    if isinstance(seed, bool):
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     s = operator.index(seed) & _U64
     return s - (1 << 64) if s >= (1 << 63) else s
@@ -177,8 +177,11 @@ def _seed_args(seed) -> Tuple[int, Optional[torch.Tensor]]:
 def _clip_args(clip) -> Tuple[float, float, bool]:
     if clip is None:
         return 0.0, 0.0, False
-    lo, hi = clip
-    return float(lo), float(hi), True
+    try:
+        lo, hi = clip
+        return float(lo), float(hi), True
+    except (TypeError, ValueError):
+        raise ValueError(f"reverse_step: clip must be a pair of numbers (lo, hi) or None, got {clip!r}") from None
 
 
 def _step_arg(step) -> torch.Tensor:
