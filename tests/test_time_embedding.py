@@ -401,7 +401,8 @@ def test_an_optimizer_step_makes_the_table_stale(fused_optimizer):
     assert table.is_stale()
     with torch.no_grad():
         torch.testing.assert_close(torch.cat(table.lookup(torch.tensor([4])), 1),
-                                   torch.cat(TimeTable(model, 10).lookup(torch.tensor([4])), 1))
+                                   torch.cat(TimeTable(model, 10).lookup(torch.tensor([4])), 1),
+                                   **tol("time_table", torch.float32))
 
 
 def test_a_partly_frozen_time_path_keeps_its_gradients():
@@ -422,4 +423,4 @@ def test_a_model_made_in_inference_mode_gets_a_table():
     with torch.no_grad():  # as sampling runs it
         rows = table.lookup(torch.tensor([4]))
         want = block.time_projection(model.time_emb(torch.tensor([4])))
-    torch.testing.assert_close(rows[0], want)
+    torch.testing.assert_close(rows[0], want, **tol("time_table", torch.float32))
