@@ -125,3 +125,24 @@ def test_compiled_fused_unet_fullgraph_no_recompiles_across_t():
     assert counter.frame_count == 1, f"recompiled across t: {counter.frame_count} frames"
     for o, r in zip(outs, ref):
         torch.testing.assert_close(o, r, **tol("dynamo_eager", torch.float32))
+
+
+def test_compiled_fused_unet_fullgraph_no_recompiles_across_t_cpu():
+    # The fused namespace (an object, not a module, so fused models pickle) must stay transparent to
+    # dynamo: one frame for every t, the fused ops as single nodes, the same output as eager.
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(0)
+    model = ops.fused(UNet(cfg.unet).eval())
+    x, _ = _inputs(cfg, batch=2, device="cpu")
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        outs = [compiled(x, torch.full((2,), t)) for t in (999, 500, 0)]
+        ref = [model(x, torch.full((2,), t)) for t in (999, 500, 0)]
+    assert counter.frame_count == 1, f"recompiled across t: {counter.frame_count} frames"
+    for o, r in zip(outs, ref):
+        torch.testing.assert_close(o, r, **tol("dynamo_eager", torch.float32))
