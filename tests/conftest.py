@@ -23,6 +23,10 @@ torch.backends.cudnn.allow_tf32 = False
 
 # Devices the op tests run on: the CPU (through the Triton interpreter) always, CUDA when present.
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+# The dtypes every fast op supports, their short test ids, and the NHWC layout the op tests also run.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+CL = torch.channels_last
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"

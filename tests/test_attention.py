@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import poison
+from conftest import DTYPES, poison
 from ddpm_fast.config import PRESETS
 from ddpm_fast.ops.attention import (HAS_TRITON, SDPA_CORE_SHAPES, attention, attention_triton, core_backend,
                                      flash_attention_triton)
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.interpreter
 # The module itself (ddpm_fast.ops.attention, the attribute, is the op wrapper function).
 attn_mod = importlib.import_module("ddpm_fast.ops.attention")
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 
 

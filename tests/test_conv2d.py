@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, poison
+from conftest import CL, DEVICES, DTYPES, DT_ID, poison
 from tolerances import tol
 
 from ddpm_fast.config import PRESETS
@@ -19,9 +19,6 @@ from ddpm_fast.reference import functional as R
 pytestmark = pytest.mark.interpreter
 
 M = importlib.import_module("ddpm_fast.ops.conv2d")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-CL = torch.channels_last
 
 # Every (C_in, H, W, C_out, K, stride, bias) the presets feed the op, measured on the meta device.
 PRESET_SHAPES = {name: M.unet_conv_shapes(cfg.unet) for name, cfg in PRESETS.items()}

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, poison
+from conftest import CL, DEVICES, DTYPES, DT_ID, poison
 from tolerances import tol
 
 from ddpm_fast.config import PRESETS
@@ -21,9 +21,6 @@ pytestmark = pytest.mark.interpreter
 
 M = importlib.import_module("ddpm_fast.ops.conv_transpose2d")
 CONV = importlib.import_module("ddpm_fast.ops.conv2d")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-CL = torch.channels_last
 S, P = (2, 2), (1, 1)
 
 # Every (C, H, W) input the presets' Upsamples see, measured on the meta device.

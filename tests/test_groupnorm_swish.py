@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICES, poison
+from conftest import CL, DEVICES, DTYPES, DT_ID, poison
 from tolerances import assert_deep, tol
 
 from ddpm_fast.config import PRESETS
@@ -23,9 +23,6 @@ pytestmark = pytest.mark.interpreter
 
 M = importlib.import_module("ddpm_fast.ops.groupnorm_swish")  # the module (the package re-exports the function)
 OP = "groupnorm_swish"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-CL = torch.channels_last
 
 # Every (C, H, W, groups, has_add) the presets' UNets feed the op, measured by running them (meta device).
 PRESET_SHAPES = {name: M.unet_groupnorm_shapes(cfg.unet) for name, cfg in PRESETS.items()}

@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import DEVICES, poison
+from conftest import CL, DEVICES, DTYPES, DT_ID, poison
 from tolerances import tol
 
 from ddpm_fast.config import PRESETS
@@ -18,9 +18,6 @@ from ddpm_fast.reference import functional as R
 pytestmark = pytest.mark.interpreter
 
 M = importlib.import_module("ddpm_fast.ops.residual_add")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-CL = torch.channels_last
 
 # Every (C, H, W, shortcut) the presets' ResidualBlocks feed the op, measured on the meta device.
 PRESET_SHAPES = {name: M.unet_residual_shapes(cfg.unet) for name, cfg in PRESETS.items()}

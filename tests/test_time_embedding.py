@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import DEVICES, poison
+from conftest import DEVICES, DTYPES, poison
 from ddpm_fast.config import PRESETS
 from ddpm_fast.ops.time_embedding import (HAS_TRITON, TimeTable, attach_time_table, detach_time_table,
                                           time_embedding, time_embedding_triton)
@@ -24,7 +24,6 @@ pytestmark = pytest.mark.interpreter
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 
 T = 1000  # every preset's n_steps; t runs over [0, T)
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 # E = 4 * n_channels of each preset (digits16 shares tiny's 128), plus the odd n_channels = 96.
 WIDTHS = [PRESETS["tiny"].unet.time_channels, PRESETS["labml-cifar32"].unet.time_channels,
