@@ -27,8 +27,10 @@ import torch
 from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, check_output, cuda_graphed, op_grid, run_bench
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
+from ddpm_fast.testing.shapes import unet_conv_shapes
 
 M = importlib.import_module("ddpm_fast.ops.conv2d")
+G = importlib.import_module("ddpm_fast.ops._conv_gemm")
 
 # (preset, C_in, H, W, C_out, K, stride, bias): each is checked against the preset's measured list below.
 if HAS_CUDA:
@@ -50,7 +52,7 @@ else:
     _PROVIDERS = ["reference", "fast"]
 
 SHAPES, BATCHES, BENCH_DTYPES, LAYOUTS = op_grid(
-    _SHAPES, {name: M.unet_conv_shapes(cfg.unet) for name, cfg in PRESETS.items()}, _BATCHES, _DTYPES, _LAYOUTS,
+    _SHAPES, {name: unet_conv_shapes(cfg.unet) for name, cfg in PRESETS.items()}, _BATCHES, _DTYPES, _LAYOUTS,
     "conv")
 
 
@@ -84,7 +86,7 @@ def test_conv2d(benchmark, shape, batch, dtype, layout, provider):
     pixels = batch * ho * wo
     flops = 2 * pixels * co * ci * kh * kw
     nbytes = (x.numel() + w.numel() + pixels * co) * x.element_size()
-    cfg = M.plan(batch, ci, x.shape[2], x.shape[3], co, kh, kw, s, p, x.dtype, M._sms(x.device))
+    cfg = M.plan(batch, ci, x.shape[2], x.shape[3], co, kh, kw, s, p, x.dtype, G.sms(x.device))
     info = dict(preset=shape[0], C_in=ci, H=shape[2], W=shape[3], C_out=co, K=kh, stride=s[0], batch=batch,
                 dtype=dtype, layout=layout, split=cfg["split"], tiles=cfg["tiles"],
                 rule_picks_triton=M.use_triton(x, w, s, p))

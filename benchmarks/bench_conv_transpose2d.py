@@ -20,6 +20,7 @@ import torch
 from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, check_output, cuda_graphed, op_grid, run_bench
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
+from ddpm_fast.testing.shapes import unet_upsample_shapes
 
 M = importlib.import_module("ddpm_fast.ops.conv_transpose2d")
 S, P = (2, 2), (1, 1)
@@ -38,7 +39,7 @@ else:
     _PROVIDERS = ["reference", "fast"]
 
 SHAPES, BATCHES, BENCH_DTYPES, LAYOUTS = op_grid(
-    _SHAPES, {name: M.unet_upsample_shapes(cfg.unet) for name, cfg in PRESETS.items()}, _BATCHES, _DTYPES,
+    _SHAPES, {name: unet_upsample_shapes(cfg.unet) for name, cfg in PRESETS.items()}, _BATCHES, _DTYPES,
     _LAYOUTS, "Upsample")
 
 

@@ -13,7 +13,7 @@ move. The fused plan moves exactly that; the looped/split plans read x twice (se
 On CUDA the fast provider also records the copy's GB/s on the same bytes and its own fraction of it
 (`copy_GB/s`, `frac_of_copy`), and the plan it ran (`plan`).
 
-Grid: shapes measured from the presets' UNets (ddpm_fast.ops.groupnorm_swish.unet_groupnorm_shapes).
+Grid: shapes measured from the presets' UNets (ddpm_fast.testing.shapes.unet_groupnorm_shapes).
 CPU: two small shapes, batch 1, fp32, NCHW: seconds. GPU: a representative shape per kind for
 labml-cifar32 and cifar35m at batch 1 and 64, fp32 and bf16, NCHW; DDPM_FAST_BENCH_FULL=1 takes every
 distinct preset shape, batches 1/32/64/256, fp32/fp16/bf16 and both layouts.
@@ -29,6 +29,7 @@ from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, check_output, c
                       run_bench)
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
+from ddpm_fast.testing.shapes import unet_groupnorm_shapes
 
 M = importlib.import_module("ddpm_fast.ops.groupnorm_swish")
 
@@ -51,7 +52,7 @@ else:
     _REPRESENTATIVE = [("tiny", 32, 16, 16, 8, True), ("digits16", 256, 4, 4, 8, False)]
     _BATCHES, _DTYPES, _LAYOUTS = ["1"], ["fp32"], ["nchw"]
 
-_MEASURED = {name: M.unet_groupnorm_shapes(cfg.unet) for name, cfg in PRESETS.items()}
+_MEASURED = {name: unet_groupnorm_shapes(cfg.unet) for name, cfg in PRESETS.items()}
 if FULL:
     _SHAPES = []
     for _p in ("labml-cifar32", "cifar35m", "tiny", "digits16"):

@@ -13,7 +13,7 @@ Providers, side by side per case:
   copy       a device copy of the same number of bytes: the bandwidth ceiling
 
 bytes = x and residual read + output written (biases are O(C)). Grid: shapes measured from the presets'
-UNets (ddpm_fast.ops.residual_add.unet_residual_shapes). CPU: two small shapes, batch 1, fp32. GPU: four
+UNets (ddpm_fast.testing.shapes.unet_residual_shapes). CPU: two small shapes, batch 1, fp32. GPU: four
 representative shapes at batch 1 and 64, fp32 and bf16, NCHW; DDPM_FAST_BENCH_FULL=1 adds batches 16/256,
 fp16 and channels_last. Knobs: DDPM_FAST_BENCH_BATCHES, _DTYPES, _LAYOUTS (nchw, cl), _PRESETS.
 """
@@ -26,6 +26,7 @@ from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, check_output, c
                       run_bench)
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
+from ddpm_fast.testing.shapes import unet_residual_shapes
 
 M = importlib.import_module("ddpm_fast.ops.residual_add")
 
@@ -47,7 +48,7 @@ else:
     _PROVIDERS = PROVIDERS
 
 SHAPES, BATCHES, BENCH_DTYPES, LAYOUTS = op_grid(
-    _SHAPES, {name: M.unet_residual_shapes(cfg.unet) for name, cfg in PRESETS.items()}, _BATCHES, _DTYPES,
+    _SHAPES, {name: unet_residual_shapes(cfg.unet) for name, cfg in PRESETS.items()}, _BATCHES, _DTYPES,
     _LAYOUTS, "ResidualBlock output")
 
 

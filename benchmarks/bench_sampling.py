@@ -74,7 +74,7 @@ def parse_sampler(spec):
 def _require_fast_backend():
     import_fast_ops()
     try:
-        import ddpm_fast.fast_sampler  # noqa: F401 - only probing that backend="fast" can load
+        import ddpm_fast.sampling.fast_loop  # noqa: F401 - only probing that backend="fast" can load
     except ModuleNotFoundError as e:
         if (e.name or "").startswith("ddpm_fast."):
             pytest.skip(f"backend='fast' unavailable: {e.name} does not exist yet")
@@ -117,7 +117,7 @@ def test_sampling(benchmark, fresh_compile_state, provider, preset, batch, sampl
     if backend == "fast" and HAS_CUDA and not benchmark.disabled:
         # The timed rounds below replay the graph kept from the previous call (same model, shapes and
         # settings). Record once what a call costs without it: warm-up step, time table and capture.
-        from ddpm_fast.fast_sampler import clear_graph_cache
+        from ddpm_fast.sampling.fast_loop import clear_graph_cache
 
         run()  # compiles the Triton kernels, so the next call times the capture, not the JIT
         clear_graph_cache()

@@ -19,7 +19,7 @@ import torch
 from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, PROVIDERS, check_output, compiled, env_cases, env_list, run_bench
 from ddpm_fast import ops
 from ddpm_fast.config import PRESETS
-from ddpm_fast.ops.time_embedding import TimeTable
+from ddpm_fast.sampling.time_table import TimeTable
 from ddpm_fast.reference import UNet, functional as ref
 
 _PRESETS = ("tiny", "labml-cifar32", "cifar35m")  # E = 128, 256, 512 (digits16 shares tiny's E)

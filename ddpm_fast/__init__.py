@@ -1,8 +1,19 @@
-"""ddpm_fast: fast DDPM/DDIM sampling with a plain PyTorch reference (the labml UNet)."""
-from .checkpoint import default_checkpoint_path, load_checkpoint, load_labml_state_dict, save_checkpoint
+"""ddpm_fast: fast DDPM/DDIM sampling with a plain PyTorch reference (the labml UNet).
+
+The rooms, lowest first (imports only point down this list):
+  config, devices      frozen configs and presets; the device check and the dtype names
+  reference/           the spec: functional ops, the labml UNet, the diffusion schedule
+  ops/                 the fast path's fused ops (Triton on CUDA, C++/reference on CPU)
+  io/                  atomic writes, model checkpoints, images
+  sampling/            sample(), the reference and fast loops, CUDA graphs, the time table
+  training/            the training loop, its checkpoints, the run folder, datasets
+  cli                  the `ddpm-fast` command (argparse lives only there)
+"""
 from .config import PRESETS, DiffusionConfig, ModelConfig, UNetConfig, get_preset
+from .io.checkpoint import default_checkpoint_path, load_checkpoint, load_labml_state_dict, save_checkpoint
+from .io.images import make_grid, save_image_atomic
 from .reference import Schedule, UNet
-from .sampling import make_grid, sample, save_image_atomic
+from .sampling import sample
 
 __version__ = "0.1.0"
 __all__ = ["PRESETS", "DiffusionConfig", "ModelConfig", "UNetConfig", "get_preset", "Schedule", "UNet",
@@ -17,7 +28,7 @@ def __getattr__(name):
 
         return train
     if name == "clear_graph_cache":  # the fast backend's kept CUDA graphs (imports triton: lazily)
-        from .fast_sampler import clear_graph_cache
+        from .sampling.graphs import clear_graph_cache
 
         return clear_graph_cache
     raise AttributeError(f"module 'ddpm_fast' has no attribute {name!r}")

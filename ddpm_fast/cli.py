@@ -4,8 +4,11 @@
                      [--eta E] [--variant labml|paper|posterior] [--clip-x0] [--seed K] [--device D]
                      [--dtype fp32|fp16|bf16] [--backend reference|fast] [--channels-last] [--nrow R]
                      [--out grid.png] [--no-progress]
-    ddpm-fast train ...         (when ddpm_fast.training is installed)
-    ddpm-fast bench-report ...  (when ddpm_fast.bench_report is installed)
+    ddpm-fast train --data DIR|digits --out RUN [--preset NAME] [--steps N] [--resume] ...
+    ddpm-fast bench-report results.json [--out-dir DIR]   (a development tool: ddpm_fast.testing)
+
+Every argparse parser of the package lives here; the library (sampling, training, io) takes plain
+arguments. The commands import what they run lazily, so `ddpm-fast --help` stays quick.
 
 User errors (bad arguments, unreadable checkpoints, unwritable outputs) print one line,
 `ddpm-fast: error: ...`, exit non-zero and write nothing; only bugs show a traceback.
@@ -13,8 +16,8 @@ User errors (bad arguments, unreadable checkpoints, unwritable outputs) print on
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,13 +36,6 @@ INIT_SEED = 0
 # sooner, which main() reports as one line too.
 MAX_IMAGES = 65536
 
-# Subcommands that live in other modules, registered only when their module imports:
-# (command, module, add-arguments function, run function, help).
-_DELEGATED = [
-    ("train", "ddpm_fast.training", "add_train_arguments", "run_train_from_args", "train a model"),
-    ("bench-report", "ddpm_fast.bench_report", "add_bench_report_arguments", "run_bench_report_from_args",
-     "summarise benchmark results"),
-]
 
 
 class UserError(Exception):
@@ -103,11 +99,11 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_sample_from_args(args: argparse.Namespace) -> int:
     # Imported here so `ddpm-fast --help` stays quick and the parser does not depend on them.
-    from .checkpoint import default_checkpoint_path, load_checkpoint
-    from .devices import parse_device
+    from .devices import DTYPE_NAMES, parse_device
+    from .io.checkpoint import default_checkpoint_path, load_checkpoint
+    from .io.images import image_format_for_path, image_mode, make_grid, save_image_atomic
     from .reference.unet import UNet
-    from .sampling import (DEFAULT_DDIM_STEPS, DEFAULT_VARIANT, image_format_for_path, image_mode, make_grid,
-                           sample, save_image_atomic)
+    from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_VARIANT, sample
 
     out = Path(args.out)
     image_format_for_path(out)  # refuse a bad output path before any work
@@ -121,7 +117,7 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
     # error, not a request for the default.
     device = parse_device(args.device, what="--device") if args.device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPE_NAMES[args.dtype]
 
     if args.checkpoint is not None and not args.checkpoint.strip():
         raise UserError("--checkpoint must not be empty (give a .safetensors path, or leave it out for the "
@@ -172,41 +168,101 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `train` subcommand's flags; values are range-checked at parse time."""
+    from .training.loop import MAX_IMAGE_SIZE
+
+    a = parser.add_argument
+    a("--data", required=True, help="a folder of PNG/JPEG images (searched recursively), or 'digits' "
+      "(scikit-learn's handwritten digits, upscaled to 16x16)")
+    a("--out", required=True, help="run folder: checkpoint, model, loss.csv, samples/")
+    a("--preset", default=None, choices=sorted(PRESETS),
+      help="model shape (default: digits16, or the checkpoint's with --resume)")
+    a("--image-size", type=number_arg(int, 1, MAX_IMAGE_SIZE, hi_open=False), default=None,
+      help=f"override the preset's image size (at most {MAX_IMAGE_SIZE})")
+    a("--channels", type=int, choices=(1, 3), default=None, help="override the preset's image channels")
+    a("--steps", type=number_arg(int, 1), default=10_000, help="total optimizer steps (default: 10000)")
+    a("--batch-size", type=number_arg(int, 1), default=64, help="global batch size (default: 64)")
+    a("--lr", type=number_arg(float, 0.0, lo_open=True), default=3e-4, help="Adam learning rate (default: 3e-4)")
+    a("--warmup-steps", type=number_arg(int, 0), default=100, help="linear lr warm-up steps (default: 100)")
+    a("--ema-decay", type=number_arg(float, 0.0, 1.0), default=0.999, help="EMA decay in [0, 1) (default: 0.999)")
+    a("--grad-clip", type=number_arg(float, 0.0), default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
+    a("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision on CUDA (default: off)")
+    a("--resume", action="store_true",
+      help="continue from OUT/checkpoint.safetensors if it exists (else start a new run)")
+    a("--sample-every", type=number_arg(int, 0), default=1000, help="steps between sample grids, 0 = off")
+    a("--checkpoint-every", type=number_arg(int, 1), default=500, help="steps between checkpoints (default: 500)")
+    a("--log-every", type=number_arg(int, 1), default=50, help="steps per loss.csv row (default: 50)")
+    a("--seed", type=number_arg(int, 0, 2 ** 63), default=0)
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available); ignored under torchrun")
+    a("--num-workers", type=number_arg(int, 0), default=0, help="DataLoader workers for image folders")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_train_from_args(args: argparse.Namespace) -> int:
+    """Validate parsed `train` arguments, run training, print where things went. Returns 0."""
+    import dataclasses
+
+    from .config import ModelConfig
+    from .devices import parse_device
+    from .training import train
+
+    over = {k: v for k, v in (("image_size", args.image_size), ("image_channels", args.channels)) if v is not None}
+    config = None if args.preset is None and not over else get_preset(args.preset or "digits16")
+    if over:
+        config = ModelConfig(dataclasses.replace(config.unet, **over), config.diffusion)
+    if args.device is not None:
+        parse_device(args.device, "--device")
+    if args.amp != "off" and not torch.cuda.is_available():
+        raise ValueError(f"--amp {args.amp} needs a CUDA device")
+    res = train(args.data, args.out, preset=config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                ema_decay=args.ema_decay, grad_clip=args.grad_clip, amp=args.amp, resume=args.resume,
+                sample_every=args.sample_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                device=args.device, progress=not args.no_progress, num_workers=args.num_workers,
+                warmup_steps=args.warmup_steps, log_every=args.log_every)
+    if int(os.environ.get("RANK", "0")) == 0:
+        loss = f"{res.loss:.4f}" if res.loss is not None else "n/a"
+        print(f"trained to step {res.step} (last logged loss {loss}); EMA model: {res.model}; "
+              f"checkpoint: {res.checkpoint}")
+    return 0
+
+
+def add_bench_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("json", help="pytest-benchmark JSON (pytest benchmarks/ --benchmark-only "
+                                     "--benchmark-json=FILE)")
+    parser.add_argument("--out-dir", default=None,
+                        help="where to write <stem>.md and <stem>.png (default: next to the JSON)")
+    parser.add_argument("--note", default=None, help="a sentence to show under the report's header")
+    return parser
+
+
+def run_bench_report_from_args(args: argparse.Namespace) -> int:
+    from .testing.bench_report import make_report  # a development tool, imported only for this command
+
+    md, png = make_report(args.json, args.out_dir, note=args.note)
+    print(f"wrote {md}")
+    print(f"wrote {png}" if png else "no PNG chart: matplotlib is not installed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Fast DDPM/DDIM sampling with a plain PyTorch reference.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_sample_arguments(sub.add_parser("sample", help="draw images and write them as one grid image",
                                         description="Draw images from a DDPM model and write a grid image."))
-    for name, module_name, add_name, run_name, help_text in _DELEGATED:
-        module = _optional_module(module_name)
-        if module is None:
-            continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        getattr(module, add_name)(p)
-        p.set_defaults(func=getattr(module, run_name))
+    p = sub.add_parser("train", help="train a model", description="Train a DDPM UNet (see ddpm_fast.train).")
+    add_train_arguments(p).set_defaults(func=run_train_from_args)
+    p = sub.add_parser("bench-report", help="summarise benchmark results",
+                       description="pytest-benchmark JSON -> a markdown speedup table and a PNG chart.")
+    add_bench_report_arguments(p).set_defaults(func=run_bench_report_from_args)
     return parser
-
-
-_import_errors = {}
-
-
-def _optional_module(name: str):
-    """The module, or None when it is not installed (yet); a broken module's error is kept for main."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        _import_errors[name] = e
-        return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser()
-        if argv and argv[0] in {d[0] for d in _DELEGATED}:
-            module_name = next(d[1] for d in _DELEGATED if d[0] == argv[0])
-            if module_name in _import_errors:
-                raise UserError(f"the '{argv[0]}' command is not available: {_import_errors[module_name]}")
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help / --version
@@ -223,8 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         _print_error(f"out of memory: {str(e) or type(e).__name__} (try fewer images or a smaller batch)")
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{PROG}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
@@ -27,6 +28,11 @@ MAX_DATA_MAGNITUDE = 1e6  # |data_range| bound: the sampler maps x to pixels in 
 # loses all precision, and sampling returns NaN (measured: 4e-35 still samples, 2e-47 gives NaN).
 # The DDPM paper's schedule leaves 4e-5.
 MIN_ALPHA_BAR = 1e-30
+# Bounds on any JSON read from a file (a checkpoint's metadata, a run's manifest): Python's json module
+# recurses once per nesting level, so a few kilobytes of '[' would otherwise surface as a RecursionError.
+MAX_JSON_BYTES = 16 * 2 ** 20
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 @dataclass(frozen=True)
@@ -200,11 +206,40 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(load_json(text, "ModelConfig"))
+
+
+def load_json(text, what: str = "JSON"):
+    """json.loads of untrusted text, refusing (ValueError naming `what`) more than MAX_JSON_BYTES or
+    nesting deeper than MAX_JSON_DEPTH before it is parsed."""
+    if isinstance(text, (bytes, bytearray)):
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"ModelConfig: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{what}: not UTF-8 text") from None
+    if not isinstance(text, str):
+        raise ValueError(f"{what}: expected JSON text, got {type(text).__name__}")
+    if len(text) > MAX_JSON_BYTES:
+        raise ValueError(f"{what}: {len(text)} characters of JSON, more than the {MAX_JSON_BYTES} allowed")
+    depth = deepest = 0
+    for ch in re.findall(r"[\[\]{}]", _JSON_STRING.sub('""', text)):  # brackets outside strings
+        depth += 1 if ch in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_JSON_DEPTH:
+        raise ValueError(f"{what}: JSON nested {deepest} levels deep, more than the {MAX_JSON_DEPTH} allowed")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: not valid JSON ({e})") from None
+
+
+def check_int(name: str, value, low: int) -> int:
+    """`value` as a Python int >= `low`; integer-likes (numpy ints) pass, as plain ints for what comes after."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 def _is_int(v: Any) -> bool:

@@ -1,4 +1,4 @@
-"""The one device check shared by sampling, checkpoint loading and training.
+"""The one device check and the one table of dtype names, shared by sampling, checkpoints and training.
 
 The package runs on CPU and CUDA only. Anything else (meta, mps, xpu, a CUDA index past the last GPU,
 a misspelt name) is refused with a ValueError naming the device, before any tensor moves: `meta` in
@@ -26,6 +26,9 @@ def parse_device(device: Union[str, torch.device, int], what: str = "device") ->
         raise ValueError(f"{what}: not a device name: {device!r} (use cpu, cuda or cuda:N)") from None
     if dev.type not in SUPPORTED:
         raise ValueError(f"{what} {str(dev)!r} is not supported: ddpm_fast runs on {' or '.join(SUPPORTED)}")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        # torch accepts 'cpu:7' and runs on the one CPU device: a typo for cuda:7, not a request.
+        raise ValueError(f"{what} {str(dev)!r}: there is one CPU device ('cpu'); did you mean 'cuda:{dev.index}'?")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{what} {str(dev)!r} requested but CUDA is not available on this machine")
@@ -35,3 +38,26 @@ def parse_device(device: Union[str, torch.device, int], what: str = "device") ->
         elif dev.index >= n:
             raise ValueError(f"{what} {str(dev)!r}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
     return dev
+
+
+# The names sample(), load_checkpoint and the CLI accept for a dtype.
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# The dtypes a UNet runs in while sampling (x_t itself stays float32).
+RUN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The dtypes weights may be stored and loaded in. float8 and friends are refused: they are not a dtype the
+# UNet runs in, and isfinite is not even implemented for them.
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def parse_dtype(dtype, allowed=RUN_DTYPES, what: str = "dtype") -> torch.dtype:
+    """`dtype` (a torch dtype or a name in DTYPE_NAMES) as a torch dtype from `allowed`, else a ValueError."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown {what} {dtype!r}; choose one of {sorted(DTYPE_NAMES)} or a torch dtype")
+        dtype = DTYPE_NAMES[dtype]
+    if not isinstance(dtype, torch.dtype) or dtype not in allowed:
+        names = [str(d).replace("torch.", "") for d in allowed]
+        names = ", ".join(names[:-1]) + " or " + names[-1]
+        raise ValueError(f"{what} must be one of {names}, got {dtype!r}")
+    return dtype

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddpm_fast import ops  # noqa: E402
 from ddpm_fast.config import PRESETS  # noqa: E402
-from ddpm_fast.ops.time_embedding import attach_time_table, detach_time_table  # noqa: E402
+from ddpm_fast.sampling.time_table import attach_time_table, detach_time_table  # noqa: E402
 from ddpm_fast.reference import UNet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -22,8 +22,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 RESUME=()
 [ -f "$RUN/checkpoint.safetensors" ] && RESUME=(--resume)
 
-# `python -m ddpm_fast.training` takes the same flags as `ddpm-fast train`.
-python -m ddpm_fast.training --data digits --preset digits16 --out "$RUN" \
+# `python -m ddpm_fast train` is `ddpm-fast train`.
+python -m ddpm_fast train --data digits --preset digits16 --out "$RUN" \
     --steps "$STEPS" --batch-size 64 --lr 5e-4 --warmup-steps 200 --ema-decay 0.999 --grad-clip 1.0 \
     --checkpoint-every 250 --sample-every 1000 --log-every 50 --seed 0 --device cpu "${RESUME[@]}"
 

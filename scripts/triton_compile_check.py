@@ -47,6 +47,8 @@ te = importlib.import_module("ddpm_fast.ops.time_embedding")
 cv = importlib.import_module("ddpm_fast.ops.conv2d")
 ct = importlib.import_module("ddpm_fast.ops.conv_transpose2d")
 ra = importlib.import_module("ddpm_fast.ops.residual_add")
+gemm = importlib.import_module("ddpm_fast.ops._conv_gemm")
+shapes = importlib.import_module("ddpm_fast.testing.shapes")
 
 H100_SMS = 132  # SXM5; the PCIe card has 114 (--sms): the launchers size grids and splits by it
 H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
@@ -66,20 +68,20 @@ class Recorder:
         return lambda *args, **kw: Recorder.log.append((self.kernel, args, kw))
 
 
-for _mod, _names in ((gn, ("_launch", "plan")), (att, ("wrap_triton", "_programs_wanted", "_dot_flags"))):
+for _mod, _names in ((gn, ("_launch", "plan")), (att, ("wrap_triton", "_programs_wanted", "dot_flags"))):
     for _name in _names:  # the launchers' hooks patched below; fail loudly if one was renamed
         assert hasattr(_mod, _name), f"{_mod.__name__}.{_name} is gone: update this script"
-_plan, _dot_flags = gn.plan, att._dot_flags
+_plan, _dot_flags = gn.plan, att.dot_flags
 gn._launch = lambda kernel, grid, args, meta, num_warps: Recorder(kernel)[grid](*args, **meta, num_warps=num_warps)
 gn.plan = lambda b, c, hw, g, cl, sms, *a: _plan(b, c, hw, g, cl, H100_SMS if sms is None else sms, *a)
 att.wrap_triton = Recorder
 att._programs_wanted = lambda device: H100_SMS
-att._dot_flags = lambda dtype, device, allow_tf32=None: _dot_flags(dtype, torch.device("cuda"), allow_tf32)
+att.dot_flags = lambda dtype, device, allow_tf32=None: _dot_flags(dtype, torch.device("cuda"), allow_tf32)
 for _mod in (cv, ct, ra):
     assert hasattr(_mod, "wrap_triton"), f"{_mod.__name__}.wrap_triton is gone: update this script"
     _mod.wrap_triton = Recorder
-cv._sms = lambda device: H100_SMS  # conv_transpose2d asks conv2d's
-cv._dot_flags = ct._dot_flags = att._dot_flags
+gemm.sms = lambda device: H100_SMS  # both convs plan through _conv_gemm
+cv.dot_flags = ct.dot_flags = att.dot_flags
 
 
 def unet_shapes(cfg):
@@ -124,17 +126,17 @@ def record_all(batches, dtypes):
                         yield from _run(f"{name} attn C{c} {h}x{w} h{nh} dk{dk} B{b}{tag}{' tf32' if tf32 else ''}",
                                         dn, att.attention_triton, x, *params, nh, dk)
                     torch.backends.cuda.matmul.allow_tf32 = False
-                convs = cv.unet_conv_shapes(mc.unet) if mc else [(96, 7, 9, 40, 3, 1, True), (96, 7, 9, 40, 1, 1, False)]
+                convs = shapes.unet_conv_shapes(mc.unet) if mc else [(96, 7, 9, 40, 3, 1, True), (96, 7, 9, 40, 1, 1, False)]
                 for (ci, h, w, co, k, st, has_bias) in convs:
                     x = new(b, ci, h, w).to(memory_format=fmt)
                     yield from _run(f"{name} conv {ci}->{co} {h}x{w} k{k}s{st} B{b}{tag}", dn, cv.conv2d_triton, x,
                                     new(co, ci, k, k), new(co) if has_bias else None, (st, st), (k // 2, k // 2),
                                     allow_tf32=False)
-                for (c, h, w) in ct.unet_upsample_shapes(mc.unet) if mc else [(24, 5, 7)]:
+                for (c, h, w) in shapes.unet_upsample_shapes(mc.unet) if mc else [(24, 5, 7)]:
                     x = new(b, c, h, w).to(memory_format=fmt)
                     yield from _run(f"{name} upsample C{c} {h}x{w} B{b}{tag}", dn, ct.conv_transpose2d_triton, x,
                                     new(c, c, 4, 4), new(c), allow_tf32=False)
-                for (c, h, w, kind) in ra.unet_residual_shapes(mc.unet) if mc else [(96, 7, 9, "conv")]:
+                for (c, h, w, kind) in shapes.unet_residual_shapes(mc.unet) if mc else [(96, 7, 9, "conv")]:
                     x = new(b, c, h, w).to(memory_format=fmt)
                     yield from _run(f"{name} resadd C{c} {h}x{w} B{b}{tag}", dn, ra.residual_add_triton, x, new(c),
                                     torch.empty_like(x), new(c) if kind == "conv" else None)

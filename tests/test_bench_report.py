@@ -4,9 +4,9 @@ Most tests build a small JSON by hand in pytest-benchmark's format (known median
 are known); one runs a real two-provider benchmark through benchmarks/conftest.py's run_bench in a
 subprocess, so the report is also checked against the format the plugin actually writes.
 """
-import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ddpm_fast import bench_report
-from ddpm_fast.bench_report import family, load_results, make_report, parse_entries
+from ddpm_fast import cli
+from ddpm_fast.testing.bench_report import family, load_results, make_report, parse_entries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,26 +274,27 @@ def test_missing_file_and_directory(tmp_path):
 
 
 def test_cli_entry_points(sample_json, tmp_path, capsys, no_matplotlib):
-    parser = bench_report.add_bench_report_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([str(sample_json), "--out-dir", str(tmp_path / "cli")])
-    assert bench_report.run_bench_report_from_args(args) == 0
+    assert cli.main(["bench-report", str(sample_json), "--out-dir", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
     assert "results.md" in out and "matplotlib is not installed" in out
     assert (tmp_path / "cli" / "results.md").exists()
-    with pytest.raises(SystemExit, match="bench-report: error: .*does not exist"):
-        bench_report.main([str(tmp_path / "missing.json")])
-    # Bad times, too-deep nesting and an unwritable destination: one line and exit status 1 as well.
+
+    def error_line(argv, match):
+        # A user error is one line with the prefix and exit status of every other command.
+        assert cli.main(["bench-report", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.match("ddpm-fast: error: " + match, err), err
+
+    error_line([str(tmp_path / "missing.json")], ".*does not exist")
+    # Bad times, too-deep nesting and an unwritable destination.
     zero = _write(tmp_path, _results([_bench("A", "reference", 1e-3), _bench("A", "fast", 1e-3)]), "zero.json")
     zero.write_text(zero.read_text().replace('"median": 0.001', '"median": 0.0'))
-    with pytest.raises(SystemExit, match=r"bench-report: error: benchmark 'test_op\[\w+\]': stats\.median is 0\.0"):
-        bench_report.main([str(zero)])
+    error_line([str(zero)], r"benchmark 'test_op\[\w+\]': stats\.median is 0\.0")
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(SystemExit, match="bench-report: error: .*deep.json.*nested too deeply"):
-        bench_report.main([str(tmp_path / "deep.json")])
+    error_line([str(tmp_path / "deep.json")], ".*deep.json.*nested too deeply")
     (tmp_path / "cli" / "results.md").unlink()
     (tmp_path / "cli" / "results.md").mkdir()
-    with pytest.raises(SystemExit, match="bench-report: error: cannot write .*results.md"):
-        bench_report.main([str(sample_json), "--out-dir", str(tmp_path / "cli")])
+    error_line([str(sample_json), "--out-dir", str(tmp_path / "cli")], "cannot write .*results.md")
 
 
 _BENCH_FILE = '''

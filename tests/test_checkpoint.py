@@ -9,11 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import ddpm_fast.checkpoint as checkpoint_module
+import ddpm_fast.io.checkpoint as checkpoint_module
 from ddpm_fast import (PRESETS, DiffusionConfig, ModelConfig, UNet, UNetConfig, default_checkpoint_path,
                        get_preset, load_checkpoint, load_labml_state_dict, sample, save_checkpoint)
-from ddpm_fast.checkpoint import CONFIG_KEY, FORMAT, load_extra_tensors
-from ddpm_fast.train_checkpoint import TRAIN_FORMAT, save_train_checkpoint
+from ddpm_fast.io.checkpoint import CONFIG_KEY, FORMAT, load_extra_tensors
+from ddpm_fast.training.checkpoint import TRAIN_FORMAT, save_train_checkpoint
 
 CFG = ModelConfig(UNetConfig(image_channels=1, n_channels=16, ch_mults=(1, 2), is_attn=(False, True), n_blocks=1,
                              image_size=8, n_groups=4),
@@ -124,7 +124,7 @@ def test_save_onto_a_directory_names_it(tmp_path, model):
 def test_failed_save_leaves_no_file(tmp_path, model, monkeypatch):
     # The bytes are written, then the disk "fills" at fsync: no file, no temp file may remain, and an
     # existing checkpoint at the target path must stay untouched.
-    import ddpm_fast.atomic as atomic
+    import ddpm_fast.io.atomic as atomic
 
     target = tmp_path / "m.safetensors"
     save_checkpoint(target, model, CFG)
@@ -141,7 +141,7 @@ def test_failed_save_leaves_no_file(tmp_path, model, monkeypatch):
 
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path):
-    from ddpm_fast.atomic import write_atomic
+    from ddpm_fast.io.atomic import write_atomic
 
     def partial(f):
         f.write(b"partial")

@@ -15,13 +15,15 @@ from tolerances import tol
 
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as R
+from ddpm_fast.testing.shapes import unet_conv_shapes
 
 pytestmark = pytest.mark.interpreter
 
 M = importlib.import_module("ddpm_fast.ops.conv2d")
+G = importlib.import_module("ddpm_fast.ops._conv_gemm")  # the dispatch knob and split-K workspace both convs share
 
 # Every (C_in, H, W, C_out, K, stride, bias) the presets feed the op, measured on the meta device.
-PRESET_SHAPES = {name: M.unet_conv_shapes(cfg.unet) for name, cfg in PRESETS.items()}
+PRESET_SHAPES = {name: unet_conv_shapes(cfg.unet) for name, cfg in PRESETS.items()}
 ALL_SHAPES = sorted({s for shapes in PRESET_SHAPES.values() for s in shapes})
 # The CPU subset (the interpreter runs ~1 s per 10^5 output elements x K): every kind of conv the UNet
 # has, at the small presets' real shapes, plus odd ones.
@@ -42,9 +44,9 @@ def shape_id(s):
 
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch):
-    real_out, real_ws = M._new_output, M._new_workspace
+    real_out, real_ws = M._new_output, G.new_workspace
     monkeypatch.setattr(M, "_new_output", lambda *a: poison(real_out(*a)))
-    monkeypatch.setattr(M, "_new_workspace", lambda *a: poison(real_ws(*a)))
+    monkeypatch.setattr(G, "new_workspace", lambda *a: poison(real_ws(*a)))
 
 
 def make_inputs(b, shape, dtype, device="cpu", channels_last=False):
@@ -251,7 +253,7 @@ def test_gpu_op_dispatch_at_batch_1(preset):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
 def test_gpu_opcheck(dtype, monkeypatch):
-    monkeypatch.setattr(M, "BACKEND", "triton")
+    monkeypatch.setattr(G, "BACKEND", "triton")
     x, w, b, s, p = make_inputs(1, (128, 16, 16, 256, 3, 1, True), dtype, "cuda")
     torch.library.opcheck(torch.ops.ddpm_fast.conv2d.default, (x, w, b, list(s), list(p)))
 
@@ -260,7 +262,7 @@ def test_gpu_opcheck(dtype, monkeypatch):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("batch", [1, 64], ids=["split", "nosplit"])
 def test_gpu_compile_fullgraph(monkeypatch, batch, bias):
-    monkeypatch.setattr(M, "BACKEND", "triton")
+    monkeypatch.setattr(G, "BACKEND", "triton")
     x, w, b, s, p = make_inputs(batch, (128, 16, 16, 256, 3, 1, bias), torch.float32, "cuda")
     compiled = torch.compile(lambda x: M.conv2d(torch.relu(x), w, b, s, p), fullgraph=True)
     check(compiled(x), torch.relu(x), w, b, s, p, same_dtype_ref=False)

@@ -16,15 +16,16 @@ from tolerances import tol
 
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as R
+from ddpm_fast.testing.shapes import unet_upsample_shapes
 
 pytestmark = pytest.mark.interpreter
 
 M = importlib.import_module("ddpm_fast.ops.conv_transpose2d")
-CONV = importlib.import_module("ddpm_fast.ops.conv2d")
+G = importlib.import_module("ddpm_fast.ops._conv_gemm")  # the dispatch knob and split-K workspace both convs share
 S, P = (2, 2), (1, 1)
 
 # Every (C, H, W) input the presets' Upsamples see, measured on the meta device.
-PRESET_SHAPES = {name: M.unet_upsample_shapes(cfg.unet) for name, cfg in PRESETS.items()}
+PRESET_SHAPES = {name: unet_upsample_shapes(cfg.unet) for name, cfg in PRESETS.items()}
 ALL_SHAPES = sorted({s for shapes in PRESET_SHAPES.values() for s in shapes})
 # (C_in, C_out, H, W): the small presets' real Upsamples and odd ones (C_out != C_in, H != W).
 CPU_SHAPES = [(32, 32, 8, 8), (64, 64, 4, 4), (24, 40, 5, 7), (3, 5, 1, 1)]
@@ -32,9 +33,9 @@ CPU_SHAPES = [(32, 32, 8, 8), (64, 64, 4, 4), (24, 40, 5, 7), (3, 5, 1, 1)]
 
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch):
-    real_out, real_ws = M._new_output, CONV._new_workspace
+    real_out, real_ws = M._new_output, G.new_workspace
     monkeypatch.setattr(M, "_new_output", lambda *a: poison(real_out(*a)))
-    monkeypatch.setattr(CONV, "_new_workspace", lambda *a: poison(real_ws(*a)))
+    monkeypatch.setattr(G, "new_workspace", lambda *a: poison(real_ws(*a)))
 
 
 def make_inputs(b, ci, co, h, w, dtype, device="cpu", channels_last=False, bias=True):
@@ -48,13 +49,20 @@ def make_inputs(b, ci, co, h, w, dtype, device="cpu", channels_last=False, bias=
 
 def check(out, x, weight, bias, same_dtype_ref=True):
     b64 = bias.double() if bias is not None else None
-    truth = F.conv_transpose2d(x.double(), weight.double(), b64, S, P).to(x.dtype)
+    # The truth stays in float64: rounding it to x's dtype first would add up to half an ulp to the error.
+    truth = F.conv_transpose2d(x.double(), weight.double(), b64, S, P)
     assert out.shape == truth.shape and out.dtype == x.dtype
     fmt = CL if (x.is_contiguous(memory_format=CL) and not x.is_contiguous()) else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt), "output must keep x's memory format"
-    torch.testing.assert_close(out, truth, **tol("conv_transpose2d_truth", x.dtype))
-    if same_dtype_ref:
-        torch.testing.assert_close(out, R.conv_transpose2d(x, weight, bias, S, P), **tol("conv_transpose2d", x.dtype))
+    torch.testing.assert_close(out.double(), truth, **tol("conv_transpose2d_truth", x.dtype))
+    if not same_dtype_ref:
+        return
+    if x.dtype == torch.bfloat16:
+        # No comparison with CPU's own bf16 transposed conv: without AVX512_BF16 oneDNN rounds its partial
+        # sums to bf16 (measured up to 3.6e-2 from the float64 truth on an AVX2 EPYC, against the kernel's
+        # 1.4e-2), so that reference is the less accurate side; the truth check above is the test.
+        return
+    torch.testing.assert_close(out, R.conv_transpose2d(x, weight, bias, S, P), **tol("conv_transpose2d", x.dtype))
 
 
 def test_preset_shapes_are_measured():
@@ -172,7 +180,7 @@ def test_gpu_op_dispatch_at_batch_1():
 
 @pytest.mark.gpu
 def test_gpu_opcheck_and_compile(monkeypatch):
-    monkeypatch.setattr(CONV, "BACKEND", "triton")
+    monkeypatch.setattr(G, "BACKEND", "triton")
     x, w, b = make_inputs(1, 128, 128, 16, 16, torch.float32, "cuda")
     torch.library.opcheck(torch.ops.ddpm_fast.conv_transpose2d.default, (x, w, b, [2, 2], [1, 1]))
     compiled = torch.compile(lambda x: M.conv_transpose2d(torch.relu(x), w, b, S, P), fullgraph=True)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_fast import data as data_mod
-from ddpm_fast.data import DataError, ImageFolder, load_dataset, load_image
+from ddpm_fast.training import data as data_mod
+from ddpm_fast.training.data import DataError, ImageFolder, load_dataset, load_image
 from ddpm_fast.training import train
 
 from test_training import QUIET, TINY

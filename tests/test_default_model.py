@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_fast.checkpoint import default_checkpoint_path, load_checkpoint
+from ddpm_fast.io.checkpoint import default_checkpoint_path, load_checkpoint
 from ddpm_fast.config import PRESETS
-from ddpm_fast.data import digits_images
+from ddpm_fast.training.data import digits_images
 from ddpm_fast.reference import UNet
 from ddpm_fast.sampling import sample
 

@@ -7,7 +7,7 @@ import torch
 
 import ddpm_fast
 from ddpm_fast.config import PRESETS
-from ddpm_fast.fast_sampler import fast_loop
+from ddpm_fast.sampling.fast_loop import fast_loop
 from ddpm_fast.reference import Schedule, UNet
 from ddpm_fast.sampling import reference_loop
 from tolerances import assert_deep, tol
@@ -183,19 +183,19 @@ def test_cuda_graph_replay_equals_eager(sampler):
 def test_kept_cuda_graph_serves_a_new_seed_and_x_T(dtype):
     # The second call replays the first call's graph with a new seed and x_T (read from device memory);
     # it must equal a fresh capture for them, and differ from the first run.
-    import ddpm_fast.fast_sampler as fs
+    import ddpm_fast.sampling.graphs as graphs
 
-    fs.clear_graph_cache()
+    graphs.clear_graph_cache()
     model = _model("cuda")
     ts, coeffs = _table("ddpm", 10)
     first = _run(fast_loop, model, _x_T(2, "cuda", seed=3), ts, coeffs, seed=1, dtype=dtype)
-    assert len(fs._GRAPHS) == 1
+    assert len(graphs.GRAPHS) == 1
     kept = _run(fast_loop, model, _x_T(2, "cuda", seed=4), ts, coeffs, seed=2, dtype=dtype)
-    assert len(fs._GRAPHS) == 1, "same model, shapes and settings: the kept graph must be reused"
+    assert len(graphs.GRAPHS) == 1, "same model, shapes and settings: the kept graph must be reused"
     fresh = _run(fast_loop, model, _x_T(2, "cuda", seed=4), ts, coeffs, seed=2, dtype=dtype, reuse_graph=False)
     torch.testing.assert_close(kept, fresh, **tol("graph_vs_eager", torch.float32))
     assert (kept - first).abs().max() > 0.1
-    fs.clear_graph_cache()
+    graphs.clear_graph_cache()
 
 
 @pytest.mark.gpu
@@ -218,13 +218,14 @@ def test_fast_trajectory_within_tolerance_of_reference_cuda(sampler, dtype):
 @pytest.mark.parametrize("warmup", [1, 3])
 @pytest.mark.parametrize("n_steps", [1, 2, 5])
 def test_graphed_bookkeeping_with_stand_in_graph_cpu(monkeypatch, n_steps, warmup):
-    """_graphed's warm-up / capture / reset logic, on CPU: torch.cuda's stream and graph API is replaced
+    """graphs.capture's warm-up / capture / reset logic, on CPU: torch.cuda's stream and graph API is replaced
     by stand-ins whose capture runs the step eagerly and whose replay re-runs it. The replayed loop must
     equal the eager loop: warm-up must not step past the last row (S < warm-up steps) and capture must leave the
     state reset. The real capture runs in the gpu tests above."""
     import contextlib
 
-    import ddpm_fast.fast_sampler as fs
+    import ddpm_fast.sampling.fast_loop as fs
+    import ddpm_fast.sampling.graphs as graphs
 
     class Stream:
         def wait_stream(self, other):
@@ -242,7 +243,7 @@ def test_graphed_bookkeeping_with_stand_in_graph_cpu(monkeypatch, n_steps, warmu
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(fs, "WARMUP_STEPS", warmup)
+    monkeypatch.setattr(graphs, "WARMUP_STEPS", warmup)
 
     model = _model()
     ts, coeffs = _table("ddpm", n_steps)
@@ -252,7 +253,7 @@ def test_graphed_bookkeeping_with_stand_in_graph_cpu(monkeypatch, n_steps, warmu
         for graphed in (False, True):
             state = fs._StepState(model, x_T, ts, coeffs, torch.float32, None, 123, False)
             state_box[:] = [state]
-            run = fs._graphed(state) if graphed else state.step
+            run = graphs.capture(state) if graphed else state.step
             for _ in range(n_steps):
                 run()
             assert int(state.step_index) == n_steps
@@ -263,12 +264,13 @@ def test_graphed_bookkeeping_with_stand_in_graph_cpu(monkeypatch, n_steps, warmu
 # --- graphs kept between calls (the cache logic on CPU; the real capture runs in the gpu tests) ----
 @pytest.fixture
 def stand_in_capture(monkeypatch):
-    """fast_loop's graph path on CPU: `_graphed` is replaced by an eager stand-in whose "replay" runs the
+    """fast_loop's graph path on CPU: `capture` is replaced by an eager stand-in whose "replay" runs the
     step on the state's static buffers with the net as it was at capture (fused, with the time table
     of that moment), as a captured graph would. Returns the list of captured states."""
     import types
 
-    import ddpm_fast.fast_sampler as fs
+    import ddpm_fast.sampling.fast_loop as fs
+    import ddpm_fast.sampling.graphs as graphs
 
     captured = []
 
@@ -295,12 +297,12 @@ def stand_in_capture(monkeypatch):
         state.graph = types.SimpleNamespace(replay=replay)
         return replay
 
-    monkeypatch.setattr(fs, "_graphed", graphed)
+    monkeypatch.setattr(fs, "capture", graphed)
     monkeypatch.setattr(fs, "_GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(fs, "EXTENSION_HAS_CUDA", True)
-    fs.clear_graph_cache()
+    graphs.clear_graph_cache()
     yield captured
-    fs.clear_graph_cache()
+    graphs.clear_graph_cache()
 
 
 def _graph_run(model, x_T, ts, coeffs, seed, **kw):
@@ -368,7 +370,7 @@ def test_fast_backend_with_a_model_made_in_inference_mode_cpu():
 
 
 def test_a_failed_setup_leaves_the_model_as_it_was_cpu(monkeypatch):
-    import ddpm_fast.fast_sampler as fs
+    import ddpm_fast.sampling.fast_loop as fs
 
     model = _model().train()
 
@@ -404,22 +406,22 @@ def test_kept_graph_goes_with_its_model_cpu(stand_in_capture, convert):
     # The cache must not keep the caller's model (and the graph's memory) alive.
     import gc
 
-    import ddpm_fast.fast_sampler as fs
+    import ddpm_fast.sampling.graphs as graphs
 
     model = _model()
     ts, coeffs = _table("ddpm", 3)
     _graph_run(model, _x_T(2, "cpu"), ts, coeffs, seed=1, dtype=torch.bfloat16 if convert else torch.float32)
-    assert len(fs._GRAPHS) == 1
+    assert len(graphs.GRAPHS) == 1
     ref = weakref.ref(model)
     del model
     stand_in_capture.clear()
     gc.collect()
     assert ref() is None, "a kept graph must not keep the caller's model alive"
-    assert len(fs._GRAPHS) == 0
+    assert len(graphs.GRAPHS) == 0
 
 
 def test_graph_cache_keys_and_eviction_cpu(stand_in_capture):
-    import ddpm_fast.fast_sampler as fs
+    import ddpm_fast.sampling.graphs as graphs
 
     model, other = _model(seed=0), _model(seed=1)
     ts, coeffs = _table("ddpm", 4)
@@ -428,9 +430,9 @@ def test_graph_cache_keys_and_eviction_cpu(stand_in_capture):
     _graph_run(other, _x_T(2, "cpu"), ts, coeffs, seed=1)        # another model: another graph
     _graph_run(model, _x_T(2, "cpu"), ts, coeffs, seed=1, clip=(-1.0, 1.0))  # clip is baked in
     assert len(stand_in_capture) == 4
-    assert len(fs._GRAPHS) == fs._GraphCache.MAX_ENTRIES, "least recently used entries are evicted"
+    assert len(graphs.GRAPHS) == graphs._GraphCache.MAX_ENTRIES, "least recently used entries are evicted"
     _graph_run(model, _x_T(2, "cpu"), ts, coeffs, seed=1, clip=(-1.0, 1.0))
     assert len(stand_in_capture) == 4, "the most recent entry is still there"
     _graph_run(model, _x_T(2, "cpu"), ts, coeffs, seed=1, reuse_graph=False)
-    fs.clear_graph_cache()
-    assert len(fs._GRAPHS) == 0
+    graphs.clear_graph_cache()
+    assert len(graphs.GRAPHS) == 0

@@ -78,7 +78,7 @@ def test_triton_kernels_inside_whole_unet_match_reference_cpu():
 
 
 def test_time_table_inside_unet_matches_computed_time_path():
-    from ddpm_fast.ops.time_embedding import attach_time_table, detach_time_table
+    from ddpm_fast.sampling.time_table import attach_time_table, detach_time_table
 
     cfg = PRESETS["tiny"]
     model = ops.fused(UNet(cfg.unet).eval())

@@ -17,6 +17,7 @@ from tolerances import assert_deep, tol
 
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as R
+from ddpm_fast.testing.shapes import unet_groupnorm_shapes
 
 # Triton kernels on CPU tensors (the interpreter) unless a test runs on CUDA: see conftest.
 pytestmark = pytest.mark.interpreter
@@ -25,7 +26,7 @@ M = importlib.import_module("ddpm_fast.ops.groupnorm_swish")  # the module (the 
 OP = "groupnorm_swish"
 
 # Every (C, H, W, groups, has_add) the presets' UNets feed the op, measured by running them (meta device).
-PRESET_SHAPES = {name: M.unet_groupnorm_shapes(cfg.unet) for name, cfg in PRESETS.items()}
+PRESET_SHAPES = {name: unet_groupnorm_shapes(cfg.unet) for name, cfg in PRESETS.items()}
 ALL_SHAPES = sorted({s for shapes in PRESET_SHAPES.values() for s in shapes}, key=lambda s: (-s[1], s[0], s[3], s[4]))
 # The CPU subset (the interpreter is slow): each preset's largest group, widest channel counts,
 # a time-embedding add, and both group counts.
@@ -406,7 +407,7 @@ def test_gpu_forced_split(dtype, split):
 
 def test_span_is_the_reach_of_a_strided_view():
     # The kernels' int32 guards (groupnorm per sample, conv2d / conv_transpose2d per input) use it.
-    from ddpm_fast.ops.groupnorm_swish import span
+    from ddpm_fast.ops._common import span
 
     base = torch.empty(4, 8, 6, 5)
     assert span(base) == base.numel()

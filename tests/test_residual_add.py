@@ -14,13 +14,14 @@ from tolerances import tol
 
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as R
+from ddpm_fast.testing.shapes import unet_residual_shapes
 
 pytestmark = pytest.mark.interpreter
 
 M = importlib.import_module("ddpm_fast.ops.residual_add")
 
 # Every (C, H, W, shortcut) the presets' ResidualBlocks feed the op, measured on the meta device.
-PRESET_SHAPES = {name: M.unet_residual_shapes(cfg.unet) for name, cfg in PRESETS.items()}
+PRESET_SHAPES = {name: unet_residual_shapes(cfg.unet) for name, cfg in PRESETS.items()}
 ALL_SHAPES = sorted({s for shapes in PRESET_SHAPES.values() for s in shapes})
 # The CPU subset: each preset's largest activation and widest channels, both shortcut kinds.
 CPU_SHAPES = [

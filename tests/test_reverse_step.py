@@ -273,7 +273,7 @@ def test_seed_tensor_equals_int_seed(seed, layout):
     if layout == "cl":
         x, eps = x.contiguous(memory_format=torch.channels_last), eps.contiguous(memory_format=torch.channels_last)
     step = torch.tensor(7)
-    seed_t = torch.tensor(rs._seed_arg(seed), dtype=torch.int64)
+    seed_t = torch.tensor(rs.seed_arg(seed), dtype=torch.int64)
     want = rs.reverse_step(x, eps, step, coeffs, seed=seed)
     assert torch.equal(rs.reverse_step(x, eps, step, coeffs, seed=seed_t), want)
     y = x.clone()
@@ -282,7 +282,7 @@ def test_seed_tensor_equals_int_seed(seed, layout):
     # The spec takes the tensor too.
     torch.testing.assert_close(F.reverse_step(x, eps, step, coeffs, seed=seed_t), want,
                                **tol("reverse_step", torch.float32))
-    other = rs.reverse_step(x, eps, step, coeffs, seed=torch.tensor(rs._seed_arg(seed + 1)))
+    other = rs.reverse_step(x, eps, step, coeffs, seed=torch.tensor(rs.seed_arg(seed + 1)))
     assert not torch.equal(other, want)
 
 
@@ -562,7 +562,7 @@ def test_cuda_graph_replay_reads_the_device_seed():
     graph = _captured_step(x, eps, step, coeffs, seed=seed)
     for s in (1, 2 ** 63 + 5, 77):
         x.copy_(x0.cuda())
-        seed.fill_(rs._seed_arg(s))
+        seed.fill_(rs.seed_arg(s))
         graph.replay()
         torch.cuda.synchronize()
         want = F.reverse_step(x0, eps0, torch.tensor(5), coeffs.cpu(), seed=s)

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from ddpm_fast import DiffusionConfig, ModelConfig, Schedule, UNet, get_preset, make_grid, sample, save_checkpoint
-from ddpm_fast.sampling import image_format_for_path, reference_loop, save_image_atomic
+from ddpm_fast.io.images import image_format_for_path, save_image_atomic
+from ddpm_fast.sampling import reference_loop
 from tolerances import tol
 
 TINY = get_preset("tiny")
@@ -322,7 +323,7 @@ def test_non_square_image_size(tiny):
 
 
 def test_fast_backend_missing_is_a_clear_error(tiny):
-    if importlib.util.find_spec("ddpm_fast.fast_sampler") is not None:
+    if importlib.util.find_spec("ddpm_fast.sampling.fast_loop") is not None:
         pytest.skip("ddpm_fast.fast_sampler exists; the fast backend is tested in its own test file")
     with pytest.raises(RuntimeError, match="backend='fast' is not available"):
         run(tiny, backend="fast")

@@ -13,8 +13,8 @@ import torch
 
 from conftest import DEVICES, DTYPES, poison
 from ddpm_fast.config import PRESETS
-from ddpm_fast.ops.time_embedding import (HAS_TRITON, TimeTable, attach_time_table, detach_time_table,
-                                          time_embedding, time_embedding_triton)
+from ddpm_fast.ops.time_embedding import HAS_TRITON, time_embedding, time_embedding_triton
+from ddpm_fast.sampling.time_table import TimeTable, attach_time_table, detach_time_table
 from ddpm_fast.reference import UNet, functional as ref
 from tolerances import tol
 

@@ -14,11 +14,18 @@ import pytest
 import torch
 
 from ddpm_fast.config import DiffusionConfig, ModelConfig, UNetConfig
-from ddpm_fast.data import DataError, ImageFolder, digits_dataset, load_dataset
+from ddpm_fast.training.data import DataError, ImageFolder, digits_dataset, load_dataset
 from ddpm_fast.reference import Schedule, UNet
-from ddpm_fast.training import (CheckpointError, add_train_arguments, ema_decay_at, ema_update, export_model,
-                                load_train_checkpoint, main, read_train_checkpoint, run_train_from_args,
-                                save_train_checkpoint, train)
+from ddpm_fast import cli
+from ddpm_fast.cli import add_train_arguments, run_train_from_args
+from ddpm_fast.training import (CheckpointError, ema_decay_at, ema_update, export_model, load_train_checkpoint,
+                                read_train_checkpoint, save_train_checkpoint, train)
+
+
+
+def main(argv):
+    return cli.main(["train", *argv])
+
 
 # A UNet small enough that a training step takes milliseconds on one CPU core.
 TINY = ModelConfig(UNetConfig(image_channels=1, n_channels=8, ch_mults=(1, 2), is_attn=(False, True), n_blocks=1,
@@ -349,7 +356,7 @@ def test_image_folder_resizes_crops_and_scales(tmp_path):
 def test_16_bit_and_transparent_images(tmp_path):
     from PIL import Image
 
-    from ddpm_fast.data import load_image
+    from ddpm_fast.training.data import load_image
 
     Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "white16.png")  # mode I;16
     assert torch.all(load_image(tmp_path / "white16.png", 4, 1) == 1.0)  # not clipped at 255/65535
@@ -407,7 +414,7 @@ def test_digits_dataset():
 
 
 def test_digits_needs_scikit_learn(monkeypatch):
-    from ddpm_fast import data
+    from ddpm_fast.training import data
 
     data._digits_cached.cache_clear()  # force a fresh import of scikit-learn
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
@@ -492,7 +499,7 @@ def test_torchrun_two_processes_train_and_resume_cpu(tmp_path):
 
     def launch(steps, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "ddpm_fast.training", "--data", "digits", "--preset", "tiny", "--steps", str(steps),
+               "-m", "ddpm_fast", "train", "--data", "digits", "--preset", "tiny", "--steps", str(steps),
                "--batch-size", "8", "--out", str(out), "--checkpoint-every", "3", "--sample-every", "0",
                "--no-progress", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import types
 
+import torch
 from torch import nn
 
+from . import _conv_gemm
 from .attention import attention
 from .conv2d import conv2d
 from .conv_transpose2d import conv_transpose2d
@@ -26,7 +28,7 @@ from .reverse_step import reverse_step, reverse_step_
 from .time_embedding import time_embedding
 
 __all__ = ["attention", "conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add", "reverse_step", "reverse_step_", "time_embedding", "fused",
-           "unfused", "is_fused"]
+           "unfused", "is_fused", "dispatch_key"]
 
 class _FastNamespace(types.SimpleNamespace):
     """What a fused block calls through (`self.F.<op>`): the fast ops under the reference's names.
@@ -75,3 +77,9 @@ def unfused(model: nn.Module) -> nn.Module:
 def is_fused(model: nn.Module) -> bool:
     mods = _ops_modules(model)
     return bool(mods) and all(m.F is _FAST for m in mods)
+
+
+def dispatch_key() -> tuple:
+    """The process-wide switches that change which kernel an op runs (TF32 for cuBLAS and cuDNN, the
+    convs' backend knob): what a captured CUDA graph bakes in besides its inputs."""
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, _conv_gemm.BACKEND)

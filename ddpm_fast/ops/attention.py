@@ -31,28 +31,21 @@ flash-attention does); fp32 inputs use IEEE fp32 dots unless torch allows TF32 f
 """
 from __future__ import annotations
 
-import functools
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..reference import functional as ref
+from ._common import (HAS_TRITON, OP_DTYPES, define_op, dot, dot_flags, pow2_clamp, sm_count, tl, triton,
+                      wrap_triton)
 from ._eager import autocast_hint, plain_eager
 
-try:  # The module must import (and the op fall back to the reference) where triton is missing.
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only on machines without a working triton
-    HAS_TRITON = False
 
 __all__ = ["attention", "attention_triton", "flash_attention_triton", "core_backend", "SDPA_CORE_SHAPES",
            "HAS_TRITON"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = OP_DTYPES
 _LOG2E = 1.4426950408889634
 
 # ---------------------------------------------------------------------------------------------
@@ -97,31 +90,22 @@ def core_backend(n_tokens: int, d_k: int, dtype: torch.dtype, batch_heads: int =
 # capturable, so the config is a pure function of the shape. Unmeasured heuristics, to be tuned
 # with benchmarks/bench_attention.py on the GPU.
 # ---------------------------------------------------------------------------------------------
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, 1 << max(0, int(n) - 1).bit_length()))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs_wanted(device: torch.device) -> int:
     # On the GPU: one program per SM at least (small-batch sampling leaves most SMs idle otherwise).
     # On the CPU interpreter, fewer, bigger programs run faster, so ask for no split at all.
     if device.type != "cuda":
         return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _flash_config(bh: int, n_q: int, n_kv: int, d: int, dtype: torch.dtype, programs: int) -> dict:
-    block_m = _pow2_clamp(n_q, 16, 64)
-    block_n = _pow2_clamp(n_kv, 16, 64)
+    block_m = pow2_clamp(n_q, 16, 64)
+    block_n = pow2_clamp(n_kv, 16, 64)
     # q chunk stays in registers when d fits one chunk; fp32 tiles are twice the bytes, so half as wide.
-    block_dk = _pow2_clamp(d, 16, 64 if dtype == torch.float32 else 128)
+    block_dk = pow2_clamp(d, 16, 64 if dtype == torch.float32 else 128)
     # Output slice: up to 256 columns (a 64 x 256 fp32 accumulator is 64 registers a thread at 8
     # warps); fp32 V tiles are twice the shared memory, so 128.
-    block_dv = _pow2_clamp(d, 16, 128 if dtype == torch.float32 else 256)
+    block_dv = pow2_clamp(d, 16, 128 if dtype == torch.float32 else 256)
 
     def grid_size() -> int:
         return triton.cdiv(n_q, block_m) * triton.cdiv(d, block_dv) * bh
@@ -163,7 +147,7 @@ def _flash_launch_params(cfg: dict, d: int, esize: int) -> dict:
 
 
 def _out_proj_config(b: int, n: int, c: int, dtype: torch.dtype, programs: int) -> dict:
-    block_t = _pow2_clamp(n, 16, 64)
+    block_t = pow2_clamp(n, 16, 64)
     block_k = 32 if dtype == torch.float32 else 64
     block_c = 64
     while block_c > 16 and triton.cdiv(c, block_c) * triton.cdiv(n, block_t) * b < programs:
@@ -171,32 +155,7 @@ def _out_proj_config(b: int, n: int, c: int, dtype: torch.dtype, programs: int) 
     return dict(BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=4)
 
 
-def _dot_flags(dtype: torch.dtype, device: torch.device, allow_tf32: Optional[bool] = None) -> dict:
-    # PREC 0: 16-bit operands on tensor cores; 1: fp32 in IEEE; 2: fp32 through TF32 (only when torch
-    # allows TF32 matmuls, as cuBLAS would; `allow_tf32` overrides that flag, e.g. with cuDNN's for convs). UPCAST: the CPU interpreter has no bf16 dot and a slow
-    # fp16 one, so 16-bit operands go to fp32 there: exact, as the products of 16-bit values are exact
-    # in fp32 and the GPU's tensor cores accumulate in fp32 too.
-    if dtype == torch.float32:
-        tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
-        prec = 2 if (device.type == "cuda" and tf32) else 1
-    else:
-        prec = 0
-    return dict(PREC=prec, UPCAST=(dtype != torch.float32 and device.type != "cuda"))
-
-
 if HAS_TRITON:
-
-    @triton.jit
-    def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-        if UPCAST:
-            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif PREC == 1:
-            out = tl.dot(a, b, acc, input_precision="ieee")
-        elif PREC == 2:
-            out = tl.dot(a, b, acc, input_precision="tf32")
-        else:
-            out = tl.dot(a, b, acc)
-        return out
 
     @triton.jit
     def _load_rows(base, rows, cols, s_row, s_col, row_ok, col_ok, bias_base, s_bias, HAS_BIAS: tl.constexpr):
@@ -249,14 +208,14 @@ if HAS_TRITON:
             if NUM_DK == 1:
                 k = _load_rows(k_base, offs_kv, offs_k, s_kn, s_kd, n_ok, offs_k < head_dim,
                                kb_base, s_kbd, HAS_BIAS)
-                s = _dot(q_res, tl.trans(k), s, PREC, UPCAST)
+                s = dot(q_res, tl.trans(k), s, PREC, UPCAST)
             else:  # wide heads: accumulate q k^T over head-dim chunks (q chunks come from L1/L2)
                 for c in range(NUM_DK):
                     dk = c * BLOCK_DK + offs_k
                     dk_ok = dk < head_dim
                     q = _load_rows(q_base, offs_m, dk, s_qn, s_qd, m_ok, dk_ok, qb_base, s_qbd, HAS_BIAS)
                     k = _load_rows(k_base, offs_kv, dk, s_kn, s_kd, n_ok, dk_ok, kb_base, s_kbd, HAS_BIAS)
-                    s = _dot(q, tl.trans(k), s, PREC, UPCAST)
+                    s = dot(q, tl.trans(k), s, PREC, UPCAST)
             # Online softmax in base 2: the scale carries log2(e), all in fp32.
             # fp32 scale: torch.compile hands Python floats to Triton kernels as fp64 scalars, which would
             # turn the softmax state (and the accumulator) fp64.
@@ -267,7 +226,7 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_kv[:, None] * s_vn + offs_v[None, :] * s_vd,
                         mask=n_ok[:, None] & v_ok[None, :], other=0.0)
-            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
+            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
             m_i = m_new
 
         out = acc / l_i[:, None]
@@ -304,7 +263,7 @@ if HAS_TRITON:
                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             o = tl.load(o_base + kk[:, None] * s_ok + offs_t[None, :] * s_on,
                         mask=k_ok[:, None] & t_ok[None, :], other=0.0)
-            acc = _dot(w, o, acc, PREC, UPCAST)
+            acc = dot(w, o, acc, PREC, UPCAST)
         mask = c_ok[:, None] & t_ok[None, :]
         bias = tl.load(bias_ptr + offs_c * s_bias, mask=c_ok, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + b * s_xb + offs_c[:, None] * s_xc + offs_t[None, :] * s_xn, mask=mask, other=0.0)
@@ -381,7 +340,7 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     wrap_triton(_flash_attn_fwd_kernel)[grid](
         q, k, v, out, qb, kb, vb, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sb,
         heads, n_q, n_kv, d, float(scale) * _LOG2E,
-        HAS_BIAS=has_bias, **cfg, **launch, **_dot_flags(q.dtype, q.device))
+        HAS_BIAS=has_bias, **cfg, **launch, **dot_flags(q.dtype, q.device))
     return out
 
 
@@ -446,7 +405,7 @@ def attention_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torc
     grid = (triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(n, cfg["BLOCK_T"]), bsz)
     wrap_triton(_out_proj_residual_kernel)[grid](
         o_tok, out_weight, out_bias, x3, y3, *o_tok.stride(), *out_weight.stride(), out_bias.stride(0),
-        *x3.stride(), *y3.stride(), c, n, hd, **cfg, **_dot_flags(x.dtype, x.device), num_warps=num_warps)
+        *x3.stride(), *y3.stride(), c, n, hd, **cfg, **dot_flags(x.dtype, x.device), num_warps=num_warps)
     return out
 
 
@@ -470,25 +429,13 @@ def _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
     return attention_triton(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
 
 
-if HAS_TRITON:
+def _attention_body(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+                    out_weight: torch.Tensor, out_bias: torch.Tensor, n_heads: int, d_k: int) -> torch.Tensor:
+    # torch.compile traces this body: CPU tensors must trace the reference math, not the kernels.
+    return _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
 
-    @triton_op("ddpm_fast::attention", mutates_args=())
-    def _attention_op(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-                      out_weight: torch.Tensor, out_bias: torch.Tensor, n_heads: int, d_k: int) -> torch.Tensor:
-        # torch.compile traces this body: CPU tensors must trace the reference math, not the kernels.
-        return _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
 
-    # CPU tensors run the reference math (the interpreter is for tests, not for use).
-    _attention_op.register_kernel("cpu")(_reference_out)
-else:  # pragma: no cover - exercised only on machines without triton
-
-    @torch.library.custom_op("ddpm_fast::attention", mutates_args=())
-    def _attention_op(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-                      out_weight: torch.Tensor, out_bias: torch.Tensor, n_heads: int, d_k: int) -> torch.Tensor:
-        return _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
-
-# An explicit shape rule (triton_op would otherwise trace the launcher for it).
-_attention_op.register_fake(_fake)
+_attention_op = define_op("attention", _attention_body, _reference_out, _fake)
 
 
 def _check(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k) -> None:

@@ -20,28 +20,18 @@ only for the Upsample's geometry (4x4, stride 2, padding 1); not yet measured on
 """
 from __future__ import annotations
 
-import importlib
 from typing import List, Optional, Sequence
 
 import torch
 
 from ..reference import functional as _ref
-from .groupnorm_swish import _out_format
+from . import _conv_gemm as G
+from ._common import HAS_TRITON, define_op, dot_flags, out_format, span, tl, triton, wrap_triton
+from ._eager import plain_eager
 
-_conv = importlib.import_module(".conv2d", __package__)  # the module (ops.conv2d is the function)
-HAS_TRITON = _conv.HAS_TRITON
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-
-    from .attention import _dot_flags
-    from .conv2d import _pixel_tile, _split_sum_kernel, _store_tile, _tile_dot, _zero_acc
-
-__all__ = ["conv_transpose2d", "conv_transpose2d_triton", "supported", "use_triton", "unet_upsample_shapes",
+__all__ = ["conv_transpose2d", "conv_transpose2d_triton", "supported", "use_triton",
            "HAS_TRITON"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The one geometry the kernel implements: the labml Upsample's ConvTranspose2d(C, C, 4, 2, 1).
 KERNEL, STRIDE, PADDING = 4, 2, 1
 
@@ -60,18 +50,18 @@ def use_triton(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pad
     """conv2d's rule, applied per parity class (B*H*W pixels each), for the supported geometry only."""
     # int32 offsets: the input through its strides, and the output (4x the input's pixels).
     if (not HAS_TRITON or x.device.type != "cuda" or not supported(weight, stride, padding)
-            or _conv.span(x) > _conv.MAX_ELEMENTS or 4 * x.numel() > _conv.MAX_ELEMENTS):
+            or span(x) > G.MAX_ELEMENTS or 4 * x.numel() > G.MAX_ELEMENTS):
         return False
-    if _conv.BACKEND != "auto":
-        return _conv.BACKEND == "triton"
+    if G.BACKEND != "auto":
+        return G.BACKEND == "triton"
     b, _, h, w = x.shape
-    return (_conv.prefers_triton(b * h * w, weight.shape[1], x.dtype, torch.backends.cudnn.allow_tf32,
-                                 _conv._sms(x.device)))
+    return (G.prefers_triton(b * h * w, weight.shape[1], x.dtype, torch.backends.cudnn.allow_tf32,
+                              G.sms(x.device)))
 
 
 def _new_output(x: torch.Tensor, c_out: int, ho: int, wo: int) -> torch.Tensor:
     # x's layout when it is dense channels_last, NCHW otherwise (tests wrap this to poison the buffer).
-    return torch.empty((x.shape[0], c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    return torch.empty((x.shape[0], c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=out_format(x))
 
 
 if HAS_TRITON:
@@ -91,12 +81,12 @@ if HAS_TRITON:
         pa = parity // 2
         pb = parity % 2
         # Each parity class's outputs sit on the H x W grid of input positions (i, j).
-        offs_m, offs_n, m_ok, n_ok, img, iy0, ix0 = _pixel_tile(M, Co, H, W, BLOCK_M, BLOCK_N)
+        offs_m, offs_n, m_ok, n_ok, img, iy0, ix0 = G.pixel_tile(M, Co, H, W, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         ci_blocks = tl.cdiv(Ci, BLOCK_K)
         kb0 = pid_s * blocks_per_split
         kb1 = tl.minimum(kb0 + blocks_per_split, 4 * ci_blocks)
-        acc = _zero_acc(BLOCK_M, BLOCK_N, M_FAST)
+        acc = G.zero_acc(BLOCK_M, BLOCK_N, M_FAST)
         for kb in range(kb0, kb1):
             tap = kb // ci_blocks
             t = tap // 2
@@ -107,10 +97,10 @@ if HAS_TRITON:
             k_ok = ci < Ci
             row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             w_off = (3 - pa - 2 * t) * sw_h + (3 - pb - 2 * u) * sw_w
-            acc = _tile_dot(acc, x_ptr, w_ptr, img * sx_n + iy * sx_h + ix * sx_w, w_off, ci, k_ok, row_ok,
+            acc = G.tile_dot(acc, x_ptr, w_ptr, img * sx_n + iy * sx_h + ix * sx_w, w_off, ci, k_ok, row_ok,
                             offs_n, n_ok, sx_c, sw_o, sw_i, M_FAST, PREC, UPCAST)
         o_m = img * so_n + (2 * iy0 + pa) * so_h + (2 * ix0 + pb) * so_w
-        _store_tile(acc, out_ptr + pid_s * split_stride, b_ptr, o_m, m_ok, offs_n, n_ok, so_c, HAS_BIAS,
+        G.store_tile(acc, out_ptr + pid_s * split_stride, b_ptr, o_m, m_ok, offs_n, n_ok, so_c, HAS_BIAS,
                     M_FAST, SOFT_BF16)
 
 
@@ -132,11 +122,11 @@ def conv_transpose2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     # Per parity class: a 2x2 "conv" over the h x w input positions (planned as a 2x2 conv of an
     # (h+1) x (w+1) input, which has h x w outputs; only the tiles and the split are taken from it). The
     # four classes share the GPU, so each plans for a quarter of the SMs.
-    cfg = _conv.plan(b, ci, h + 1, w + 1, co, 2, 2, (1, 1), (0, 0), x.dtype, max(1, _conv._sms(x.device) // 4),
+    cfg = G.plan(b, ci, h + 1, w + 1, co, 2, 2, (1, 1), (0, 0), x.dtype, max(1, G.sms(x.device) // 4),
                      split)
     s = cfg["split"]
     tf32 = torch.backends.cudnn.allow_tf32 if allow_tf32 is None else allow_tf32
-    dest = out if s == 1 else _conv._new_workspace(s * out.numel(), x.device)
+    dest = out if s == 1 else G.new_workspace(s * out.numel(), x.device)
     bias_t = bias.contiguous() if bias is not None else x  # never read without a bias (an input: no aliasing)
     m = b * h * w
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]), 4 * s)
@@ -145,19 +135,19 @@ def conv_transpose2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
         x, weight, bias_t, dest, ci, h, w, co, m, *x.stride(), *weight.stride(), *out.stride(), out.numel(),
         cfg["blocks_per_split"], s, HAS_BIAS=bias is not None and s == 1, M_FAST=x.stride(3) == 1,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SOFT_BF16=soft_bf16,
-        **_dot_flags(x.dtype, x.device, tf32), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **dot_flags(x.dtype, x.device, tf32), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if s > 1:
         n = out.numel()
-        wrap_triton(_split_sum_kernel)[(triton.cdiv(n, _conv.SUM_BLOCK),)](
-            dest, bias_t, out, n, co, ho * wo, s, CHANNELS_LAST=_out_format(x) == torch.channels_last,
-            HAS_BIAS=bias is not None, BLOCK=_conv.SUM_BLOCK, SOFT_BF16=soft_bf16, num_warps=4)
+        wrap_triton(G.split_sum_kernel)[(triton.cdiv(n, G.SUM_BLOCK),)](
+            dest, bias_t, out, n, co, ho * wo, s, CHANNELS_LAST=out_format(x) == torch.channels_last,
+            HAS_BIAS=bias is not None, BLOCK=G.SUM_BLOCK, SOFT_BF16=soft_bf16, num_warps=4)
     return out
 
 
 # --- the torch.library op ------------------------------------------------------------------------
 def _reference_out(x, weight, bias, stride, padding):
     y = _ref.conv_transpose2d(x, weight, bias, stride, padding)
-    fmt = _out_format(x)
+    fmt = out_format(x)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
@@ -166,28 +156,18 @@ def _fake(x, weight, bias, stride, padding):
     return _new_output(x, weight.shape[1], ho, wo)
 
 
-if HAS_TRITON:
+def _conv_transpose2d_body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           stride: List[int], padding: List[int]) -> torch.Tensor:
+    if use_triton(x, weight, stride, padding):
+        return conv_transpose2d_triton(x, weight, bias, stride, padding)
+    return _reference_out(x, weight, bias, stride, padding)
 
-    @triton_op("ddpm_fast::conv_transpose2d", mutates_args=())
-    def _conv_transpose2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             stride: List[int], padding: List[int]) -> torch.Tensor:
-        if use_triton(x, weight, stride, padding):
-            return conv_transpose2d_triton(x, weight, bias, stride, padding)
-        return _reference_out(x, weight, bias, stride, padding)
 
-    _conv_transpose2d_op.register_kernel("cpu")(_reference_out)
-else:
-
-    @torch.library.custom_op("ddpm_fast::conv_transpose2d", mutates_args=())
-    def _conv_transpose2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             stride: List[int], padding: List[int]) -> torch.Tensor:
-        return _reference_out(x, weight, bias, stride, padding)
-
-_conv_transpose2d_op.register_fake(_fake)
+_conv_transpose2d_op = define_op("conv_transpose2d", _conv_transpose2d_body, _reference_out, _fake)
 
 
 def _check(x, weight, bias, stride, padding) -> None:
-    _conv.check_conv_args("conv_transpose2d", x, weight, bias, stride, padding, "io")
+    G.check_conv_args("conv_transpose2d", x, weight, bias, stride, padding, "io")
     if weight.shape[2] != weight.shape[3]:
         raise ValueError(f"conv_transpose2d: weight must have a square filter, got {list(weight.shape[2:])}")
     ho, wo = out_size(x.shape[2], x.shape[3], weight.shape[2], stride, padding)
@@ -205,21 +185,11 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     device; bias: [C_out] or None; stride, padding: (h, w) pairs. The output keeps x's layout (NCHW or
     channels_last). Not differentiable (inference op).
     """
-    stride = _conv._pair("stride", stride)
-    padding = _conv._pair("padding", padding)
+    stride = G.pair("stride", stride)
+    padding = G.pair("padding", padding)
     _check(x, weight, bias, stride, padding)
     if not use_triton(x, weight, stride, padding):  # direct call, as in conv2d
         return _reference_out(x, weight, bias, stride, padding)
-    if _conv.plain_eager(x, weight, bias):  # see ops/_eager.py
+    if plain_eager(x, weight, bias):  # see ops/_eager.py
         return conv_transpose2d_triton(x, weight, bias, stride, padding)
     return torch.ops.ddpm_fast.conv_transpose2d(x, weight, bias, stride, padding)
-
-
-def unet_upsample_shapes(config) -> list:
-    """Every distinct (C, H, W) input a UNet of `config` (a UNetConfig) feeds this op (C_out = C)."""
-    from ._shapes import unet_op_shapes
-
-    def key(x, weight, bias, stride, padding):
-        return (x.shape[1], x.shape[2], x.shape[3])
-
-    return sorted(unet_op_shapes(config, "conv_transpose2d", key), key=lambda r: (-r[1] * r[2], r))

@@ -27,26 +27,18 @@ a data value of the group (see `_prologue`), so a large mean offset (x = 1000 + 
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 from ..reference import functional as _ref
+from ._common import HAS_TRITON, INT32_MAX, OP_DTYPES, define_op, next_pow2, out_format, round_to, sm_count, span, tl, triton, wrap_triton
 from ._eager import plain_eager
 
-try:  # The package must import (and fall back to the reference) where triton is missing.
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only on machines without triton
-    HAS_TRITON = False
+__all__ = ["groupnorm_swish", "groupnorm_swish_triton", "HAS_TRITON", "plan"]
 
-__all__ = ["groupnorm_swish", "groupnorm_swish_triton", "HAS_TRITON", "plan", "unet_groupnorm_shapes"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = OP_DTYPES
 # Largest padded tile (elements) one program keeps in registers: 16 warps x 32 lanes x 32 fp32 values.
 # Covers every preset group (the largest is cifar35m's final GroupNorm(8, 128) at 32x32: 16 x 1024).
 MAX_FUSED_TILE = 16384
@@ -65,39 +57,13 @@ SPLIT_MIN_ELEMS = 8192
 SPLIT_MIN_CHUNK = 2048
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _num_warps(tile: int) -> int:
     # About 8 elements per lane for small tiles, up to 16 warps (32 per lane) for the largest.
     return max(1, min(16, tile // 256))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _out_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last output for a dense channels_last input, NCHW-contiguous for everything else."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def span(t: torch.Tensor, dims=None) -> int:
-    """1 + the largest element offset of t over `dims` (default: all): what a kernel indexing t through
-    its strides must represent, which for a strided view can exceed numel()."""
-    dims = range(t.dim()) if dims is None else dims
-    return 1 + sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims if t.shape[d] > 0)
-
-
-INT32_MAX = 2 ** 31 - 1
-
-
 def _new_output(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
 
 
 def _hw_stride(t: torch.Tensor) -> Optional[int]:
@@ -120,17 +86,17 @@ def plan(batch: int, channels: int, hw: int, num_groups: int, channels_last: boo
     """
     max_tile = MAX_FUSED_TILE if max_tile is None else int(max_tile)
     cg = channels // num_groups
-    hw_pow2 = _pow2(hw)
+    hw_pow2 = next_pow2(hw)
 
     def fits(gb: int) -> bool:
-        return _pow2(gb * cg) * hw_pow2 <= max_tile
+        return next_pow2(gb * cg) * hw_pow2 <= max_tile
 
     gb = 1
     if channels_last:
         # Grow while a row is short, GB still divides G, and growing does not evict a fitting tile.
         while gb * cg < CL_ROW_CHANNELS and num_groups % (2 * gb) == 0 and (fits(2 * gb) or not fits(gb)):
             gb *= 2
-    block_cc = _pow2(gb * cg)
+    block_cc = next_pow2(gb * cg)
     n_prog = batch * (num_groups // gb)
     work = gb * cg * hw  # elements one unsplit program owns
 
@@ -159,16 +125,6 @@ def plan(batch: int, channels: int, hw: int, num_groups: int, channels_last: boo
 if HAS_TRITON:
 
     @triton.jit
-    def _round_to(v, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
-        """fp32 -> dtype, round to nearest even. The Triton interpreter truncates fp32 -> bf16 (the GPU
-        rounds), so under it (SOFT_BF16) the rounding is done on the bits first; the cast is then exact."""
-        if SOFT_BF16 and dtype == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
-        return v.to(dtype)
-
-    @triton.jit
     def _prologue(x_ptr, add_ptr, pid, n_gblocks, Cg, sx_b, sx_c, sa_b, sa_c, GB: tl.constexpr,
                   BLOCK_CC: tl.constexpr, HAS_ADD: tl.constexpr, SOFT_BF16: tl.constexpr):
         """Program pid's sample, tile columns (its GB groups' channels), the add per column and the pivot.
@@ -191,10 +147,10 @@ if HAS_TRITON:
         if HAS_ADD:
             add_base = add_ptr + b * sa_b
             dt = x_ptr.dtype.element_ty
-            a = _round_to(tl.load(add_base + ch * sa_c, mask=col_ok, other=0.0).to(tl.float32), dt, SOFT_BF16)
+            a = round_to(tl.load(add_base + ch * sa_c, mask=col_ok, other=0.0).to(tl.float32), dt, SOFT_BF16)
             a = a.to(tl.float32)
-            a_g = _round_to(tl.load(add_base + gch * sa_c, mask=col_ok, other=0.0).to(tl.float32), dt, SOFT_BF16)
-            pivot = _round_to(pivot.to(tl.float32) + a_g.to(tl.float32), dt, SOFT_BF16)
+            a_g = round_to(tl.load(add_base + gch * sa_c, mask=col_ok, other=0.0).to(tl.float32), dt, SOFT_BF16)
+            pivot = round_to(pivot.to(tl.float32) + a_g.to(tl.float32), dt, SOFT_BF16)
         return b, cols, col_ok, ch, x_base, a, pivot.to(tl.float32)
 
     @triton.jit
@@ -204,7 +160,7 @@ if HAS_TRITON:
         if HAS_ADD:
             # The reference adds in x's dtype, so its statistics see the sum rounded to x's dtype:
             # mirror that rounding (a conversion in registers) rather than be more exact than the spec.
-            x = _round_to(x.to(tl.float32) + a[None, :], x.dtype, SOFT_BF16)
+            x = round_to(x.to(tl.float32) + a[None, :], x.dtype, SOFT_BF16)
         return tl.where(mask, x.to(tl.float32) - pivot[None, :], 0.0)
 
     @triton.jit
@@ -220,7 +176,7 @@ if HAS_TRITON:
         y = (x - mean_c[None, :]) * scale_c[None, :] + bias_c[None, :]
         if SWISH:
             y = y * tl.sigmoid(y)
-        y = _round_to(y, y_base.dtype.element_ty, SOFT_BF16)
+        y = round_to(y, y_base.dtype.element_ty, SOFT_BF16)
         tl.store(y_base + ch[None, :] * sy_c + hw[:, None] * sy_hw, y, mask=mask)
 
     @triton.jit
@@ -355,7 +311,7 @@ def groupnorm_swish_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         return out
     weight, bias = weight.contiguous(), bias.contiguous()
     cl = x.stride(1) == 1 and c > 1
-    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+    sms = sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.device.type == "cuda" else None
     p = plan(bsz, c, h * w, num_groups, cl, sms, split, max_tile)
     n_gblocks = num_groups // p["GB"]
@@ -365,7 +321,7 @@ def groupnorm_swish_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     sx = (x.stride(0), x.stride(1), _hw_stride(x))
     sy = (out.stride(0), out.stride(1), _hw_stride(out))
     meta = dict(GB=p["GB"], BLOCK_CC=p["BLOCK_CC"], BLOCK_HW=p["BLOCK_HW"], HAS_ADD=has_add,
-                SOFT_BF16=x.device.type == "cpu")  # CPU tensors mean the interpreter (see _round_to)
+                SOFT_BF16=x.device.type == "cpu")  # CPU tensors mean the interpreter (see round_to)
     cg = c // num_groups
     if p["variant"] == "fused":
         _launch(_gn_fused_kernel, p["grid"],
@@ -385,7 +341,7 @@ def groupnorm_swish_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 def _reference_out(x, weight, bias, num_groups, eps, add, swish):
     """The reference math, returned in the op's output memory format (the CPU kernel and fallback)."""
     y = _ref.groupnorm_swish(x, weight, bias, num_groups, eps, add, swish)
-    fmt = _out_format(x)
+    fmt = out_format(x)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
@@ -404,24 +360,12 @@ def _run(x, weight, bias, num_groups, eps, add, swish):
     return groupnorm_swish_triton(x, weight, bias, num_groups, eps, add, swish)
 
 
-if HAS_TRITON:
+def _groupnorm_swish_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
+                          eps: float, add: Optional[torch.Tensor], swish: bool) -> torch.Tensor:
+    return _run(x, weight, bias, num_groups, eps, add, swish)
 
-    @triton_op("ddpm_fast::groupnorm_swish", mutates_args=())
-    def _groupnorm_swish_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
-                            eps: float, add: Optional[torch.Tensor], swish: bool) -> torch.Tensor:
-        return _run(x, weight, bias, num_groups, eps, add, swish)
 
-    # CPU tensors take the reference math; the kernel itself is tested on CPU through the launcher.
-    _groupnorm_swish_op.register_kernel("cpu")(_reference_out)
-else:
-
-    @torch.library.custom_op("ddpm_fast::groupnorm_swish", mutates_args=())
-    def _groupnorm_swish_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
-                            eps: float, add: Optional[torch.Tensor], swish: bool) -> torch.Tensor:
-        return _reference_out(x, weight, bias, num_groups, eps, add, swish)
-
-# An explicit shape/stride rule (triton_op would otherwise trace the launcher to get it).
-_groupnorm_swish_op.register_fake(_fake)
+_groupnorm_swish_op = define_op("groupnorm_swish", _groupnorm_swish_body, _reference_out, _fake)
 
 
 def _check(x, weight, bias, num_groups, eps, add, swish) -> None:
@@ -467,14 +411,3 @@ def groupnorm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     if HAS_TRITON and plain_eager(x, weight, bias, add):  # see ops/_eager.py
         return _run(x, weight, bias, num_groups, float(eps), add, swish)
     return torch.ops.ddpm_fast.groupnorm_swish(x, weight, bias, num_groups, float(eps), add, swish)
-
-
-def unet_groupnorm_shapes(config) -> list:
-    """Every distinct (C, H, W, num_groups, has_add) a UNet of `config` (a UNetConfig) feeds this op,
-    measured on the meta device (see ops._shapes), largest H*W first."""
-    from ._shapes import unet_op_shapes
-
-    def key(x, weight, bias, num_groups, eps=1e-5, add=None, swish=True):
-        return (x.shape[1], x.shape[2], x.shape[3], num_groups, add is not None)
-
-    return sorted(unet_op_shapes(config, "groupnorm_swish", key), key=lambda r: (-r[1] * r[2], r[0], r[3], r[4]))

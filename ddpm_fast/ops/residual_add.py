@@ -22,23 +22,13 @@ from typing import Optional
 import torch
 
 from ..reference import functional as _ref
+from ._common import HAS_TRITON, OP_DTYPES, define_op, out_format, round_to, tl, triton, wrap_triton
 from ._eager import autocast_hint, plain_eager
-from .groupnorm_swish import _out_format
 
-try:  # The package must import (and fall back to the reference) where triton is missing.
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 
-    from .groupnorm_swish import _round_to
+__all__ = ["residual_add", "residual_add_triton", "fusable_layout", "HAS_TRITON"]
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only on machines without triton
-    HAS_TRITON = False
-
-__all__ = ["residual_add", "residual_add_triton", "fusable_layout", "unet_residual_shapes", "HAS_TRITON"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = OP_DTYPES
 # Elements per program: 16 per lane at 4 warps, i.e. four 16-byte loads per lane of each input in
 # fp32. A guess for a streaming kernel (not tuned on the GPU yet): large enough to amortise the
 # program's index math, small enough to leave thousands of programs at the UNet's sizes.
@@ -61,7 +51,7 @@ def fusable_layout(x: torch.Tensor, residual: torch.Tensor) -> Optional[bool]:
 
 def _new_output(x: torch.Tensor) -> torch.Tensor:
     # x's layout when it is dense channels_last, NCHW otherwise (tests wrap this to poison the buffer).
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
 
 
 if HAS_TRITON:
@@ -88,11 +78,11 @@ if HAS_TRITON:
             dt = x_ptr.dtype.element_ty
             if HAS_BIAS:
                 b = tl.load(b_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-                acc += _round_to(b, dt, SOFT_BF16).to(tl.float32)
+                acc += round_to(b, dt, SOFT_BF16).to(tl.float32)
             if HAS_RBIAS:
                 rb = tl.load(rb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-                acc += _round_to(rb, dt, SOFT_BF16).to(tl.float32)
-        tl.store(y_ptr + offs, _round_to(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+                acc += round_to(rb, dt, SOFT_BF16).to(tl.float32)
+        tl.store(y_ptr + offs, round_to(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 def residual_add_triton(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
@@ -126,7 +116,7 @@ def _launch(x, bias, residual, residual_bias, channels_last: bool) -> torch.Tens
 def _reference_out(x, bias, residual, residual_bias):
     """The reference math in x's layout (the CPU kernel and the fallback for other layouts)."""
     y = _ref.residual_add(x, bias, residual, residual_bias)
-    fmt = _out_format(x)
+    fmt = out_format(x)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
@@ -143,23 +133,12 @@ def _run(x, bias, residual, residual_bias):
     return _launch(x, bias, residual, residual_bias, cl)
 
 
-if HAS_TRITON:
+def _residual_add_body(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                       residual_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _run(x, bias, residual, residual_bias)
 
-    @triton_op("ddpm_fast::residual_add", mutates_args=())
-    def _residual_add_op(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
-                         residual_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return _run(x, bias, residual, residual_bias)
 
-    # CPU tensors take the reference math; the kernel itself is tested on CPU through the launcher.
-    _residual_add_op.register_kernel("cpu")(_reference_out)
-else:
-
-    @torch.library.custom_op("ddpm_fast::residual_add", mutates_args=())
-    def _residual_add_op(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
-                         residual_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return _reference_out(x, bias, residual, residual_bias)
-
-_residual_add_op.register_fake(_fake)
+_residual_add_op = define_op("residual_add", _residual_add_body, _reference_out, _fake)
 
 
 def _check(x, bias, residual, residual_bias) -> None:
@@ -202,14 +181,3 @@ def residual_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.
     if HAS_TRITON and plain_eager(x, bias, residual, residual_bias):  # see ops/_eager.py
         return _run(x, bias, residual, residual_bias)
     return torch.ops.ddpm_fast.residual_add(x, bias, residual, residual_bias)
-
-
-def unet_residual_shapes(config) -> list:
-    """Every distinct (C, H, W, shortcut) a UNet of `config` (a UNetConfig) feeds this op; shortcut is
-    "conv" (a 1x1 shortcut conv, with residual_bias) or "identity". Measured on the meta device."""
-    from ._shapes import unet_op_shapes
-
-    def key(x, bias, residual, residual_bias=None):
-        return (x.shape[1], x.shape[2], x.shape[3], "identity" if residual_bias is None else "conv")
-
-    return sorted(unet_op_shapes(config, "residual_add", key), key=lambda r: (-r[1] * r[2], r[0], r[3]))

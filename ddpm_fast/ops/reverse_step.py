@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..reference import functional as _ref
+from ._common import out_format
 
 __all__ = ["reverse_step", "reverse_step_", "HAS_EXTENSION", "EXTENSION_HAS_CUDA", "SCHEMAS"]
 
@@ -39,13 +40,6 @@ SCHEMAS = {
 _U64 = (1 << 64) - 1
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "ddpm_fast::reverse_step"
-
-
-def _out_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format the kernels write: channels_last when x_t is (only) that, else contiguous."""
-    if not x.is_contiguous() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor=None) -> None:
@@ -106,7 +100,7 @@ def _reference_impl(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip,
     if not 0 <= s < coeffs.shape[0]:
         raise ValueError(f"{_OP}: step {s} is out of range for a coefficient table of {coeffs.shape[0]} rows")
     out = _ref.reverse_step(x_t, eps, step, coeffs, noise, seed & _U64, (clip_lo, clip_hi) if clip else None)
-    return out.contiguous(memory_format=_out_format(x_t))
+    return out.contiguous(memory_format=out_format(x_t))
 
 
 def _reference_impl_(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None):
@@ -148,7 +142,7 @@ elif not EXTENSION_HAS_CUDA and torch.cuda.is_available():
 @torch.library.register_fake("ddpm_fast::reverse_step")
 def _reverse_step_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None):
     _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor)
-    return torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device, memory_format=_out_format(x_t))
+    return torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device, memory_format=out_format(x_t))
 
 
 @torch.library.register_fake("ddpm_fast::reverse_step_")
@@ -158,7 +152,7 @@ def _reverse_step_inplace_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, cli
 
 
 # --- Python wrappers: the reference signature -------------------------------------------------
-def _seed_arg(seed) -> int:
+def seed_arg(seed) -> int:
     """Any integer seed, reduced mod 2^64 like the reference, as the schema's signed int64."""
     if isinstance(seed, bool) or not hasattr(seed, "__index__"):
         raise TypeError(f"seed must be an integer, got {seed!r}")
@@ -171,7 +165,7 @@ def _seed_args(seed) -> Tuple[int, Optional[torch.Tensor]]:
     the device, e.g. a CUDA-graph sampler's static seed buffer) in `seed_tensor`."""
     if isinstance(seed, torch.Tensor):
         return 0, seed
-    return _seed_arg(seed), None
+    return seed_arg(seed), None
 
 
 def _clip_args(clip) -> Tuple[float, float, bool]:

@@ -2,7 +2,6 @@
 
     ddpm-fast train --data digits --preset digits16 --steps 10000 --out runs/digits16
     ddpm-fast train --data ~/my_images --preset tiny --steps 20000 --out runs/mine --resume
-    python -m ddpm_fast.training ...            (the same arguments, without the CLI front end)
 
 What a run does: Adam on MSE(eps, UNet(q_sample(x0, t, eps), t)) with t uniform over the schedule;
 gradient-norm clipping; an exponential moving average (EMA) of the weights, which is the model that
@@ -25,7 +24,7 @@ of (seed, step), and the dropout RNG state is saved).
 
 Multi-GPU on one node (tested with torchrun on 2 CPU processes over gloo, not yet on several GPUs):
 
-    torchrun --standalone --nproc_per_node=8 -m ddpm_fast.training --data DIR --preset cifar35m \
+    torchrun --standalone --nproc_per_node=8 -m ddpm_fast train --data DIR --preset cifar35m \
         --steps 800000 --batch-size 128 --out runs/cifar --amp bf16
 
 Under torchrun (WORLD_SIZE > 1) each process trains on cuda:LOCAL_RANK inside DistributedDataParallel
@@ -36,7 +35,6 @@ files. Resume works the same way; ranks other than 0 re-derive their RNG streams
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import math
@@ -46,20 +44,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from .config import ModelConfig, get_preset
-from .devices import parse_device
-from .run_dir import RunLock, check_fresh_run, model_file_step, resumable
-from .reference import Schedule, UNet
-from .atomic import write_atomic
-from .cli import number_arg as _number
-# Re-exported: the training API (tests, scripts/train_default_model.sh) imports these from here.
-from .train_checkpoint import (CheckpointError, _save_model_file, export_model,  # noqa: F401
-                               load_train_checkpoint, read_train_checkpoint, read_train_config,
-                               save_train_checkpoint)
+from ..config import ModelConfig, get_preset
+from ..devices import parse_device
+from ..io.atomic import write_atomic
+from ..reference import Schedule, UNet
+from .checkpoint import (CheckpointError, export_model, load_train_checkpoint, read_train_config,
+                         save_model_file, save_train_checkpoint)
+from .run_dir import RunLock, check_fresh_run, model_file_step, note, resumable
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
@@ -145,7 +140,8 @@ def _noise_seed(seed: int, rank: int, step: int) -> int:
 # ---------------------------------------------------------------------------------------------
 def sample_grid(model, config: ModelConfig, n: int = 16, steps: int = 20, seed: int = 0):
     """A PIL grid of n samples from `model` (DDIM, eta=0, `steps` steps, fixed seed), on its device."""
-    from .sampling import make_grid, sample
+    from ..io.images import make_grid
+    from ..sampling import sample
 
     images = sample(model, batch_size=n, num_inference_steps=steps, sampler="ddim", progress=False,
                     generator=torch.Generator().manual_seed(seed), output_type="pil", config=config)
@@ -261,174 +257,292 @@ def train(data, out_dir, preset: Union[str, ModelConfig, None] = None, steps: in
     rather than overwritten (see run_dir.py). callback(step) runs after every completed step (tests
     use it to interrupt a run). Raises DivergedError if the loss or the weights become NaN/Inf.
     """
-    from .data import load_dataset
-
     _check_args(steps, batch_size, lr, ema_decay, grad_clip, sample_every, checkpoint_every, log_every,
                 warmup_steps, num_workers, seed)
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
         raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
+    settings = _Settings(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
+                         sample_every=sample_every, checkpoint_every=checkpoint_every, seed=seed,
+                         warmup_steps=warmup_steps, log_every=log_every, sample_steps=sample_steps,
+                         n_samples=n_samples, num_workers=num_workers, progress=progress)
     out = Path(out_dir)
-    ckpt_path, model_path, log_path = out / CHECKPOINT_NAME, out / MODEL_NAME, out / LOSS_LOG
-    rank, world, device, owns_group = _setup_distributed(device)
+    rank, world, dev, owns_group = _setup_distributed(device)
     finished = started = False
     lock = None
     try:
-        amp_dtype = _resolve_amp(amp, device)
-        resume = resumable(ckpt_path, resume)
+        amp_dtype = _resolve_amp(amp, dev)
         if rank == 0:
             lock = RunLock(out)  # before any check: a concurrent run must not pass them at the same time
-        # The cheap checks come before the data, which may take minutes to decode.
-        config = _run_config(preset, ckpt_path if resume else None)
-        if not resume:
-            check_fresh_run(out, ckpt_path, model_path, log_path, LOSS_COLUMNS)
-        if batch_size % world:
-            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
-        per_rank = batch_size // world
-
-        dataset = load_dataset(data, config, exclude=[out], progress=progress and rank == 0)
-        order = _BatchOrder(dataset, per_rank, seed, rank, world)
-        if order.per_epoch < 1:
-            raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size}: "
-                             "lower batch_size")
-
-        torch.manual_seed(seed)
-        model = UNet(config.unet).to(device)
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        start, elapsed0, last_ckpt = 0, 0.0, None
-        if resume:
-            state = load_train_checkpoint(ckpt_path, model, ema, optimizer, scaler)
-            start = last_ckpt = int(state["step"])
-            elapsed0 = float((state.get("hparams") or {}).get("elapsed_s", 0.0))
-        if rank > 0:  # dropout streams: rank 0's state is in the checkpoint, the others follow from (seed, rank, step)
-            torch.manual_seed(_noise_seed(seed, rank, start) + 1)
-        hparams = dict(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
-                       amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off", seed=seed,
-                       warmup_steps=warmup_steps, world_size=world, data=str(data) if isinstance(data, (str, Path)) else type(data).__name__)
-
-        net = model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=True)
-        if rank == 0:
-            for name in (CHECKPOINT_NAME, MODEL_NAME, LOSS_LOG):  # temp files of a run killed mid-write
-                for stale in out.glob(f".{name}.*tmp*"):
-                    stale.unlink(missing_ok=True)
-            if resume and log_path.exists():
-                _truncate_log(log_path, start)
-            else:  # a new log (a leftover of ours from a run killed before its first checkpoint is replaced)
-                write_atomic(log_path, lambda f: f.write((",".join(LOSS_COLUMNS) + "\n").encode()))
+        run = _open_run(data, out, preset, resume, settings, amp_dtype, rank, world, dev)
         started = True
-
-        images = getattr(dataset, "images", None)
-        if isinstance(images, torch.Tensor) and images.numel() * 4 < (1 << 29):
-            images = images.to(device)  # small in-memory set: gather batches on the device, no loader
-            batches = (images[torch.as_tensor(order.batch(s), device=device)] for s in range(start, steps))
-        else:
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=_StepsSampler(order, start, steps),
-                                                 num_workers=num_workers, pin_memory=device.type == "cuda")
-            batches = iter(loader)
-
-        sched = Schedule(config.diffusion, device)
-        gen = torch.Generator(device=device)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, disable=not (progress and rank == 0), desc="train", unit="it",
-                   dynamic_ncols=True)
-        stop = {"flag": False}
-        old_handler = None
-        if world == 1 and _in_main_thread():
-            # Ctrl-C: finish the current step, write a checkpoint, then stop (a second Ctrl-C stops at once).
-            def on_sigint(signum, frame):
-                if stop["flag"]:
-                    raise KeyboardInterrupt
-                stop["flag"] = True
-            old_handler = signal.signal(signal.SIGINT, on_sigint)
-
-        run_sum, run_n, last_loss, done = torch.zeros((), device=device), 0, None, start
-        t_last = t0 = time.perf_counter() - elapsed0  # elapsed_s continues across resumes
-        try:
-            for step in range(start, steps):
-                x0 = next(batches).to(device, non_blocking=True)
-                lr_now = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
-                for g in optimizer.param_groups:
-                    g["lr"] = lr_now
-                gen.manual_seed(_noise_seed(seed, rank, step))
-                t = torch.randint(0, sched.n_steps, (x0.shape[0],), generator=gen, device=device)
-                eps = torch.randn(x0.shape, generator=gen, device=device)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = sched.loss(net, x0, t=t, eps=eps)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                ema_update(ema, model, ema_decay_at(ema_decay, step))
-                done = step + 1
-                run_sum += loss.detach().float()
-                run_n += 1
-                bar.update(1)
-
-                if done % log_every == 0 or done == steps:
-                    # One host sync per log interval, not per step.
-                    if world > 1:
-                        torch.distributed.all_reduce(run_sum)
-                        run_sum /= world
-                    last_loss = run_sum.item() / run_n
-                    if not math.isfinite(last_loss):
-                        raise DivergedError(_diverged(f"the training loss became {last_loss}", done, ckpt_path, last_ckpt))
-                    now = time.perf_counter()
-                    if rank == 0:
-                        with open(log_path, "a") as f:
-                            f.write(f"{done},{last_loss:.6g},{lr_now:.6g},{run_n / (now - t_last):.4g},{now - t0:.1f}\n")
-                    bar.set_postfix(loss=f"{last_loss:.4f}")
-                    run_sum.zero_()
-                    run_n, t_last = 0, now
-                stopping = stop["flag"]  # read once: a Ctrl-C from here on is handled after the next step
-                if done % checkpoint_every == 0 or done == steps or stopping:
-                    # Every rank checks (the weights are the same on all), so all stop together; never
-                    # replace a good checkpoint with NaN weights, whatever the last logged loss said.
-                    if not _all_finite(model):
-                        raise DivergedError(_diverged("the weights became NaN or Inf", done, ckpt_path, last_ckpt))
-                    if rank == 0:
-                        hp = dict(hparams, elapsed_s=round(time.perf_counter() - t0, 1))
-                        save_train_checkpoint(ckpt_path, model, ema, optimizer, done, config, scaler, hp)
-                        _save_model_file(model_path, ema, config, done)
-                    last_ckpt = done
-                if rank == 0 and sample_every and (done % sample_every == 0 or done == steps):
-                    _write_samples(out, ema, config, done, n_samples, sample_steps, seed)
-                if callback is not None:
-                    callback(done)
-                if stopping:
-                    print(f"\ntraining interrupted: checkpoint written at step {done}; continue with resume=True "
-                          "(--resume)", file=sys.stderr)
-                    raise KeyboardInterrupt(f"training interrupted at step {done}")
-            if rank == 0 and last_ckpt is not None and model_file_step(model_path) != last_ckpt:
-                # Resumed a finished run whose model file is missing or older than its checkpoint (a kill
-                # between the two writes): export the checkpoint's EMA again.
-                export_model(ckpt_path, model_path)
-        finally:
-            bar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
+        result = _run_steps(run, settings, callback)
         finished = True
-        return TrainResult(step=done, loss=last_loss, out_dir=out, checkpoint=ckpt_path, model=model_path)
+        return result
     finally:
         if lock is not None:
             lock.release(started)
         if owns_group:
             _end_distributed(finished)
+
+
+@dataclass
+class _Settings:
+    """train()'s checked arguments that the steps read."""
+    steps: int
+    batch_size: int
+    lr: float
+    ema_decay: float
+    grad_clip: Optional[float]
+    sample_every: int
+    checkpoint_every: int
+    seed: int
+    warmup_steps: int
+    log_every: int
+    sample_steps: int
+    n_samples: int
+    num_workers: int
+    progress: bool
+
+
+@dataclass
+class _Run:
+    """An opened run: its folder and files, data, model, EMA, optimizer, where it starts."""
+    out: Path
+    config: ModelConfig
+    dataset: object
+    order: "_BatchOrder"
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, or its DDP wrapper
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[object]
+    amp_dtype: Optional[torch.dtype]
+    start: int
+    elapsed0: float
+    last_ckpt: Optional[int]
+    hparams: dict
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    @property
+    def model_file(self) -> Path:
+        return self.out / MODEL_NAME
+
+    @property
+    def log(self) -> Path:
+        return self.out / LOSS_LOG
+
+
+def _open_run(data, out: Path, preset, resume: bool, cfg: _Settings, amp_dtype, rank: int, world: int,
+              device: torch.device) -> _Run:
+    """Check the folder and the config (cheap, before the data, which may take minutes to decode), load
+    the data, build the model, EMA and optimizer (restored from the checkpoint when resuming), and set
+    up the loss log."""
+    from .data import load_dataset
+
+    ckpt_path, model_path, log_path = out / CHECKPOINT_NAME, out / MODEL_NAME, out / LOSS_LOG
+    _check_data_outside(data, out)
+    resume = resumable(ckpt_path, resume)
+    config = _run_config(preset, ckpt_path if resume else None)
+    if not resume:
+        check_fresh_run(out, ckpt_path, model_path, log_path, LOSS_COLUMNS)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    dataset = load_dataset(data, config, exclude=[out], progress=cfg.progress and rank == 0)
+    order = _BatchOrder(dataset, cfg.batch_size // world, cfg.seed, rank, world)
+    if order.per_epoch < 1:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {cfg.batch_size}: "
+                         "lower batch_size")
+
+    torch.manual_seed(cfg.seed)
+    model = UNet(config.unet).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    start, elapsed0, last_ckpt = 0, 0.0, None
+    if resume:
+        state = load_train_checkpoint(ckpt_path, model, ema, optimizer, scaler)
+        start = last_ckpt = int(state["step"])
+        elapsed0 = float((state.get("hparams") or {}).get("elapsed_s", 0.0))
+        if start > cfg.steps:
+            raise ValueError(f"{str(ckpt_path)!r} is at step {start}, past steps={cfg.steps}: nothing to train "
+                             f"(pass steps >= {start} (--steps) to continue it)")
+        if start == cfg.steps and rank == 0:
+            note(f"{str(ckpt_path)!r} is already at step {start} = steps: nothing to train")
+    if rank > 0:  # dropout streams: rank 0's state is in the checkpoint, the others follow from (seed, rank, step)
+        torch.manual_seed(_noise_seed(cfg.seed, rank, start) + 1)
+    hparams = dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay,
+                   grad_clip=cfg.grad_clip, amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+                   seed=cfg.seed, warmup_steps=cfg.warmup_steps, world_size=world,
+                   data=str(data) if isinstance(data, (str, Path)) else type(data).__name__)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    if rank == 0:
+        for name in (CHECKPOINT_NAME, MODEL_NAME, LOSS_LOG):  # temp files of a run killed mid-write
+            for stale in out.glob(f".{name}.*tmp*"):
+                stale.unlink(missing_ok=True)
+        if resume and log_path.exists():
+            _truncate_log(log_path, start)
+        else:  # a new log (a leftover of ours from a run killed before its first checkpoint is replaced)
+            write_atomic(log_path, lambda f: f.write((",".join(LOSS_COLUMNS) + "\n").encode()))
+    return _Run(out, config, dataset, order, model, net, ema, optimizer, scaler, amp_dtype, start, elapsed0,
+                last_ckpt, hparams, rank, world, device)
+
+
+def _batches(run: _Run, cfg: _Settings):
+    """The batches of steps start .. steps-1, in the order (seed, rank, step) fixes."""
+    images = getattr(run.dataset, "images", None)
+    if isinstance(images, torch.Tensor) and images.numel() * 4 < (1 << 29):
+        images = images.to(run.device)  # small in-memory set: gather batches on the device, no loader
+        return (images[torch.as_tensor(run.order.batch(s), device=run.device)] for s in range(run.start, cfg.steps))
+    loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=_StepsSampler(run.order, run.start, cfg.steps),
+                                         num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda")
+    return iter(loader)
+
+
+def _train_step(run: _Run, cfg: _Settings, sched: Schedule, gen: torch.Generator, x0: torch.Tensor,
+                step: int) -> Tuple[torch.Tensor, float]:
+    """One optimizer step at `step` (0-based) on batch x0: (the loss, detached; the learning rate used)."""
+    lr_now = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr_now
+    gen.manual_seed(_noise_seed(cfg.seed, run.rank, step))
+    t = torch.randint(0, sched.n_steps, (x0.shape[0],), generator=gen, device=run.device)
+    eps = torch.randn(x0.shape, generator=gen, device=run.device)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        loss = sched.loss(run.net, x0, t=t, eps=eps)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+    else:
+        loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    ema_update(run.ema, run.model, ema_decay_at(cfg.ema_decay, step))
+    return loss.detach().float(), lr_now
+
+
+def _checkpoint(run: _Run, done: int, t0: float) -> None:
+    """Write the checkpoint and the model file at step `done` (rank 0), after every rank has checked
+    the weights: all stop together, and a good checkpoint is never replaced with NaN weights."""
+    if not _all_finite(run.model):
+        raise DivergedError(_diverged("the weights became NaN or Inf", done, run.checkpoint, run.last_ckpt))
+    if run.rank == 0:
+        hp = dict(run.hparams, elapsed_s=round(time.perf_counter() - t0, 1))
+        save_train_checkpoint(run.checkpoint, run.model, run.ema, run.optimizer, done, run.config, run.scaler, hp)
+        save_model_file(run.model_file, run.ema, run.config, done)
+    run.last_ckpt = done
+
+
+def _run_steps(run: _Run, cfg: _Settings, callback) -> TrainResult:
+    """Steps run.start .. cfg.steps - 1 with their log rows, checkpoints, sample grids and Ctrl-C handling."""
+    from tqdm.auto import tqdm
+
+    batches = _batches(run, cfg)
+    sched = Schedule(run.config.diffusion, run.device)
+    gen = torch.Generator(device=run.device)
+    bar = tqdm(total=cfg.steps, initial=run.start, disable=not (cfg.progress and run.rank == 0), desc="train",
+               unit="it", dynamic_ncols=True)
+    stop, old_handler = _catch_sigint(run.world)
+    log = _LossLog(run, time.perf_counter() - run.elapsed0)  # elapsed_s continues across resumes
+    done = run.start
+    try:
+        for step in range(run.start, cfg.steps):
+            loss, lr_now = _train_step(run, cfg, sched, gen, next(batches).to(run.device, non_blocking=True), step)
+            done = step + 1
+            bar.update(1)
+            if log.add(loss, done, lr_now, cfg) is not None:
+                bar.set_postfix(loss=f"{log.last:.4f}")
+            stopping = stop["flag"]  # read once: a Ctrl-C from here on is handled after the next step
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                _checkpoint(run, done, log.t0)
+            if run.rank == 0 and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+                _write_samples(run.out, run.ema, run.config, done, cfg.n_samples, cfg.sample_steps, cfg.seed)
+            if callback is not None:
+                callback(done)
+            if stopping:
+                print(f"\ntraining interrupted: checkpoint written at step {done}; continue with resume=True "
+                      "(--resume)", file=sys.stderr)
+                raise KeyboardInterrupt(f"training interrupted at step {done}")
+        if run.rank == 0 and run.last_ckpt is not None and model_file_step(run.model_file) != run.last_ckpt:
+            # Resumed a finished run whose model file is missing or older than its checkpoint (a kill
+            # between the two writes): export the checkpoint's EMA again.
+            export_model(run.checkpoint, run.model_file)
+    finally:
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    return TrainResult(step=done, loss=log.last, out_dir=run.out, checkpoint=run.checkpoint, model=run.model_file)
+
+
+def _catch_sigint(world: int):
+    """Ctrl-C finishes the current step, writes a checkpoint, then stops (a second Ctrl-C stops at once):
+    ({"flag": set on the first Ctrl-C}, the handler to restore or None)."""
+    stop = {"flag": False}
+    if world != 1 or not _in_main_thread():
+        return stop, None
+
+    def on_sigint(signum, frame):
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+
+    return stop, signal.signal(signal.SIGINT, on_sigint)
+
+
+class _LossLog:
+    """The mean loss over each log interval, appended to loss.csv by rank 0 (one host sync per row)."""
+
+    def __init__(self, run: _Run, t0: float):
+        self.run, self.t0, self.t_last = run, t0, time.perf_counter()
+        self.sum, self.n, self.last = torch.zeros((), device=run.device), 0, None
+
+    def add(self, loss: torch.Tensor, done: int, lr_now: float, cfg: _Settings) -> Optional[float]:
+        """Count one step's loss; at a log step write the row and return the interval's mean loss."""
+        self.sum += loss
+        self.n += 1
+        if done % cfg.log_every and done != cfg.steps:
+            return None
+        run = self.run
+        if run.world > 1:
+            torch.distributed.all_reduce(self.sum)
+            self.sum /= run.world
+        self.last = self.sum.item() / self.n
+        if not math.isfinite(self.last):
+            raise DivergedError(_diverged(f"the training loss became {self.last}", done, run.checkpoint,
+                                          run.last_ckpt))
+        now = time.perf_counter()
+        if run.rank == 0:
+            with open(run.log, "a") as f:
+                f.write(f"{done},{self.last:.6g},{lr_now:.6g},{self.n / (now - self.t_last):.4g},{now - self.t0:.1f}\n")
+        self.sum.zero_()
+        self.n, self.t_last = 0, now
+        return self.last
+
+
+def _check_data_outside(data, out: Path) -> None:
+    """An image folder must not be the run folder or inside it: the run folder is left out of its own
+    data, so such a run would find no images (or train on its own sample grids)."""
+    if not isinstance(data, (str, os.PathLike)) or str(data) == "digits" or not Path(data).is_dir():
+        return
+    d, o = Path(data).resolve(), out.resolve()
+    if d == o or o in d.parents:
+        raise ValueError(f"the data folder {str(data)!r} is {'the' if d == o else 'inside the'} run folder "
+                         f"{str(out)!r}: choose an output folder outside the data")
 
 
 def _run_config(preset, checkpoint: Optional[Path]) -> ModelConfig:
@@ -465,7 +579,7 @@ _warned_no_sampler = []
 
 def _write_samples(out: Path, ema, config, step, n, steps, seed) -> None:
     try:
-        from .sampling import save_image_atomic
+        from ..io.images import save_image_atomic
 
         grid = sample_grid(ema, config, n=n, steps=steps, seed=seed)
     except ImportError as e:  # sampling.py is optional for training; say so once
@@ -475,82 +589,3 @@ def _write_samples(out: Path, ema, config, step, n, steps, seed) -> None:
         return
     (out / "samples").mkdir(exist_ok=True)
     save_image_atomic(grid, out / "samples" / f"step_{step:07d}.png")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: `ddpm-fast train` (cli.py) and `python -m ddpm_fast.training`
-# ---------------------------------------------------------------------------------------------
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `train` subcommand's flags; values are range-checked at parse time."""
-    from .config import PRESETS
-
-    a = parser.add_argument
-    a("--data", required=True, help="a folder of PNG/JPEG images (searched recursively), or 'digits' "
-      "(scikit-learn's handwritten digits, upscaled to 16x16)")
-    a("--out", required=True, help="run folder: checkpoint, model, loss.csv, samples/")
-    a("--preset", default=None, choices=sorted(PRESETS),
-      help="model shape (default: digits16, or the checkpoint's with --resume)")
-    a("--image-size", type=_number(int, 1, MAX_IMAGE_SIZE, hi_open=False), default=None,
-      help=f"override the preset's image size (at most {MAX_IMAGE_SIZE})")
-    a("--channels", type=int, choices=(1, 3), default=None, help="override the preset's image channels")
-    a("--steps", type=_number(int, 1), default=10_000, help="total optimizer steps (default: 10000)")
-    a("--batch-size", type=_number(int, 1), default=64, help="global batch size (default: 64)")
-    a("--lr", type=_number(float, 0.0, lo_open=True), default=3e-4, help="Adam learning rate (default: 3e-4)")
-    a("--warmup-steps", type=_number(int, 0), default=100, help="linear lr warm-up steps (default: 100)")
-    a("--ema-decay", type=_number(float, 0.0, 1.0), default=0.999, help="EMA decay in [0, 1) (default: 0.999)")
-    a("--grad-clip", type=_number(float, 0.0), default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
-    a("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision on CUDA (default: off)")
-    a("--resume", action="store_true",
-      help="continue from OUT/checkpoint.safetensors if it exists (else start a new run)")
-    a("--sample-every", type=_number(int, 0), default=1000, help="steps between sample grids, 0 = off")
-    a("--checkpoint-every", type=_number(int, 1), default=500, help="steps between checkpoints (default: 500)")
-    a("--log-every", type=_number(int, 1), default=50, help="steps per loss.csv row (default: 50)")
-    a("--seed", type=_number(int, 0, 2 ** 63), default=0)
-    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available); ignored under torchrun")
-    a("--num-workers", type=_number(int, 0), default=0, help="DataLoader workers for image folders")
-    a("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def run_train_from_args(args: argparse.Namespace) -> int:
-    """Validate parsed `train` arguments, run training, print where things went. Returns 0."""
-    import dataclasses
-
-    over = {k: v for k, v in (("image_size", args.image_size), ("image_channels", args.channels)) if v is not None}
-    config = None if args.preset is None and not over else get_preset(args.preset or "digits16")
-    if over:
-        config = ModelConfig(dataclasses.replace(config.unet, **over), config.diffusion)
-    if args.device is not None:
-        parse_device(args.device, "--device")
-    if args.amp != "off" and not torch.cuda.is_available():
-        raise ValueError(f"--amp {args.amp} needs a CUDA device")
-    res = train(args.data, args.out, preset=config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                ema_decay=args.ema_decay, grad_clip=args.grad_clip, amp=args.amp, resume=args.resume,
-                sample_every=args.sample_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                device=args.device, progress=not args.no_progress, num_workers=args.num_workers,
-                warmup_steps=args.warmup_steps, log_every=args.log_every)
-    if int(os.environ.get("RANK", "0")) == 0:
-        loss = f"{res.loss:.4f}" if res.loss is not None else "n/a"
-        print(f"trained to step {res.step} (last logged loss {loss}); EMA model: {res.model}; "
-              f"checkpoint: {res.checkpoint}")
-    return 0
-
-
-def main(argv=None) -> int:
-    from .data import DataError
-
-    parser = add_train_arguments(argparse.ArgumentParser(
-        prog="python -m ddpm_fast.training", description="Train a DDPM UNet (same flags as `ddpm-fast train`)."))
-    args = parser.parse_args(argv)
-    try:
-        return run_train_from_args(args)
-    except (DataError, CheckpointError, OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"\n{e or 'interrupted'}", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

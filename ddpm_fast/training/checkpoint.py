@@ -1,6 +1,6 @@
 """Training checkpoints: the full training state (model, EMA, optimizer, RNG, step) as one
 safetensors file with JSON metadata, no pickle anywhere, written atomically; and the export of a
-run's EMA weights as a model file (load_checkpoint's format). See training.py's docstring."""
+run's EMA weights as a model file (load_checkpoint's format). See training/loop.py's docstring."""
 from __future__ import annotations
 
 import json
@@ -9,17 +9,15 @@ from typing import Dict, Optional
 
 import torch
 
-from .atomic import write_atomic
-from .config import ModelConfig
-
-TRAIN_FORMAT = "ddpm_fast/train-1"
-MODEL_FORMAT = "ddpm_fast/1"
+from ..config import ModelConfig, load_json
+from ..io.atomic import write_atomic
+from ..io.checkpoint import CONFIG_KEY, TRAIN_FORMAT, write_model_file
 
 
 class CheckpointError(ValueError):
     """A training checkpoint is missing, corrupt, or belongs to a different model.
 
-    A ValueError, like checkpoint.load_checkpoint's errors, so the CLI reports it as bad input."""
+    A ValueError, like io.checkpoint.load_checkpoint's errors, so the CLI reports it as bad input."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +60,7 @@ def save_train_checkpoint(path, model, ema, optimizer, step: int, config: ModelC
     state = {"step": int(step), "optim_param_groups": _json_safe(osd["param_groups"]),
              "optim_scalars": scalars, "scaler": _json_safe(scaler.state_dict()) if scaler is not None else None,
              "hparams": _json_safe(extra or {})}
-    meta = {"format": TRAIN_FORMAT, "ddpm_fast_config": config.to_json(), "train_state": json.dumps(state)}
+    meta = {"format": TRAIN_FORMAT, CONFIG_KEY: config.to_json(), "train_state": json.dumps(state)}
     write_atomic(path, lambda f: f.write(save(tensors, metadata=meta)))
 
 
@@ -73,7 +71,7 @@ def read_train_checkpoint(path) -> tuple:
         raise CheckpointError(f"training checkpoint {str(path)!r} does not exist")
     tensors, config, meta = _read(path, with_tensors=True)
     try:
-        state = json.loads(meta["train_state"])
+        state = load_json(meta["train_state"], "train_state")
         _check_state(state)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"training checkpoint {str(path)!r} has bad metadata ({e})") from None
@@ -104,7 +102,7 @@ def _read(path: Path, with_tensors: bool) -> tuple:
         raise CheckpointError(f"{str(path)!r} is not a ddpm_fast training checkpoint "
                               f"(format {meta.get('format')!r}, expected {TRAIN_FORMAT!r})")
     try:
-        config = ModelConfig.from_json(meta["ddpm_fast_config"])
+        config = ModelConfig.from_json(meta[CONFIG_KEY])
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"training checkpoint {str(path)!r} has bad metadata ({e})") from None
     return tensors, config, meta
@@ -133,7 +131,8 @@ def _check_state(state) -> None:
 def _read_metadata(data: bytes) -> Dict[str, str]:
     # safetensors layout: u64 little-endian header length, then the JSON header with "__metadata__".
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+    header = load_json(bytes(data[8:8 + n]), "the safetensors header")
+    return (header.get("__metadata__", {}) if isinstance(header, dict) else {}) or {}
 
 
 def load_train_checkpoint(path, model, ema, optimizer, scaler=None) -> dict:
@@ -194,15 +193,12 @@ def export_model(checkpoint, dest, dtype: torch.dtype = torch.float32) -> Path:
     return _write_model_file(dest, weights, config, state["step"])
 
 
-def _save_model_file(path, ema, config: ModelConfig, step: int) -> Path:
+def save_model_file(path, ema, config: ModelConfig, step: int) -> Path:
+    """The EMA weights as a model file that records `step` (see export_model)."""
     weights = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
     return _write_model_file(Path(path), weights, config, step)
 
 
 def _write_model_file(dest: Path, weights: Dict[str, torch.Tensor], config: ModelConfig, step: int) -> Path:
     # train_step lets a resumed run see that a model file is older than its checkpoint (run_dir.model_file_step).
-    from safetensors.torch import save
-
-    meta = {"format": MODEL_FORMAT, "ddpm_fast_config": config.to_json(), "train_step": str(int(step))}
-    write_atomic(dest, lambda f: f.write(save(weights, metadata=meta)))
-    return dest
+    return write_model_file(dest, weights, config, metadata={"train_step": str(int(step))})

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 BUILTIN_DATASETS = ("digits",)

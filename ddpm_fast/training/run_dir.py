@@ -1,9 +1,10 @@
 """A training run's output folder: what may be in it before a run starts, and one writer at a time.
 
 A fresh run must not mix into someone else's files: it refuses a folder that already holds a
-checkpoint (that is what `resume` is for), a model file, or a `loss.csv` it did not write. The one
-leftover it takes over is its own `loss.csv` from a run killed before its first checkpoint, which it
-starts afresh. A run holds an exclusive lock on `RUN_DIR/.lock` until it ends, so a second process
+checkpoint (that is what `resume` is for), a model file, a `loss.csv` it did not write, or any other
+file the trainer does not write. The leftovers it takes over are its own: a `loss.csv` from a run
+killed before its first checkpoint (started afresh), its lock file, temp files of a killed write and
+sample grids. A run holds an exclusive lock on `RUN_DIR/.lock` until it ends, so a second process
 (a resubmitted job, a typo in a script) cannot interleave checkpoints and log rows with the first.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ def _header_is(path: Path, columns: Sequence[str]) -> bool:
 
 def check_fresh_run(out: Path, checkpoint: Path, model: Path, log: Path, log_columns: Sequence[str]) -> None:
     """Raise FileExistsError naming the file if a new run in `out` would overwrite or mix into it."""
+    _check_only_run_files(out, (checkpoint.name, model.name, log.name))
     if checkpoint.exists():
         raise FileExistsError(f"{str(out)!r} already holds a training checkpoint; pass resume=True "
                               "(--resume) to continue it, or choose another output folder")
@@ -35,6 +37,22 @@ def check_fresh_run(out: Path, checkpoint: Path, model: Path, log: Path, log_col
     if log.exists() and not _header_is(log, log_columns):
         raise FileExistsError(f"{str(log)!r} was not written by ddpm_fast's trainer; "
                               "choose another output folder or move that file away")
+
+
+def _check_only_run_files(out: Path, run_files: Sequence[str]) -> None:
+    """Refuse a folder holding anything a training run does not write (run_files, the lock, their temp
+    files, samples/step_*.png), naming the first such entry."""
+    if not out.is_dir():
+        return
+    for entry in sorted(out.iterdir()):
+        name = entry.name
+        ours = (name in run_files or name == LOCK_NAME
+                or any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in run_files))
+        if name == "samples" and entry.is_dir() and not entry.is_symlink():
+            ours = all(p.name.startswith("step_") and p.suffix == ".png" for p in entry.iterdir())
+        if not ours:
+            raise FileExistsError(f"{str(out)!r} holds {name!r}, which a training run does not write; a new run "
+                                  "needs an empty folder (or one of its own): choose another output folder")
 
 
 class RunLock:

@@ -25,30 +25,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from ..config import DiffusionConfig, ModelConfig, UNetConfig, get_preset
+from ..devices import WEIGHT_DTYPES, parse_device, parse_dtype
+from ..reference.unet import UNet
 from .atomic import write_atomic
-from .config import DiffusionConfig, ModelConfig, UNetConfig, get_preset
-from .devices import parse_device
-from .reference.unet import UNet
-from .train_checkpoint import TRAIN_FORMAT  # a light module (no training stack): the format name only
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_extra_tensors", "load_labml_state_dict",
-           "default_checkpoint_path", "CONFIG_KEY", "FORMAT", "EXTRA_PREFIX"]
+           "default_checkpoint_path", "write_model_file", "CONFIG_KEY", "FORMAT", "MODEL_FORMAT", "TRAIN_FORMAT",
+           "EXTRA_PREFIX"]
 
+# The package's two file formats, named in each file's "format" metadata: a model file (weights +
+# config: what sample() loads) and a training checkpoint (training/checkpoint.py writes it).
 CONFIG_KEY = "ddpm_fast_config"
-FORMAT = "ddpm_fast/1"
+MODEL_FORMAT = FORMAT = "ddpm_fast/1"
+TRAIN_FORMAT = "ddpm_fast/train-1"
 # Extra tensors (EMA weights, optimizer moments, step counters...) live beside the model's under this
 # prefix; no UNet state_dict key contains a '/', so the two can never collide.
 EXTRA_PREFIX = "extra/"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "digits16.safetensors"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "digits16.safetensors"
 # Where each format keeps the weights to sample with: a model file at the top level (its extras under
 # EXTRA_PREFIX), a training checkpoint as the EMA copy beside model.*, optim.* and rng.* tensors.
 WEIGHTS_PREFIX = {FORMAT: "", TRAIN_FORMAT: "ema."}
 # What a training run folder holds (training.MODEL_NAME / CHECKPOINT_NAME), in the order load_checkpoint
 # tries them: the exported EMA weights, then the full training state.
 RUN_FILES = ("model.safetensors", "checkpoint.safetensors")
-# The dtypes weights may have and models may be loaded in. float8 and friends are refused: they are not
-# a dtype the UNet runs in, and isfinite is not even implemented for them.
-WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 PathLike = Union[str, os.PathLike]
 
@@ -80,15 +80,28 @@ def save_checkpoint(path: PathLike, model: torch.nn.Module, config: ModelConfig,
             raise ValueError(f"extra tensor {name!r} is a {type(t).__name__}, not a tensor")
         # A clone: safetensors refuses tensors that share storage (e.g. views of one flat buffer).
         tensors[EXTRA_PREFIX + name] = t.detach().to("cpu").clone().contiguous()
-    metadata = {CONFIG_KEY: config.to_json(), "format": FORMAT}
+    return write_model_file(path, tensors, config)
 
+
+def write_model_file(path: PathLike, tensors: Mapping[str, torch.Tensor], config: ModelConfig,
+                     metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """The one writer of model files: `tensors` (CPU, contiguous) + `config` (+ `metadata`), atomically.
+
+    Refuses weights holding NaN or Inf (load_checkpoint would refuse the file) and destinations that
+    are not regular files, each with a ValueError naming the path.
+    """
+    path = Path(path)
     parent = path.parent
     if not parent.is_dir():
         raise ValueError(f"cannot save {path}: directory {parent} does not exist")
     if path.is_dir():  # else os.replace fails with an IsADirectoryError naming the temporary file
         raise ValueError(f"cannot save {path}: it is a directory; give a file name "
                          f"such as {path / 'model.safetensors'}")
-    data = save(tensors, metadata=metadata)
+    non_finite = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise ValueError(f"cannot save {path}: tensors hold NaN or Inf: {_listing(non_finite)}")
+    meta = {CONFIG_KEY: config.to_json(), "format": MODEL_FORMAT, **(metadata or {})}
+    data = save(dict(tensors), metadata=meta)
     write_atomic(path, lambda f: f.write(data))
     return path
 
@@ -296,17 +309,7 @@ def _device(path: Path, device) -> torch.device:
 
 def _dtype(dtype) -> torch.dtype:
     """A torch dtype from WEIGHT_DTYPES or a name sample() accepts; None means float32."""
-    from .sampling import _DTYPES  # the one table of dtype names (late: sampling may import this module)
-
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)} or a torch dtype")
-        return _DTYPES[dtype]
-    if dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"dtype must be torch.float32, float16, bfloat16 or float64, got {dtype!r}")
-    return dtype
+    return torch.float32 if dtype is None else parse_dtype(dtype, WEIGHT_DTYPES)
 
 
 def _unpickler_reason(e: BaseException) -> str:

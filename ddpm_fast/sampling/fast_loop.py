@@ -16,24 +16,20 @@ needs the UNet's time path) and with only the UNet blocks it contains fused, but
 """
 from __future__ import annotations
 
-import copy
-import importlib
-import weakref
-from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from . import ops
-from .ops.reverse_step import EXTENSION_HAS_CUDA, _seed_arg
-from .ops.time_embedding import _version, attach_time_table, detach_time_table, optimizer_steps
-from .reference.unet import UNet
-from .sampling import check_model_output
+from .. import ops
+from ..ops.reverse_step import EXTENSION_HAS_CUDA, seed_arg
+from ..reference.unet import UNet
+from .checks import check_model_output, prepared
+from .graphs import GRAPHS, cache_key, capture
+from .time_table import attach_time_table, detach_time_table
 
 NOISE_MODES = ("philox", "generator")
-_CONV2D = importlib.import_module(".ops.conv2d", __package__)  # the module (ops.conv2d is the function)
 # Where fast_loop may capture a graph (the CPU tests add "cpu", with a stand-in for the capture).
 _GRAPH_DEVICE_TYPES = ("cuda",)
 
@@ -41,42 +37,25 @@ _GRAPH_DEVICE_TYPES = ("cuda",)
 @contextmanager
 def _fast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, n_steps: int,
                 fuse: bool, table: bool, channels_last: bool = False):
-    """The model in `dtype` on `device`, fused if `fuse`, with a fresh time table if `table`, its
-    conv weights in channels_last if `channels_last`; restored afterwards. A model of another
-    dtype/device/layout is converted as a copy, so the caller's model is never changed."""
-    p = next(model.parameters(), None)  # None: a module without parameters, nothing to convert
-    if channels_last or (p is not None and (p.dtype != dtype or p.device != device)):
-        # Outside inference mode even when the caller samples inside it: parameters made there would
-        # be inference tensors, which have no version counter for the time table's staleness check.
-        # Conv weights in NHWC make cuDNN write NHWC activations, which every later op keeps (the fused
-        # ops and cat preserve the layout): no NCHW <-> NHWC transposes around each tensor-core conv
-        # (measured on an H100, cifar35m bf16 batch 64: ~0.95 ms of a 4.3 ms step).
-        fmt = torch.channels_last if channels_last else torch.preserve_format
-        with torch.inference_mode(False):
-            model = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=fmt)
-    # Each walk of the module tree costs ~0.1 ms on the tiny UNet, so skip those a call does not need.
-    was_fused, old_table = (ops.is_fused(model) if fuse else False), (model.time_table if table else None)
-    # eval() and train() walk every module (~0.4 ms for the tiny UNet, >1% of a short CPU run):
-    # only switch the modules that are in training mode, and only those back.
-    training = [m for m in model.modules() if m.training]
-    try:  # everything below is undone by the finally, even when building the table fails
-        for m in training:
-            m.training = False
-        if fuse:
-            ops.fused(model)
-        if table:
-            # Rebuilt on every sampling call: it costs one batched time-MLP pass over T rows, and a fresh
-            # table can never be stale whatever happened to the weights since the last call.
-            attach_time_table(model, n_steps)
-        yield model
-    finally:
-        if table:
-            detach_time_table(model)
-            model.time_table = old_table
-        if fuse and not was_fused:
-            ops.unfused(model)
-        for m in training:
-            m.training = True
+    """`prepared(model)` (eval mode; a converted copy when dtype, device or layout differ), fused if
+    `fuse`, with a fresh time table if `table`; restored afterwards."""
+    with prepared(model, dtype, device, channels_last) as model:
+        # Each walk of the module tree costs ~0.1 ms on the tiny UNet, so skip those a call does not need.
+        was_fused, old_table = (ops.is_fused(model) if fuse else False), (model.time_table if table else None)
+        try:  # everything below is undone by the finally, even when building the table fails
+            if fuse:
+                ops.fused(model)
+            if table:
+                # Rebuilt on every sampling call: it costs one batched time-MLP pass over T rows, and a fresh
+                # table can never be stale whatever happened to the weights since the last call.
+                attach_time_table(model, n_steps)
+            yield model
+        finally:
+            if table:
+                detach_time_table(model)
+                model.time_table = old_table
+            if fuse and not was_fused:
+                ops.unfused(model)
 
 
 def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor, coeffs: torch.Tensor, *,
@@ -128,9 +107,9 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
     fuse = on_gpu if fuse is None else fuse
     draw = (lambda: torch.randn(x_T.shape, generator=generator)) if noise == "generator" else None
-    key = _cache_key(model, x_T, dtype, clip, noise, len(timesteps), n_steps, fuse, use_table, channels_last)
+    key = cache_key(model, x_T, dtype, clip, noise, len(timesteps), n_steps, fuse, use_table, channels_last)
     with device_ctx:
-        hit = _GRAPHS.lookup(key, model) if (cuda_graph and reuse_graph) else None
+        hit = GRAPHS.lookup(key, model) if (cuda_graph and reuse_graph) else None
         if hit is not None:
             state, replay = hit
             state.restart(x_T, timesteps, coeffs, seed)
@@ -138,13 +117,13 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
         with _fast_model(model, dtype, device, n_steps, fuse=fuse, table=use_table,
                          channels_last=channels_last) as net:
             state = _StepState(net, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator")
-            run = _graphed(state) if cuda_graph else state.step
+            run = capture(state) if cuda_graph else state.step
             if cuda_graph and reuse_graph:
                 # The graph reads the net's weights and its time table through raw pointers: the entry
                 # keeps the table and a converted copy alive after _fast_model detaches the table and
                 # unfuses the model. Not the caller's model: the graph no longer needs the module, and
                 # the entry goes when the model does (see _GraphCache.store).
-                _GRAPHS.store(key, model, state, keep=(None if net is model else net,
+                GRAPHS.store(key, model, state, keep=(None if net is model else net,
                                                        getattr(net, "time_table", None)))
                 state.net = None
             return _run_steps(state, run, draw, progress)
@@ -169,7 +148,7 @@ class _StepState:
         device = x_T.device
         self.net, self.dtype, self.clip = net, dtype, clip
         # In device memory, so a captured graph can be replayed for a new run after seed_t.fill_().
-        self.seed_t = torch.tensor(_seed_arg(seed), dtype=torch.int64, device=device)
+        self.seed_t = torch.tensor(seed_arg(seed), dtype=torch.int64, device=device)
         self.x = x_T.to(device=device, dtype=torch.float32).contiguous().clone()
         self.x_T = self.x.clone()
         self.step_index = torch.zeros((), dtype=torch.long, device=device)
@@ -199,98 +178,7 @@ class _StepState:
         self.x_T.copy_(x_T)
         self.timesteps.copy_(timesteps)
         self.coeffs.copy_(coeffs)
-        self.seed_t.fill_(_seed_arg(seed))
+        self.seed_t.fill_(seed_arg(seed))
         self.reset()
 
 
-# --- graphs kept between calls ------------------------------------------------------------------
-def _cache_key(model, x_T, dtype, clip, noise, n_timesteps, n_steps, fuse, table, channels_last) -> tuple:
-    """Everything a capture bakes in besides the buffers `restart` refills: the model object, shapes,
-    dtype, device, the step count, clip bounds, the op choices (fusion, table, layout) and the global
-    flags that steer the kernels' dispatch (TF32 for cuBLAS / cuDNN, hence the conv2d rule)."""
-    return (id(model), x_T.device, tuple(x_T.shape), dtype, None if clip is None else tuple(map(float, clip)),
-            noise, n_timesteps, n_steps, fuse, table, channels_last, torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32, _CONV2D.BACKEND)
-
-
-def _fingerprint(model) -> tuple:
-    """Identity, storage and version of every parameter and buffer, and the process's optimizer step
-    count (fused optimizers write without bumping versions): any in-place update, reassignment or move
-    of a weight changes it."""
-    tensors = (*model.parameters(), *model.buffers())
-    return (optimizer_steps(),) + tuple((id(t), t.data_ptr(), _version(t)) for t in tensors)
-
-
-class _GraphCache:
-    """The last MAX_ENTRIES captured sampling graphs (LRU). An entry holds the step state, the graph and
-    what the graph reads besides the caller's weights (a converted copy of the model, the time table),
-    plus a weak reference and a fingerprint of the caller's model: a lookup hits only for the same,
-    unchanged model, and the entry (with its GPU memory) is dropped when that model is garbage collected."""
-
-    MAX_ENTRIES = 2
-
-    def __init__(self):
-        self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
-
-    def lookup(self, key, model):
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        model_ref, fingerprint, state, _keep = entry
-        if model_ref() is not model or _fingerprint(model) != fingerprint:
-            del self._entries[key]  # stale: the model changed (or is another object with a reused id)
-            return None
-        self._entries.move_to_end(key)
-        return state, state.graph.replay
-
-    def store(self, key, model, state, keep) -> None:
-        self._entries[key] = (weakref.ref(model), _fingerprint(model), state, keep)
-        self._entries.move_to_end(key)
-        # key holds id(model), which a later object may reuse only after this model is gone, and by
-        # then this has removed the entry.
-        weakref.finalize(model, self._entries.pop, key, None)
-        while len(self._entries) > self.MAX_ENTRIES:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-_GRAPHS = _GraphCache()
-
-
-def clear_graph_cache() -> None:
-    """Drop the sampling graphs kept between calls (and the GPU memory they hold)."""
-    _GRAPHS.clear()
-
-
-# Eager steps before the capture. One does every lazy initialisation the step has (Triton JIT compiles,
-# cuBLAS/cuDNN handles and plans, allocator blocks); nothing in it is autotuned over several calls. It
-# used to be 3, as in torch.cuda.make_graphed_callables, which mostly serves DDP: each extra step is a
-# whole eager forward per sample() call (~13 ms for cifar35m at batch 1 on the H100 profile).
-WARMUP_STEPS = 1
-
-
-def _graphed(state: _StepState) -> Callable[[], None]:
-    """Capture state.step in a CUDA graph after warm-up (Triton autotuning, cuDNN/cuBLAS plans,
-    allocator) on a side stream; returns the replay function. State is reset after capture."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(WARMUP_STEPS):
-            # Every warm-up step is step 0: warm-up must not run past the last step (S < steps), where
-            # the timesteps gather would index out of range (a device-side assert that kills the
-            # CUDA context); and the capture below starts from the initial state.
-            state.step()
-            state.reset()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        state.step()
-    state.reset()
-    torch.cuda.synchronize()
-    state.graph = graph  # keep the graph (and the memory it references) alive with the state
-    return graph.replay

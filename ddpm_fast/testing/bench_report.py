@@ -18,16 +18,14 @@ chart of the speedups (needs matplotlib; without it the report says so and there
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-__all__ = ["make_report", "load_results", "add_bench_report_arguments", "run_bench_report_from_args", "main"]
+__all__ = ["make_report", "load_results"]
 
 REFERENCE = "reference"
 _OTHER_BASELINES = ("sdpa", "eager", "torch", "reference")  # "reference-graph" etc.: baselines
@@ -293,6 +291,8 @@ def fmt_time(s: Optional[float]) -> str:
         return f"{s * 1e6:.1f} µs"
     if s < 1.0:
         return f"{s * 1e3:.2f} ms"
+    if s >= 1e5:  # a day and more: 4 significant digits, never hundreds of them
+        return f"{s:.4g} s"
     return f"{s:.2f} s"
 
 
@@ -573,33 +573,3 @@ def make_report(json_path, out_dir=None, note: Optional[str] = None) -> Tuple[Pa
         for tmp in (md_tmp, png_tmp):
             tmp.unlink(missing_ok=True)
     return md_path, png_path if charted else None
-
-
-def add_bench_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("json", help="pytest-benchmark JSON (pytest benchmarks/ --benchmark-only "
-                                     "--benchmark-json=FILE)")
-    parser.add_argument("--out-dir", default=None,
-                        help="where to write <stem>.md and <stem>.png (default: next to the JSON)")
-    parser.add_argument("--note", default=None, help="a sentence to show under the report's header")
-    return parser
-
-
-def run_bench_report_from_args(args: argparse.Namespace) -> int:
-    try:
-        md, png = make_report(args.json, args.out_dir, note=getattr(args, "note", None))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        # A user error (bad path, not a results file): one clear line and exit status 1, no traceback.
-        raise SystemExit(f"ddpm-fast bench-report: error: {e}") from None
-    print(f"wrote {md}")
-    print(f"wrote {png}" if png else "no PNG chart: matplotlib is not installed")
-    return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ddpm-fast bench-report", description=__doc__.split("\n\n")[0])
-    add_bench_report_arguments(parser)
-    return run_bench_report_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
