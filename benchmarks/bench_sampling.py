@@ -104,8 +104,10 @@ _KERNEL_COUNT_STEPS = 4
 # Steps of the first call of a compiled provider (its compile_s) and of the warm-up before a long call:
 # enough for inductor's CUDA-graph trees to warm up, record and replay once.
 COMPILE_CALL_STEPS = 3
-# Calls longer than this many steps are timed once (a 1000-step DDPM run: seconds per call).
-_ONE_ROUND_STEPS = 500
+# Calls of at least this many image-steps (batch x steps) are timed once, after a COMPILE_CALL_STEPS-step
+# warm-up: DDPM-1000 at batch 1 and DDIM-50 at batch 64 take seconds per call on the GPU (H100: 5-13 s and
+# ~2 s), and several rounds of them would not fit scripts/gpu_check.sh's budget.
+_ONE_ROUND_IMAGE_STEPS = 1000
 SAMPLING_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", _DEFAULT_DTYPES)
 SAMPLING_PROVIDERS = [p for p in env_list("DDPM_FAST_BENCH_PROVIDERS", _DEFAULT_PROVIDERS) if p in PROVIDERS]
 # dtype outermost, then the case, then the provider: each case's providers run back to back.
@@ -210,7 +212,7 @@ def test_sampling(benchmark, _clean_after, provider, model_name, batch, sampler_
     timed = HAS_CUDA and not benchmark.disabled
     # A long call is timed once, after a short warm-up call that runs the same code (cuDNN's choices,
     # Triton's JIT, inductor's graphs); a short one is warmed up by itself.
-    long_call = steps > _ONE_ROUND_STEPS
+    long_call = steps * batch >= _ONE_ROUND_IMAGE_STEPS
     warmup = (lambda: run(COMPILE_CALL_STEPS)) if long_call else run
     compile_call_s = None
     if spec.compile_mode and timed and compile_s is None:
