@@ -14,7 +14,7 @@
 # | build | 55 | build_ext --inplace (nvcc, sm_90), the extension's error path | 35 s |
 # | tests-new | 75 | CUDA tests of the work since the H100 run (scripts/gpu_check_tests.py), xdist | whole suite 82 s at -n 16 |
 # | tests-cuda | 40 | every other CUDA test, if it fits | part of the same 82 s |
-# | bench-sampling | 225 | cifar35m sample(): bf16 then fp32; DDIM-50 b1, b64, DDPM-1000 b1; 4 providers | ~140 s of calls + 4 compiles |
+# | bench-sampling | 225 | cifar35m sample(): bf16 then fp32; DDIM-50 b1, b64, DDPM-1000 b1; 4 providers | ~150 s of calls + 4 compiles |
 # | profile | 40 | profile_unet.py: cifar35m b1/b64, bf16/fp32: kernels and time by kind per forward | 16 profiles, ~25 s |
 # | bench-ops | 32 | op benchmarks, groupnorm_swish and reverse_step first, while time remains | default grid > 6 min |
 # | pack | 8 | summary.txt, the results archive | - |
@@ -66,7 +66,7 @@ declare -A WHAT=(
   [bench-unet]="(when named) bench_unet.py: UNet forwards, eager, compiled and graphed")
 declare -A BASIS=(
   [env]="python + CUDA init, a few s" [build]="35 s" [tests-new]="whole suite 82 s at -n 16"
-  [tests-cuda]="part of the same 82 s" [bench-sampling]="~140 s of calls + 4 compiles"
+  [tests-cuda]="part of the same 82 s" [bench-sampling]="~150 s of calls + 4 compiles"
   [profile]="16 profiles, ~25 s" [bench-ops]="default grid > 6 min" [pack]="-"
   [tests-all]="82 s at -n 16" [bench-unet]="bench-e2e 335 s with sampling")
 
@@ -136,8 +136,13 @@ PYEOF
 
 stage_build() {
   local log="$RESULTS_DIR/build.log"
-  timeout --foreground -k 3 "$(left_s 6)" "$PY" setup.py build_ext --inplace > "$log" 2>&1 \
-    || { tail -20 "$log"; note "build_ext failed (build.log)"; return 1; }
+  timeout --foreground -k 3 "$(left_s 6)" "$PY" setup.py build_ext --inplace > "$log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    tail -20 "$log"
+    note "build_ext $([ $rc -eq 124 ] && echo "ran out of time" || echo "failed (rc $rc)") (build.log)"
+    return $rc
+  fi
   # The extension must load AND refuse bad input with a clean ValueError: on the H100 machine's toolchain
   # the error path itself once segfaulted while every correct call worked (see csrc/bindings.cpp, str_of).
   timeout --foreground -k 2 "$(left_s 1)" "$PY" - >> "$log" 2>&1 <<'PYEOF'
@@ -157,7 +162,7 @@ else:
     raise SystemExit("bad input was not refused")
 print("extension loaded", "with CUDA kernels" if EXTENSION_HAS_CUDA else "WITHOUT CUDA kernels")
 PYEOF
-  local rc=$?
+  rc=$?
   tail -3 "$log"
   note "$(grep -E '^(error path ok|extension loaded)' "$log" | cut -c1-48 | tr '\n' ';' | sed 's/;$//')"
   return $rc
@@ -171,7 +176,9 @@ run_tests() {  # $1: selection (new|rest|all or "suite"), $2: stage name
   if [ "$HAVE_CUDA" != 1 ]; then  # dry run: show what would run
     timeout --foreground -k 5 "$(left_s 2)" "$PY" -m pytest --collect-only -q "${sel[@]}" tests > "$log" 2>&1
     local rc=$?
-    note "no CUDA device: selection collected only, none run: $(tail -1 "$log")"
+    local got
+    got=$(tail -1 "$log")
+    note "no CUDA device: selection collected only, none run: ${got:-the collection ran out of time}"
     [ $rc -eq 5 ] && rc=0  # nothing selected (no gpu-marked test in the selection) is fine here
     return $rc
   fi
@@ -298,7 +305,8 @@ export XDIST_DEFAULT
 DEST=${RESULTS_DIR:-}  # where the results go: RESULTS_DIR, else benchmarks/results/<gpu>-<date> (below)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 LOG="$WORK/gpu_check.log"
-exec > >(tee -a "$LOG") 2>&1
+exec 3>&1 4>&2 > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
 export RESULTS_DIR="$WORK" HAVE_CUDA=0  # env.txt lands here until env has named the folder
 mkdir -p "$WORK/notes"
 SUMMARY=()
@@ -391,5 +399,7 @@ if [ -n "${OUT:-}" ]; then
 fi
 echo "== gpu_check summary"
 cat "$DEST/summary.txt"
+exec 1>&3 2>&4 3>&- 4>&-
+wait "$TEE_PID" 2> /dev/null  # the log's last lines are out before the command returns
 rm -rf "$WORK"
 exit $FAILED
