@@ -24,9 +24,11 @@ test: setup
 bench: setup
 	$(PYTHON) -m pytest benchmarks --benchmark-only
 
-# On a lent GPU machine (torch preinstalled, no network): build, all tests, benchmarks, results.
+# On a lent GPU machine (torch preinstalled, no network): build, CUDA tests, benchmarks, profile in 480 s
+# (scripts/gpu_check.sh --plan). No `setup` prerequisite: nothing may be pip-installed there; the script
+# builds the extension in place and imports the package from this checkout. STAGES="..." picks stages.
 gpu-check:
-	bash scripts/gpu_check.sh
+	bash scripts/gpu_check.sh $(STAGES)
 
 clean:
 	rm -rf build *.egg-info ddpm_fast/*.so .pytest_cache .benchmarks

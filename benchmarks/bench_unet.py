@@ -1,7 +1,8 @@
 """UNet forward (inference: eval mode, no_grad) per preset, batch and dtype, for every provider.
 
-Providers: `reference` (eager PyTorch, the spec), `compiled` (the reference under torch.compile,
-default mode; GPU only), `compiled-max-autotune` (the issue-5 bar; GPU, full runs), `fast`
+Providers: `reference` (eager PyTorch, the spec), `compiled` (the reference under torch.compile in
+DDPM_FAST_COMPILE_MODE, default reduce-overhead, recorded as `compiled-<mode>`, its compile time as
+extra_info compile_s; GPU only), `compiled-max-autotune` (GPU, full runs), `fast`
 (`ddpm_fast.ops.fused(model)`: the same module, its fusible steps on the fast ops),
 `fast-compiled` (torch.compile over the fused model; GPU, full runs), and `reference-graph` /
 `fast-graph` (GPU: the eager forward captured once in a CUDA graph and replayed, as the sampler does).
@@ -17,8 +18,8 @@ DDPM_FAST_BENCH_PRESETS / _BATCHES / _DTYPES / _PROVIDERS narrow or widen any ax
 import pytest
 import torch
 
-from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, check_output, compiled, count_flops, cuda_graphed, env_cases, env_list,
-                      run_bench)
+from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, check_output, compile_mode, compiled, count_flops, cuda_graphed,
+                      env_cases, env_list, run_bench)
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import UNet
 
@@ -40,6 +41,8 @@ else:
 CASES = env_cases(_DEFAULT_CASES)
 UNET_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", _DEFAULT_DTYPES)
 UNET_PROVIDERS = env_list("DDPM_FAST_BENCH_PROVIDERS", _DEFAULT_PROVIDERS)
+if compile_mode() == "max-autotune":  # `compiled` already is max-autotune: time it once
+    UNET_PROVIDERS = [p for p in UNET_PROVIDERS if p != "compiled-max-autotune"]
 
 
 def import_fast_ops():

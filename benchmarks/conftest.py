@@ -11,6 +11,8 @@ With `--benchmark-disable` (the CI smoke test) each benchmark calls its function
 Environment knobs (GPU runs pick a subset with them; see benchmarks/README.md):
   DDPM_FAST_BENCH_FULL=1        the full grid (all presets, batches, dtypes, max-autotune)
   DDPM_FAST_BENCH_PRESETS=a,b   DDPM_FAST_BENCH_BATCHES=1,64   DDPM_FAST_BENCH_DTYPES=fp32,bf16
+  DDPM_FAST_COMPILE_MODE=m      the torch.compile mode of every `compiled` provider (see compile_mode)
+  DDPM_FAST_BENCH_ROUND_BUDGET_S=s   seconds of timed rounds per benchmark (default 2 on GPU, 1 on CPU)
 """
 import fnmatch
 import gc
@@ -40,8 +42,10 @@ if not HAS_CUDA:
 FULL = os.environ.get("DDPM_FAST_BENCH_FULL", "0") == "1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Per-benchmark time budget for the timed rounds when the caller gives no `rounds` (seconds).
-_ROUND_BUDGET_S = 2.0 if HAS_CUDA else 1.0
+# Per-benchmark time budget for the timed rounds when the caller gives no `rounds` (seconds). On CUDA the
+# median of a short call comes from do_bench; the rounds then only feed min and IQR, so a run with a
+# deadline (scripts/gpu_check.sh) lowers this.
+_ROUND_BUDGET_S = float(os.environ.get("DDPM_FAST_BENCH_ROUND_BUDGET_S", "") or (2.0 if HAS_CUDA else 1.0))
 # Calls longer than this are timed by wall clock alone (a do_bench run would repeat them ~8 times).
 _DO_BENCH_MAX_S = 0.1
 
@@ -184,18 +188,28 @@ def _finish(benchmark, info, median_ms, nbytes, flops):
     benchmark.extra_info.update(info)
 
 
-def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, memory=False, **info):
+def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, memory=False, warmup=None, **info):
     """Time fn() with pytest-benchmark (synchronized) and record throughput in extra_info.
 
     nbytes: the fewest bytes the op must move (each input read once, each output written once);
     flops: floating-point operations. memory=True also records peak memory (see
     measure_peak_memory) from one extra, untimed call. rounds: timed rounds; by default as many as
-    fit a small time budget (at least 3, or 1 for calls over 2 s). Extra keyword arguments go to
-    extra_info as they are; `provider` defaults to the test's `provider` parameter.
+    fit a small time budget (at least 3, or 1 for calls over 2 s). rounds=1 on CUDA times one call and
+    reads its memory from that same call (no estimate call: for calls of seconds, a 1000-step sampling
+    run). warmup: what to call once before timing (default fn itself): a shorter call that warms the same
+    code (a 3-step sampling run before a 1000-step one), or a no-op when the caller has just warmed it.
+    Extra keyword arguments go to extra_info as they are; `provider` defaults to the test's `provider`
+    parameter, and a provider named plain "compiled" is recorded as "compiled-<mode>" (compile_mode()),
+    so every report names the torch.compile mode it measured. For compiled providers, compile_s (the
+    warm-up call's time minus the steady-state median) is recorded unless the caller gives it or its own
+    warmup.
     Returns fn's last result.
     """
     if "provider" not in info and benchmark.params and "provider" in benchmark.params:
         info["provider"] = benchmark.params["provider"]
+    if info.get("provider") == "compiled":
+        info["provider"] = compiled_provider_name()
+        info.setdefault("compile_mode", compile_mode())
     _default_group(benchmark)
 
     if benchmark.disabled:
@@ -215,8 +229,44 @@ def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, memory=Fal
         _finish(benchmark, info, None, nbytes, flops)
         return out
 
-    fn()  # warm-up: compilation, autotuning, allocator
+    t0 = time.perf_counter()
+    (warmup or fn)()  # compilation, autotuning, allocator
     _sync()
+    warm_s = time.perf_counter() - t0
+    if rounds == 1 and HAS_CUDA:
+        out = _time_once(benchmark, fn, info, memory)
+        median_ms = benchmark.stats.stats.data[0] * 1e3
+    else:
+        out, median_ms = _time_rounds(benchmark, fn, info, memory, rounds)
+    if "compiled" in str(info.get("provider", "")) and "compile_s" not in info and warmup is None:
+        info["compile_s"] = max(0.0, warm_s - median_ms * 1e-3)
+    _finish(benchmark, info, median_ms, nbytes, flops)
+    return out
+
+
+def _time_once(benchmark, fn, info, memory):
+    """One timed call; on CUDA its allocator peak is the memory reading (reading it costs nothing)."""
+    gc.collect()
+    mem = {}
+
+    def timed():
+        if memory:
+            res, got = measure_peak_memory(fn, collect=False)
+            mem.update(got)
+            return res
+        res = fn()
+        _sync()
+        return res
+
+    out = benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0)
+    info.update(mem)
+    info["timer"] = "wall clock (pytest-benchmark, one CUDA-synchronized call)"
+    return out
+
+
+def _time_rounds(benchmark, fn, info, memory, rounds):
+    """An estimate call (on CUDA also the memory call), then do_bench for short CUDA calls and
+    pytest-benchmark's rounds. Returns (fn's last result, median ms)."""
     # One more untimed call estimates the duration (for do_bench and the round count); on CUDA it
     # is also the memory call (reading the allocator's peak costs nothing), which spares a long
     # benchmark (a 1000-step sampling loop) a call. The CPU memory path runs under the profiler,
@@ -254,8 +304,7 @@ def run_bench(benchmark, fn, *, nbytes=None, flops=None, rounds=None, memory=Fal
     out = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
     if median_ms is None:
         median_ms = statistics.median(benchmark.stats.stats.data) * 1e3
-    _finish(benchmark, info, median_ms, nbytes, flops)
-    return out
+    return out, median_ms
 
 
 # How far a benchmarked output may be from the reference's, as a relative L2 error. Loose on purpose:
@@ -335,12 +384,46 @@ def fresh_compile_state():
         torch.cuda.empty_cache()
 
 
+# torch.compile modes a `compiled` provider runs in; "default" is torch's own (mode=None).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# reduce-overhead (inductor + CUDA graphs) is the fair rival of the graphed fast path and its compile fits
+# a device call (~20 s per cifar35m UNet on the H100, default mode). max-autotune also replays CUDA
+# graphs but autotunes every conv/matmul shape: minutes per UNet, so it gets a call of its own
+# (DDPM_FAST_COMPILE_MODE=max-autotune, see scripts/gpu_check.sh).
+DEFAULT_COMPILE_MODE = "reduce-overhead"
+
+
+def compile_mode() -> str:
+    """The mode of every `compiled` provider: DDPM_FAST_COMPILE_MODE, default DEFAULT_COMPILE_MODE."""
+    mode = os.environ.get("DDPM_FAST_COMPILE_MODE", "").strip() or DEFAULT_COMPILE_MODE
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"DDPM_FAST_COMPILE_MODE={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def compiled_provider_name(mode=None) -> str:
+    """What a compiled provider is recorded as: "compiled-<mode>", e.g. compiled-reduce-overhead."""
+    return f"compiled-{mode or compile_mode()}"
+
+
 def compiled(fn, mode=None):
     """torch.compile of a reference function or module: the real bar for the fast path (GPU only).
 
-    mode: None (default), "max-autotune", "reduce-overhead", ... as torch.compile takes it.
+    mode: one of COMPILE_MODES; None takes compile_mode() (DDPM_FAST_COMPILE_MODE).
     """
-    return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    mode = mode or compile_mode()
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown torch.compile mode {mode!r}; choose one of {COMPILE_MODES}")
+    return torch.compile(fn, fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
+
+
+def timed_call_s(fn) -> float:
+    """Seconds of one synchronized fn() call (e.g. the first call of a compiled model: its compile)."""
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t0
 
 
 PROVIDERS = ["reference", "compiled", "fast"] if HAS_CUDA else ["reference", "fast"]
