@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
+from helpers import HAS_CUDA
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -20,14 +20,6 @@ torch.set_num_threads(1)
 # Comparisons against the reference must not be blurred by TF32 matmuls/convs.
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-
-# Devices the op tests run on: the CPU (through the Triton interpreter) always, CUDA when present.
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-# The dtypes every fast op supports, their short test ids, and the NHWC layout the op tests also run.
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-CL = torch.channels_last
-
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -55,8 +47,3 @@ def _seed_everything():
     # Fresh but reproducible random inputs for every test.
     torch.manual_seed(0)
     yield
-
-
-def poison(t: torch.Tensor) -> torch.Tensor:
-    """Fill an output buffer with NaN so an element the kernel never wrote fails the comparison."""
-    return t.fill_(float("nan"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CL, DEVICES, DTYPES, DT_ID, poison
+from helpers import CL, DEVICES, DTYPES, DT_ID, compile_recording, poison
 from tolerances import tol
 
 from ddpm_fast.config import PRESETS
@@ -163,11 +163,15 @@ def test_dispatch_rule():
 
 # --- the registered op and its wrapper -------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_op_cpu_kernel_is_the_reference(layout):
+def test_cpu_calls_never_launch_triton(layout, monkeypatch):
+    # CPU tensors take oneDNN, through the wrapper and through the op: a launch of the kernel (which only
+    # the interpreter could run) fails here. Compared with the float64 truth, not with itself.
+    monkeypatch.setattr(M, "conv2d_triton", lambda *a, **k: pytest.fail("launched Triton for CPU tensors"))
     x, w, b, s, p = make_inputs(2, (32, 8, 8, 64, 3, 2, True), torch.bfloat16, channels_last=layout == "cl")
-    want = R.conv2d(x, w, b, s, p)
-    assert torch.equal(M.conv2d(x, w, b, s, p), want)  # the wrapper: the reference, called directly
-    assert torch.equal(torch.ops.ddpm_fast.conv2d(x, w, b, list(s), list(p)), want)  # the op's CPU kernel
+    truth = F.conv2d(x.double(), w.double(), b.double(), s, p)
+    for out in (M.conv2d(x, w, b, s, p), torch.ops.ddpm_fast.conv2d(x, w, b, list(s), list(p))):
+        assert out.dtype == x.dtype
+        torch.testing.assert_close(out.double(), truth, **tol("conv2d", x.dtype))
 
 
 def test_fake_kernel_shapes():
@@ -189,8 +193,14 @@ def test_op_opcheck_cpu(case):
 
 def test_op_compiles_fullgraph_cpu():
     x, w, b, s, p = make_inputs(2, (32, 8, 8, 64, 3, 1, True), torch.float32)
-    fn = torch.compile(lambda x: M.conv2d(x, w, b, s, p), fullgraph=True, backend="aot_eager")
+    # The op itself traces without graph breaks. (The wrapper, on CPU tensors, calls oneDNN directly:
+    # the rule picks Triton only for CUDA tensors, so tracing it shows aten's convolution instead.)
+    fn, seen = compile_recording(lambda x: torch.ops.ddpm_fast.conv2d(x, w, b, list(s), list(p)))
     torch.testing.assert_close(fn(x), R.conv2d(x, w, b, s, p), **tol("conv2d", x.dtype))
+    assert "ddpm_fast.conv2d" in seen, seen
+    fn, seen = compile_recording(lambda x: M.conv2d(x, w, b, s, p))
+    torch.testing.assert_close(fn(x), R.conv2d(x, w, b, s, p), **tol("conv2d", x.dtype))
+    assert "ddpm_fast.conv2d" not in seen and any("conv" in t for t in seen), seen
 
 
 def _bad_cases():

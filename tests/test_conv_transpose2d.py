@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CL, DEVICES, DTYPES, DT_ID, poison
+from helpers import CL, DEVICES, DTYPES, DT_ID, compile_recording, poison
 from tolerances import tol
 
 from ddpm_fast.config import PRESETS
@@ -107,11 +107,15 @@ def test_op_other_geometries_take_the_reference(geometry):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_op_cpu_kernel_is_the_reference(layout):
-    x, w, b = make_inputs(2, 16, 16, 4, 4, torch.bfloat16, channels_last=layout == "cl")
-    want = R.conv_transpose2d(x, w, b, S, P).contiguous(memory_format=CL if layout == "cl" else torch.contiguous_format)
-    assert torch.equal(M.conv_transpose2d(x, w, b, S, P), want)
-    assert torch.equal(torch.ops.ddpm_fast.conv_transpose2d(x, w, b, [2, 2], [1, 1]), want)
+def test_cpu_calls_never_launch_triton(layout, monkeypatch):
+    # CPU tensors take oneDNN, through the wrapper and through the op, in x's layout; a kernel launch fails.
+    monkeypatch.setattr(M, "conv_transpose2d_triton", lambda *a, **k: pytest.fail("launched Triton for CPU tensors"))
+    x, w, b = make_inputs(2, 16, 16, 4, 4, torch.float32, channels_last=layout == "cl")
+    truth = F.conv_transpose2d(x.double(), w.double(), b.double(), S, P)
+    fmt = CL if layout == "cl" else torch.contiguous_format
+    for out in (M.conv_transpose2d(x, w, b, S, P), torch.ops.ddpm_fast.conv_transpose2d(x, w, b, [2, 2], [1, 1])):
+        assert out.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out.double(), truth, **tol("conv_transpose2d_truth", x.dtype))
 
 
 def test_fake_kernel_shapes():
@@ -126,8 +130,10 @@ def test_fake_kernel_shapes():
 def test_op_opcheck_and_compile_cpu():
     x, w, b = make_inputs(2, 16, 16, 4, 4, torch.float32)
     torch.library.opcheck(torch.ops.ddpm_fast.conv_transpose2d.default, (x, w, b, [2, 2], [1, 1]))
-    fn = torch.compile(lambda x: M.conv_transpose2d(x, w, b, S, P), fullgraph=True, backend="aot_eager")
+    # The op itself traces without graph breaks (the wrapper calls oneDNN directly on CPU tensors).
+    fn, seen = compile_recording(lambda x: torch.ops.ddpm_fast.conv_transpose2d(x, w, b, [2, 2], [1, 1]))
     torch.testing.assert_close(fn(x), R.conv_transpose2d(x, w, b, S, P), **tol("conv_transpose2d", x.dtype))
+    assert "ddpm_fast.conv_transpose2d" in seen, seen
 
 
 def _bad_cases():

@@ -25,19 +25,6 @@ def test_every_op_is_registered_with_torch_library(name):
     assert hasattr(torch.ops.ddpm_fast, name), f"ddpm_fast::{name} is not registered"
 
 
-def test_reference_never_imports_fast_path():
-    import ast
-    import pathlib
-
-    ref_dir = pathlib.Path(functional.__file__).parent
-    for path in ref_dir.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom):
-                mod = ("." * node.level) + (node.module or "")
-                assert "ops" not in mod.split(".") and "fast_sampler" not in mod, f"{path.name} imports {mod}"
-
-
 def test_fused_swaps_namespace_only():
     model = UNet(PRESETS["tiny"].unet)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -118,12 +105,19 @@ def test_everything_else_keeps_the_op(context, monkeypatch):
 
 
 def test_a_fused_unet_under_a_dispatch_mode_still_shows_the_fused_ops():
-    model = ops.fused(UNet(PRESETS["tiny"].unet)).eval()
+    model = UNet(PRESETS["tiny"].unet).eval()
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
-    with torch.no_grad(), _OpCounter() as counter:
+    with torch.no_grad(), _OpCounter() as plain:
         model(x, t)
+    with torch.no_grad(), _OpCounter() as counter:
+        ops.fused(model)(x, t)
     names = {op.split(".")[1] for op in counter.ops if op.startswith("ddpm_fast.")}
-    assert {"groupnorm_swish", "attention", "residual_add", "time_embedding"} <= names
+    # Every op of the namespace but the sampler's reverse step shows, except the convs on CPU tensors:
+    # their wrappers call oneDNN directly there (the rule picks Triton for CUDA tensors only), so each of
+    # the plain model's convolutions shows as aten's, one for one.
+    assert names == set(OP_NAMES) - {"reverse_step", "conv2d", "conv_transpose2d"}, names
+    conv = "aten.convolution.default"
+    assert counter.ops.count(conv) == plain.ops.count(conv) > 0
 
 
 def test_a_fused_model_copies_pickles_and_saves(tmp_path):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CL, DEVICES, DTYPES, DT_ID, poison
+from helpers import CL, DEVICES, DTYPES, DT_ID, compile_recording, poison
 from tolerances import assert_deep, tol
 
 from ddpm_fast.config import PRESETS
@@ -278,9 +278,9 @@ def test_op_opcheck_cpu(case):
 def test_op_compiles_fullgraph_cpu():
     # The wrapper's checks and the op trace without graph breaks (aot_eager: no inductor build on CPU).
     x, weight, bias, g, a = make_inputs(2, 64, 8, 8, 32, torch.float32, add=True)
-    fn = torch.compile(lambda x, a: M.groupnorm_swish(x, weight, bias, g, 1e-5, a), fullgraph=True,
-                       backend="aot_eager")
+    fn, seen = compile_recording(lambda x, a: M.groupnorm_swish(x, weight, bias, g, 1e-5, a))
     torch.testing.assert_close(fn(x, a), R.groupnorm_swish(x, weight, bias, g, 1e-5, a), **tol(OP, x.dtype))
+    assert "ddpm_fast.groupnorm_swish" in seen, seen  # the op was traced, not its reference math
 
 
 def _bad_cases():

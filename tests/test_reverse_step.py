@@ -19,7 +19,7 @@ import torch
 from ddpm_fast.config import DiffusionConfig
 from ddpm_fast.reference import functional as F
 from ddpm_fast.reference.diffusion import Schedule
-from conftest import poison
+from helpers import poison
 from tolerances import tol
 
 rs = importlib.import_module("ddpm_fast.ops.reverse_step")  # the package re-exports the function

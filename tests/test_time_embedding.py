@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES, poison
+from helpers import DEVICES, DTYPES, poison
 from ddpm_fast.config import PRESETS
 from ddpm_fast.ops.time_embedding import HAS_TRITON, time_embedding, time_embedding_triton
 from ddpm_fast.sampling.time_table import TimeTable, attach_time_table, detach_time_table

@@ -1,0 +1,35 @@
+"""What the tests share besides fixtures: the devices and dtypes the op tests run on, their ids, the
+NHWC layout, output poisoning and a check that a compiled graph really holds an op. Imported as
+`from helpers import ...` (conftest.py is pytest's, not a module to import from)."""
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Devices the op tests run on: the CPU (through the Triton interpreter) always, CUDA when present.
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+# The dtypes every fast op supports, their short test ids, and the NHWC layout the op tests also run.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+CL = torch.channels_last
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN so an element the kernel never wrote fails the comparison."""
+    return t.fill_(float("nan"))
+
+
+def compile_recording(fn):
+    """torch.compile(fn, fullgraph=True), recording the call targets of the graph dynamo captures before
+    handing it to aot_eager: returns (compiled fn, set of target names such as
+    'ddpm_fast.conv2d'), so a compile test can assert that the fused op itself is in the graph
+    (a triton_op is later decomposed into its body by AOTAutograd, which is why dynamo's graph is read)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    seen = set()
+    aot_eager = lookup_backend("aot_eager")
+
+    def record(gm, example_inputs):
+        seen.update(str(n.target).removesuffix(".default") for n in gm.graph.nodes if n.op == "call_function")
+        return aot_eager(gm, example_inputs)
+
+    return torch.compile(fn, fullgraph=True, backend=record), seen
