@@ -88,7 +88,7 @@ WARMUP_STEPS = 1
 
 
 def capture(state) -> Callable[[], None]:
-    """Capture state.step in a CUDA graph after warm-up (Triton autotuning, cuDNN/cuBLAS plans,
+    """Capture state.step in a CUDA graph after warm-up (Triton JIT compiles, cuDNN/cuBLAS plans,
     allocator) on a side stream; returns the replay function. State is reset after capture."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
