@@ -5,7 +5,7 @@ One timed call = x_T -> S UNet forwards and reverse steps -> float32 images in [
 (backend="reference", eager UNet), `compiled` (GPU only: backend="reference" with the UNet compiled in
 place by nn.Module.compile in DDPM_FAST_COMPILE_MODE, default reduce-overhead = inductor + CUDA graphs;
 recorded as `compiled-<mode>`), in full runs also `compiled-max-autotune`, `fast` (backend="fast";
-skipped with a reason while ddpm_fast.ops or ddpm_fast.fast_sampler is not written yet) and `fast-nhwc`
+skipped with a reason while ddpm_fast.ops or ddpm_fast.sampling.fast_loop is not written yet) and `fast-nhwc`
 (GPU: backend="fast", channels_last=True).
 
 extra_info: images/s, FLOPs (S x the UNet forward's conv/linear/matmul FLOPs, counted on the
@@ -175,8 +175,8 @@ def _clean_after():
     """After each test: drop the fast backend's kept graphs (and pools) and cached blocks, so one
     provider's memory does not sit in the next one's totals (the kept compiled UNet stays, see above)."""
     yield
-    if "ddpm_fast.fast_sampler" in sys.modules:
-        sys.modules["ddpm_fast.fast_sampler"].clear_graph_cache()
+    if "ddpm_fast.sampling.graphs" in sys.modules:
+        sys.modules["ddpm_fast.sampling.graphs"].clear_graph_cache()
     gc.collect()
     if HAS_CUDA:
         torch.cuda.empty_cache()
@@ -222,7 +222,7 @@ def test_sampling(benchmark, _clean_after, provider, model_name, batch, sampler_
     if spec.backend == "fast" and timed:
         # The timed rounds below replay the graph kept from the previous call (same model, shapes and
         # settings). Record once what a call costs without it: warm-up step, time table and capture.
-        from ddpm_fast.sampling.fast_loop import clear_graph_cache
+        from ddpm_fast.sampling.graphs import clear_graph_cache
 
         run(COMPILE_CALL_STEPS)  # compiles the Triton kernels, so the next call times the capture, not the JIT
         clear_graph_cache()

@@ -376,8 +376,8 @@ def fresh_compile_state():
     would soon make torch.compile fall back to eager silently (timing the wrong thing), and earlier
     tests' pools would inflate the next test's memory totals."""
     yield
-    if "ddpm_fast.sampling.fast_loop" in sys.modules:  # the fast backend's kept sampling graphs (and pools)
-        sys.modules["ddpm_fast.sampling.fast_loop"].clear_graph_cache()
+    if "ddpm_fast.sampling.graphs" in sys.modules:  # the fast backend's kept sampling graphs (and pools)
+        sys.modules["ddpm_fast.sampling.graphs"].clear_graph_cache()
     if HAS_CUDA:  # the compile providers exist on GPU only; importing dynamo on CPU is wasted time
         torch._dynamo.reset()
         gc.collect()
