@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from ..reference import functional as _ref
+from ._cpu_kernels import out_op
 from ._eager import plain_eager
 
 try:  # The package must import (and fall back to the reference) where triton is missing.
@@ -393,13 +394,26 @@ def _fake(x, weight, bias, num_groups, eps, add, swish):
     return _new_output(x)
 
 
+_CPP_OUT = out_op("groupnorm_swish")  # the C++ CPU kernel (csrc/groupnorm_swish_cpu.cpp), or None
+
+
+def _cpu_kernel(x, weight, bias, num_groups, eps, add, swish):
+    """The op on CPU tensors: the C++ kernel (fp32 statistics, one fused normalise-Swish pass, any
+    group width), or the reference where the extension is not available."""
+    if _CPP_OUT is None:
+        return _reference_out(x, weight, bias, num_groups, eps, add, swish)
+    out = _new_output(x)
+    _CPP_OUT(x, weight, bias, num_groups, eps, add, swish, out)
+    return out
+
+
 def _run(x, weight, bias, num_groups, eps, add, swish):
-    """What the op runs for x's device: the reference on CPU and for groups wider than the kernel takes,
-    the Triton kernel otherwise. torch.compile traces it as the op's body, so CPU compiles trace the
-    reference math, as the CPU kernel runs it."""
+    """What the op runs for x's device: the C++ kernel on CPU; on CUDA the Triton kernel, or the reference
+    for groups wider than it takes. torch.compile traces it as the op's body."""
+    if x.device.type == "cpu":
+        return _cpu_kernel(x, weight, bias, num_groups, eps, add, swish)
     # The kernel offsets within a sample in int32 (samples in int64): a sample beyond that takes the reference.
-    if (x.device.type == "cpu" or x.shape[1] // num_groups > MAX_GROUP_CHANNELS
-            or span(x, (1, 2, 3)) > INT32_MAX):
+    if x.shape[1] // num_groups > MAX_GROUP_CHANNELS or span(x, (1, 2, 3)) > INT32_MAX:
         return _reference_out(x, weight, bias, num_groups, eps, add, swish)
     return groupnorm_swish_triton(x, weight, bias, num_groups, eps, add, swish)
 
@@ -411,13 +425,15 @@ if HAS_TRITON:
                             eps: float, add: Optional[torch.Tensor], swish: bool) -> torch.Tensor:
         return _run(x, weight, bias, num_groups, eps, add, swish)
 
-    # CPU tensors take the reference math; the kernel itself is tested on CPU through the launcher.
-    _groupnorm_swish_op.register_kernel("cpu")(_reference_out)
+    # CPU tensors take the C++ kernel (the Triton kernel itself is tested on CPU through the launcher).
+    _groupnorm_swish_op.register_kernel("cpu")(_cpu_kernel)
 else:
 
     @torch.library.custom_op("ddpm_fast::groupnorm_swish", mutates_args=())
     def _groupnorm_swish_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
                             eps: float, add: Optional[torch.Tensor], swish: bool) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return _cpu_kernel(x, weight, bias, num_groups, eps, add, swish)
         return _reference_out(x, weight, bias, num_groups, eps, add, swish)
 
 # An explicit shape/stride rule (triton_op would otherwise trace the launcher to get it).
@@ -464,7 +480,7 @@ def groupnorm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     Not differentiable (inference op).
     """
     _check(x, weight, bias, num_groups, eps, add, swish)
-    if HAS_TRITON and plain_eager(x, weight, bias, add):  # see ops/_eager.py
+    if (HAS_TRITON or x.device.type == "cpu") and plain_eager(x, weight, bias, add):  # see ops/_eager.py
         return _run(x, weight, bias, num_groups, float(eps), add, swish)
     return torch.ops.ddpm_fast.groupnorm_swish(x, weight, bias, num_groups, float(eps), add, swish)
 

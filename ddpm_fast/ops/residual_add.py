@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..reference import functional as _ref
+from ._cpu_kernels import out_op
 from ._eager import autocast_hint, plain_eager
 from .groupnorm_swish import _out_format
 
@@ -134,10 +135,25 @@ def _fake(x, bias, residual, residual_bias):
     return _new_output(x)
 
 
+_CPP_OUT = out_op("residual_add")  # the C++ CPU kernel (csrc/residual_add_cpu.cpp), or None
+
+
+def _cpu_kernel(x, bias, residual, residual_bias):
+    """The op on CPU tensors: the C++ kernel for layouts it walks (as the Triton kernel: x and residual
+    dense in one NCHW or channels_last layout), the reference otherwise or without the extension."""
+    if _CPP_OUT is None or fusable_layout(x, residual) is None:
+        return _reference_out(x, bias, residual, residual_bias)
+    out = _new_output(x)
+    _CPP_OUT(x, bias, residual, residual_bias, out)
+    return out
+
+
 def _run(x, bias, residual, residual_bias):
-    """What the op runs (torch.compile traces it as the op's body): the reference for CPU tensors and
-    layouts the kernel cannot walk, the Triton kernel otherwise."""
-    cl = None if x.device.type == "cpu" else fusable_layout(x, residual)
+    """What the op runs (torch.compile traces it as the op's body): the C++ kernel on CPU; on CUDA the
+    Triton kernel, or the reference for layouts the kernel cannot walk."""
+    if x.device.type == "cpu":
+        return _cpu_kernel(x, bias, residual, residual_bias)
+    cl = fusable_layout(x, residual)
     if cl is None:
         return _reference_out(x, bias, residual, residual_bias)
     return _launch(x, bias, residual, residual_bias, cl)
@@ -150,13 +166,15 @@ if HAS_TRITON:
                          residual_bias: Optional[torch.Tensor]) -> torch.Tensor:
         return _run(x, bias, residual, residual_bias)
 
-    # CPU tensors take the reference math; the kernel itself is tested on CPU through the launcher.
-    _residual_add_op.register_kernel("cpu")(_reference_out)
+    # CPU tensors take the C++ kernel (the Triton kernel itself is tested on CPU through the launcher).
+    _residual_add_op.register_kernel("cpu")(_cpu_kernel)
 else:
 
     @torch.library.custom_op("ddpm_fast::residual_add", mutates_args=())
     def _residual_add_op(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
                          residual_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return _cpu_kernel(x, bias, residual, residual_bias)
         return _reference_out(x, bias, residual, residual_bias)
 
 _residual_add_op.register_fake(_fake)
@@ -199,7 +217,7 @@ def residual_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.
     Not differentiable (inference op).
     """
     _check(x, bias, residual, residual_bias)
-    if HAS_TRITON and plain_eager(x, bias, residual, residual_bias):  # see ops/_eager.py
+    if (HAS_TRITON or x.device.type == "cpu") and plain_eager(x, bias, residual, residual_bias):  # ops/_eager.py
         return _run(x, bias, residual, residual_bias)
     return torch.ops.ddpm_fast.residual_add(x, bias, residual, residual_bias)
 
