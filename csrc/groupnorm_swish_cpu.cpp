@@ -234,32 +234,36 @@ CPU_INLINE void interleaved_apply_item(const GroupNormSwishParams& p, const Chan
   }
 }
 
-// The per-item loops, compiled once per ISA (CPU_KERNEL_CLONES) for each storage type. Non-template
-// entry points: the clones' resolver needs a plain function.
-#define DDPM_GN_ENTRY_POINTS(T, SUFFIX)                                                                     \
-  CPU_KERNEL_CLONES void planar_##SUFFIX(const GroupNormSwishParams& p, int64_t begin, int64_t end) {      \
-    planar_range<T>(p, begin, end);                                                                      \
-  }                                                                                                       \
-  CPU_KERNEL_CLONES void istats_##SUFFIX(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, \
-                                         int64_t r0, int64_t rows, float* stage, float* mean, float* m2) { \
-    if (p.add != nullptr) {                                                                               \
-      interleaved_stats_item<T, true>(p, t, b, r0, rows, stage, mean, m2);                               \
-    } else {                                                                                              \
-      interleaved_stats_item<T, false>(p, t, b, r0, rows, stage, mean, m2);                              \
-    }                                                                                                     \
-  }                                                                                                       \
-  CPU_KERNEL_CLONES void iapply_##SUFFIX(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, \
-                                         int64_t r0, int64_t rows) {                                      \
-    const bool add = p.add != nullptr;                                                                    \
-    if (add && p.swish) interleaved_apply_item<T, true, true>(p, t, b, r0, rows);                        \
-    else if (add) interleaved_apply_item<T, true, false>(p, t, b, r0, rows);                             \
-    else if (p.swish) interleaved_apply_item<T, false, true>(p, t, b, r0, rows);                         \
-    else interleaved_apply_item<T, false, false>(p, t, b, r0, rows);                                     \
+// The per-item loops, compiled for each storage type and each ISA variant (see cpu_math.h).
+#define DDPM_GN_ENTRY_POINTS(T, SUFFIX, TARGET)                                                              \
+  TARGET void planar_##SUFFIX(const GroupNormSwishParams& p, int64_t begin, int64_t end) {                  \
+    planar_range<T>(p, begin, end);                                                                         \
+  }                                                                                                          \
+  TARGET void istats_##SUFFIX(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,  \
+                              int64_t rows, float* stage, float* mean, float* m2) {                          \
+    if (p.add != nullptr) {                                                                                  \
+      interleaved_stats_item<T, true>(p, t, b, r0, rows, stage, mean, m2);                                  \
+    } else {                                                                                                 \
+      interleaved_stats_item<T, false>(p, t, b, r0, rows, stage, mean, m2);                                 \
+    }                                                                                                        \
+  }                                                                                                          \
+  TARGET void iapply_##SUFFIX(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,  \
+                              int64_t rows) {                                                                \
+    const bool add = p.add != nullptr;                                                                       \
+    if (add && p.swish) interleaved_apply_item<T, true, true>(p, t, b, r0, rows);                           \
+    else if (add) interleaved_apply_item<T, true, false>(p, t, b, r0, rows);                                \
+    else if (p.swish) interleaved_apply_item<T, false, true>(p, t, b, r0, rows);                            \
+    else interleaved_apply_item<T, false, false>(p, t, b, r0, rows);                                        \
   }
 
-DDPM_GN_ENTRY_POINTS(float, f32)
-DDPM_GN_ENTRY_POINTS(uint16_t, bf16)
-DDPM_GN_ENTRY_POINTS(c10::Half, f16)
+DDPM_GN_ENTRY_POINTS(float, f32, )
+DDPM_GN_ENTRY_POINTS(uint16_t, bf16, )
+DDPM_GN_ENTRY_POINTS(c10::Half, f16, )
+#ifdef CPU_HAVE_AVX2_PATH
+DDPM_GN_ENTRY_POINTS(float, f32_avx2, CPU_AVX2_TARGET)
+DDPM_GN_ENTRY_POINTS(uint16_t, bf16_avx2, CPU_AVX2_TARGET)
+DDPM_GN_ENTRY_POINTS(c10::Half, f16_avx2, CPU_AVX2_TARGET)
+#endif
 #undef DDPM_GN_ENTRY_POINTS
 
 struct Entry {
@@ -269,6 +273,15 @@ struct Entry {
 };
 
 Entry entry_for(ElemType t) {
+#ifdef CPU_HAVE_AVX2_PATH
+  if (cpu_use_avx2()) {
+    switch (t) {
+      case ElemType::kBFloat16: return {&planar_bf16_avx2, &istats_bf16_avx2, &iapply_bf16_avx2};
+      case ElemType::kFloat16: return {&planar_f16_avx2, &istats_f16_avx2, &iapply_f16_avx2};
+      default: return {&planar_f32_avx2, &istats_f32_avx2, &iapply_f32_avx2};
+    }
+  }
+#endif
   switch (t) {
     case ElemType::kBFloat16: return {&planar_bf16, &istats_bf16, &iapply_bf16};
     case ElemType::kFloat16: return {&planar_f16, &istats_f16, &iapply_f16};

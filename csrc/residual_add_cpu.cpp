@@ -76,18 +76,23 @@ CPU_INLINE void pixels(const ResidualAddParams& p, int64_t begin, int64_t end, c
   for (int64_t px = begin; px < end; ++px) add_row_vector<T>(x + px * C, r + px * C, y + px * C, C, b, rb);
 }
 
-#define DDPM_RA_ENTRY_POINTS(T, SUFFIX)                                                                   \
-  CPU_KERNEL_CLONES void planes_##SUFFIX(const ResidualAddParams& p, int64_t begin, int64_t end) {       \
-    planes<T>(p, begin, end);                                                                          \
-  }                                                                                                     \
-  CPU_KERNEL_CLONES void pixels_##SUFFIX(const ResidualAddParams& p, int64_t begin, int64_t end,         \
-                                         const float* b, const float* rb) {                             \
-    pixels<T>(p, begin, end, b, rb);                                                                   \
+#define DDPM_RA_ENTRY_POINTS(T, SUFFIX, TARGET)                                                      \
+  TARGET void planes_##SUFFIX(const ResidualAddParams& p, int64_t begin, int64_t end) {             \
+    planes<T>(p, begin, end);                                                                       \
+  }                                                                                                  \
+  TARGET void pixels_##SUFFIX(const ResidualAddParams& p, int64_t begin, int64_t end, const float* b, \
+                              const float* rb) {                                                     \
+    pixels<T>(p, begin, end, b, rb);                                                                \
   }
 
-DDPM_RA_ENTRY_POINTS(float, f32)
-DDPM_RA_ENTRY_POINTS(uint16_t, bf16)
-DDPM_RA_ENTRY_POINTS(c10::Half, f16)
+DDPM_RA_ENTRY_POINTS(float, f32, )
+DDPM_RA_ENTRY_POINTS(uint16_t, bf16, )
+DDPM_RA_ENTRY_POINTS(c10::Half, f16, )
+#ifdef CPU_HAVE_AVX2_PATH
+DDPM_RA_ENTRY_POINTS(float, f32_avx2, CPU_AVX2_TARGET)
+DDPM_RA_ENTRY_POINTS(uint16_t, bf16_avx2, CPU_AVX2_TARGET)
+DDPM_RA_ENTRY_POINTS(c10::Half, f16_avx2, CPU_AVX2_TARGET)
+#endif
 #undef DDPM_RA_ENTRY_POINTS
 
 template <typename T>
@@ -115,6 +120,15 @@ void run(const ResidualAddParams& p, void (*planes_fn)(const ResidualAddParams&,
 
 void residual_add_cpu(const ResidualAddParams& p) {
   if (p.batch == 0 || p.channels == 0 || p.hw == 0) return;
+#ifdef CPU_HAVE_AVX2_PATH
+  if (cpu_use_avx2()) {
+    switch (p.x_type) {
+      case ElemType::kBFloat16: return run<uint16_t>(p, &planes_bf16_avx2, &pixels_bf16_avx2);
+      case ElemType::kFloat16: return run<c10::Half>(p, &planes_f16_avx2, &pixels_f16_avx2);
+      default: return run<float>(p, &planes_f32_avx2, &pixels_f32_avx2);
+    }
+  }
+#endif
   switch (p.x_type) {
     case ElemType::kBFloat16: return run<uint16_t>(p, &planes_bf16, &pixels_bf16);
     case ElemType::kFloat16: return run<c10::Half>(p, &planes_f16, &pixels_f16);
