@@ -144,6 +144,8 @@ def _cpu_kernel(x, bias, residual, residual_bias):
     if _CPP_OUT is None or fusable_layout(x, residual) is None:
         return _reference_out(x, bias, residual, residual_bias)
     out = _new_output(x)
+    if out.stride() != x.stride():  # e.g. H*W = 1 "channels_last" strides: dense in both formats
+        return _reference_out(x, bias, residual, residual_bias)
     _CPP_OUT(x, bias, residual, residual_bias, out)
     return out
 
