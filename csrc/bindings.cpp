@@ -29,6 +29,8 @@
 #include <optional>
 #include <vector>
 
+#include "groupnorm_swish.h"
+#include "residual_add.h"
 #include "reverse_step.h"
 
 namespace ddpm_fast {
@@ -271,4 +273,160 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("philox4x32", &ddpm_fast::philox4x32_words, "Philox4x32-10 words of one (counter[4], key[2])",
         pybind11::arg("counter"), pybind11::arg("key"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU kernels of the fused UNet ops (groupnorm_swish_cpu.cpp, residual_add_cpu.cpp). Their ops
+// (groupnorm_swish, residual_add) are defined in Python (Triton on CUDA); these out-variants are
+// what those ops' CPU kernels call, writing into a buffer the caller allocated in the op's output
+// format (so tests can poison it):
+//   groupnorm_swish_out(x, weight, bias, num_groups, eps, add?, swish, out!) -> ()
+//   residual_add_out(x, bias?, residual, residual_bias?, out!) -> ()
+// The Python wrappers validate arguments first; the checks here keep a direct call from crashing.
+namespace ddpm_fast {
+namespace {
+
+ElemType elem_type(at::ScalarType s) {
+  switch (s) {
+    case at::kHalf: return ElemType::kFloat16;
+    case at::kBFloat16: return ElemType::kBFloat16;
+    default: return ElemType::kFloat32;
+  }
+}
+
+void check_cpu_tensor(const char* op, const char* name, const at::Tensor& t, at::ScalarType x_type) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", str_of(t.device()));
+  TORCH_CHECK_TYPE(t.scalar_type() == x_type || t.scalar_type() == at::kFloat, op, ": ", name, " dtype ",
+                   str_of(t.scalar_type()), " must be x's dtype (", str_of(x_type), ") or float32");
+}
+
+void check_x_out(const char* op, const at::Tensor& x, const at::Tensor& out) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got device ", str_of(x.device()));
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [B, C, H, W], got shape ", str_of(x.sizes()));
+  TORCH_CHECK_TYPE(is_kernel_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+                   str_of(x.scalar_type()));
+  TORCH_CHECK(out.device().is_cpu(), op, ": out must be a CPU tensor, got device ", str_of(out.device()));
+  TORCH_CHECK_VALUE(out.sizes() == x.sizes(), op, ": out shape ", str_of(out.sizes()), " differs from x shape ",
+                    str_of(x.sizes()));
+  TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), op, ": out dtype ", str_of(out.scalar_type()),
+                   " differs from x dtype ", str_of(x.scalar_type()));
+  at::assert_no_internal_overlap(out);
+  at::assert_no_partial_overlap(out, x);  // exactly x is fine: every element is read before it is written
+}
+
+// Stride of the flattened H*W axis, or -1 when H and W do not merge into one strided axis.
+int64_t hw_stride(const at::Tensor& t) {
+  if (t.size(3) == 1) return t.stride(2);
+  if (t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3)) return t.stride(3);
+  return -1;
+}
+
+void set_gn_strides(GroupNormSwishParams& p, const at::Tensor& x, const at::Tensor& out) {
+  p.x = x.const_data_ptr();
+  p.out = out.data_ptr();
+  p.sx_b = x.stride(0), p.sx_c = x.stride(1), p.sx_hw = hw_stride(x);
+  p.sy_b = out.stride(0), p.sy_c = out.stride(1), p.sy_hw = hw_stride(out);
+}
+
+void groupnorm_swish_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t num_groups,
+                         double eps, const std::optional<at::Tensor>& add, bool swish, const at::Tensor& out) {
+  constexpr const char* op = "ddpm_fast::groupnorm_swish_out";
+  check_x_out(op, x, out);
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(num_groups > 0 && C % num_groups == 0, op, ": channels C=", str_of(C),
+                    " are not divisible by num_groups=", str_of(num_groups));
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be non-negative, got ", str_of(eps));
+  check_cpu_tensor(op, "weight", weight, x.scalar_type());
+  check_cpu_tensor(op, "bias", bias, x.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == C && bias.dim() == 1 && bias.size(0) == C, op,
+                    ": weight and bias must have shape [", str_of(C), "]");
+  TORCH_CHECK_TYPE(weight.scalar_type() == bias.scalar_type(), op, ": weight and bias dtypes differ");
+  const at::Tensor w = weight.contiguous(), b = bias.contiguous();
+  GroupNormSwishParams p;
+  p.weight = w.const_data_ptr();
+  p.bias = b.const_data_ptr();
+  p.param_type = elem_type(w.scalar_type());
+  if (add.has_value()) {
+    check_cpu_tensor(op, "add", *add, x.scalar_type());
+    TORCH_CHECK_VALUE(add->dim() == 2 && add->size(0) == x.size(0) && add->size(1) == C, op, ": add must have shape [",
+                      str_of(x.size(0)), ", ", str_of(C), "], got ", str_of(add->sizes()));
+    p.add = add->const_data_ptr();
+    p.sa_b = add->stride(0), p.sa_c = add->stride(1);
+    p.add_type = elem_type(add->scalar_type());
+  }
+  p.batch = x.size(0), p.channels = C, p.hw = x.size(2) * x.size(3), p.groups = num_groups;
+  p.eps = static_cast<float>(eps);
+  p.swish = swish;
+  p.x_type = elem_type(x.scalar_type());
+  if (x.numel() == 0) return;
+  // The kernel walks planar or interleaved strides; anything else is first copied into out's layout
+  // (and an out of neither layout gets a contiguous buffer, copied back).
+  const bool out_planar = hw_stride(out) == 1, out_interleaved = out.stride(1) == 1 || C == 1;
+  const at::Tensor y = (out_planar || out_interleaved) ? out : at::empty(out.sizes(), out.options());
+  at::Tensor xw = x;
+  set_gn_strides(p, xw, y);
+  if (!groupnorm_swish_planar(p) && !groupnorm_swish_interleaved(p)) {
+    const bool planar = hw_stride(y) == 1;
+    xw = x.contiguous(planar ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
+    set_gn_strides(p, xw, y);
+    if (C == 1) p.sx_c = p.sy_c = 1;  // one channel: the channel stride is never used
+  }
+  groupnorm_swish_cpu(p);
+  if (!y.is_same(out)) out.copy_(y);
+}
+
+// True (channels_last) / false (NCHW) when t is dense in that layout.
+bool dense_channels_last(const at::Tensor& t) { return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast); }
+
+void residual_add_out(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                      const std::optional<at::Tensor>& residual_bias, const at::Tensor& out) {
+  constexpr const char* op = "ddpm_fast::residual_add_out";
+  check_x_out(op, x, out);
+  TORCH_CHECK(residual.device().is_cpu(), op, ": residual must be a CPU tensor");
+  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), op, ": residual shape ", str_of(residual.sizes()),
+                    " differs from x shape ", str_of(x.sizes()));
+  TORCH_CHECK_TYPE(residual.scalar_type() == x.scalar_type(), op, ": residual dtype differs from x dtype");
+  const bool cl = dense_channels_last(x);
+  TORCH_CHECK_VALUE((cl || x.is_contiguous()) && residual.strides() == x.strides() && out.strides() == x.strides(),
+                    op, ": x, residual and out must share one dense NCHW or channels_last layout");
+  at::assert_no_partial_overlap(out, residual);
+  const int64_t C = x.size(1);
+  ResidualAddParams p;
+  at::Tensor bias_c, rbias_c;  // contiguous copies (when needed) live until the kernel returns
+  if (bias.has_value()) {
+    check_cpu_tensor(op, "bias", *bias, x.scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape [", str_of(C), "]");
+    bias_c = bias->contiguous();
+    p.bias = bias_c.const_data_ptr();
+    p.bias_type = elem_type(bias_c.scalar_type());
+  }
+  if (residual_bias.has_value()) {
+    check_cpu_tensor(op, "residual_bias", *residual_bias, x.scalar_type());
+    TORCH_CHECK_VALUE(residual_bias->dim() == 1 && residual_bias->size(0) == C, op,
+                      ": residual_bias must have shape [", str_of(C), "]");
+    rbias_c = residual_bias->contiguous();
+    p.residual_bias = rbias_c.const_data_ptr();
+    p.residual_bias_type = elem_type(rbias_c.scalar_type());
+  }
+  p.x = x.const_data_ptr();
+  p.residual = residual.const_data_ptr();
+  p.out = out.data_ptr();
+  p.batch = x.size(0), p.channels = C, p.hw = x.size(2) * x.size(3);
+  p.channels_last = cl;
+  p.x_type = elem_type(x.scalar_type());
+  residual_add_cpu(p);
+}
+
+}  // namespace
+}  // namespace ddpm_fast
+
+TORCH_LIBRARY_FRAGMENT(ddpm_fast, m) {
+  m.def("groupnorm_swish_out(Tensor x, Tensor weight, Tensor bias, int num_groups, float eps, Tensor? add, "
+        "bool swish, Tensor(a!) out) -> ()");
+  m.def("residual_add_out(Tensor x, Tensor? bias, Tensor residual, Tensor? residual_bias, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("groupnorm_swish_out", &ddpm_fast::groupnorm_swish_out);
+  m.impl("residual_add_out", &ddpm_fast::residual_add_out);
 }

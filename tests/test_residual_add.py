@@ -1,7 +1,7 @@
 """ddpm_fast::residual_add against the reference (ddpm_fast.reference.functional.residual_add).
 
 On CPU the Triton kernel runs through the interpreter via the raw launcher (the registered op's CPU
-kernel is the reference itself, checked separately); on CUDA the registered op is tested. Every kernel
+kernel is the C++ kernel, tested in test_<op>_cpu.py); on CUDA the registered op is tested. Every kernel
 output buffer is NaN-poisoned before the kernel writes it.
 """
 import importlib
@@ -163,7 +163,7 @@ def test_op_unfusable_layouts_take_the_reference(case):
     else:
         x = x.transpose(2, 3)
         r = r.transpose(2, 3)
-    # On CPU the op always runs the reference; the routing a GPU takes is this predicate's answer.
+    # The C++ and Triton kernels both take only fusable layouts: these run the reference on either device.
     assert M.fusable_layout(x, r) is None
     out = M.residual_add(x, b, r, rb)
     torch.testing.assert_close(out, R.residual_add(x, b, r, rb), **tol("residual_add", x.dtype))
@@ -171,11 +171,18 @@ def test_op_unfusable_layouts_take_the_reference(case):
 
 # --- the registered op and its wrapper -------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_op_cpu_kernel_is_the_reference(layout):
+def test_op_cpu_kernel_is_the_cpp_kernel(layout):
+    # The wrapper (eager bypass) and the registered op both run the C++ kernel on CPU tensors (the
+    # reference where the extension is missing); its accuracy is tested in test_residual_add_cpu.py.
     x, b, r, rb = make_inputs(2, 64, 8, 8, torch.bfloat16, channels_last=layout == "cl")
-    out = M.residual_add(x, b, r, rb)
-    assert torch.equal(out, R.residual_add(x, b, r, rb))
-    assert out.is_contiguous(memory_format=CL if layout == "cl" else torch.contiguous_format)
+    if M._CPP_OUT is None:
+        want = R.residual_add(x, b, r, rb)
+    else:
+        want = poison(M._new_output(x))
+        torch.ops.ddpm_fast.residual_add_out(x, b, r, rb, want)
+    for out in (M.residual_add(x, b, r, rb), torch.ops.ddpm_fast.residual_add(x, b, r, rb)):
+        assert torch.equal(out, want)
+        assert out.is_contiguous(memory_format=CL if layout == "cl" else torch.contiguous_format)
 
 
 def test_fake_kernel_shapes():

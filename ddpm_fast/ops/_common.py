@@ -27,20 +27,23 @@ INT32_MAX = 2 ** 31 - 1
 OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def define_op(name: str, body: Callable, cpu_kernel: Callable, fake: Callable):
+def define_op(name: str, body: Callable, cpu_kernel: Callable, fake: Callable,
+              cuda_fallback: Optional[Callable] = None):
     """Register `ddpm_fast::<name>` and return it.
 
     body: the op's implementation, annotated (torch.library reads the schema from the annotations);
     with triton it is a `triton_op`, so torch.compile traces through its kernel launches.
     cpu_kernel: what CPU tensors run (the interpreter is for tests, not for use); without triton every
-    device runs it. fake: the explicit shape/stride rule (triton_op would otherwise trace the launcher).
+    device runs it, or `cuda_fallback` on CUDA where the CPU kernel is CPU-only (the C++ kernels).
+    fake: the explicit shape/stride rule (triton_op would otherwise trace the launcher).
     """
     if HAS_TRITON:
         op = triton_op(f"ddpm_fast::{name}", mutates_args=())(body)
         op.register_kernel("cpu")(cpu_kernel)
     else:  # pragma: no cover - exercised only on machines without triton
         op = torch.library.custom_op(f"ddpm_fast::{name}", mutates_args=())(body)
-        op.register_kernel(("cpu", "cuda"))(cpu_kernel)
+        op.register_kernel("cpu")(cpu_kernel)
+        op.register_kernel("cuda")(cuda_fallback or cpu_kernel)
     op.register_fake(fake)
     return op
 

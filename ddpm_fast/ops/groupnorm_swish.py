@@ -33,6 +33,7 @@ import torch
 
 from ..reference import functional as _ref
 from ._common import HAS_TRITON, INT32_MAX, OP_DTYPES, define_op, next_pow2, out_format, round_to, sm_count, span, tl, triton, wrap_triton
+from ._cpu_kernels import out_op
 from ._eager import plain_eager
 
 
@@ -349,13 +350,26 @@ def _fake(x, weight, bias, num_groups, eps, add, swish):
     return _new_output(x)
 
 
+_CPP_OUT = out_op("groupnorm_swish")  # the C++ CPU kernel (csrc/groupnorm_swish_cpu.cpp), or None
+
+
+def _cpu_kernel(x, weight, bias, num_groups, eps, add, swish):
+    """The op on CPU tensors: the C++ kernel (fp32 statistics, one fused normalise-Swish pass, any
+    group width), or the reference where the extension is not available."""
+    if _CPP_OUT is None:
+        return _reference_out(x, weight, bias, num_groups, eps, add, swish)
+    out = _new_output(x)
+    _CPP_OUT(x, weight, bias, num_groups, eps, add, swish, out)
+    return out
+
+
 def _run(x, weight, bias, num_groups, eps, add, swish):
-    """What the op runs for x's device: the reference on CPU and for groups wider than the kernel takes,
-    the Triton kernel otherwise. torch.compile traces it as the op's body, so CPU compiles trace the
-    reference math, as the CPU kernel runs it."""
+    """What the op runs for x's device: the C++ kernel on CPU; on CUDA the Triton kernel, or the reference
+    for groups wider than it takes. torch.compile traces it as the op's body."""
+    if x.device.type == "cpu":
+        return _cpu_kernel(x, weight, bias, num_groups, eps, add, swish)
     # The kernel offsets within a sample in int32 (samples in int64): a sample beyond that takes the reference.
-    if (x.device.type == "cpu" or x.shape[1] // num_groups > MAX_GROUP_CHANNELS
-            or span(x, (1, 2, 3)) > INT32_MAX):
+    if x.shape[1] // num_groups > MAX_GROUP_CHANNELS or span(x, (1, 2, 3)) > INT32_MAX:
         return _reference_out(x, weight, bias, num_groups, eps, add, swish)
     return groupnorm_swish_triton(x, weight, bias, num_groups, eps, add, swish)
 
@@ -365,7 +379,8 @@ def _groupnorm_swish_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _run(x, weight, bias, num_groups, eps, add, swish)
 
 
-_groupnorm_swish_op = define_op("groupnorm_swish", _groupnorm_swish_body, _reference_out, _fake)
+# CPU tensors take the C++ kernel (the Triton kernel itself is tested on CPU through the launcher).
+_groupnorm_swish_op = define_op("groupnorm_swish", _groupnorm_swish_body, _cpu_kernel, _fake, cuda_fallback=_reference_out)
 
 
 def _check(x, weight, bias, num_groups, eps, add, swish) -> None:
@@ -408,6 +423,6 @@ def groupnorm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     Not differentiable (inference op).
     """
     _check(x, weight, bias, num_groups, eps, add, swish)
-    if HAS_TRITON and plain_eager(x, weight, bias, add):  # see ops/_eager.py
+    if (HAS_TRITON or x.device.type == "cpu") and plain_eager(x, weight, bias, add):  # see ops/_eager.py
         return _run(x, weight, bias, num_groups, float(eps), add, swish)
     return torch.ops.ddpm_fast.groupnorm_swish(x, weight, bias, num_groups, float(eps), add, swish)

@@ -23,6 +23,7 @@ import torch
 
 from ..reference import functional as _ref
 from ._common import HAS_TRITON, OP_DTYPES, define_op, out_format, round_to, tl, triton, wrap_triton
+from ._cpu_kernels import out_op
 from ._eager import autocast_hint, plain_eager
 
 
@@ -124,10 +125,29 @@ def _fake(x, bias, residual, residual_bias):
     return _new_output(x)
 
 
+_CPP_OUT = out_op("residual_add")  # the C++ CPU kernel (csrc/residual_add_cpu.cpp), or None
+
+
+def _cpu_kernel(x, bias, residual, residual_bias):
+    """The op on CPU tensors: the C++ kernel for layouts it walks (as the Triton kernel: x and residual
+    dense in one NCHW or channels_last layout), the reference otherwise or without the extension."""
+    if _CPP_OUT is None or fusable_layout(x, residual) is None:
+        return _reference_out(x, bias, residual, residual_bias)
+    out = _new_output(x)
+    if out.stride() != x.stride():
+        # H*W = 1 with channels_last strides: dense in both formats, so an output with x's own strides
+        # is both too, and the kernel walks all three alike.
+        out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    _CPP_OUT(x, bias, residual, residual_bias, out)
+    return out
+
+
 def _run(x, bias, residual, residual_bias):
-    """What the op runs (torch.compile traces it as the op's body): the reference for CPU tensors and
-    layouts the kernel cannot walk, the Triton kernel otherwise."""
-    cl = None if x.device.type == "cpu" else fusable_layout(x, residual)
+    """What the op runs (torch.compile traces it as the op's body): the C++ kernel on CPU; on CUDA the
+    Triton kernel, or the reference for layouts the kernel cannot walk."""
+    if x.device.type == "cpu":
+        return _cpu_kernel(x, bias, residual, residual_bias)
+    cl = fusable_layout(x, residual)
     if cl is None:
         return _reference_out(x, bias, residual, residual_bias)
     return _launch(x, bias, residual, residual_bias, cl)
@@ -138,7 +158,8 @@ def _residual_add_body(x: torch.Tensor, bias: Optional[torch.Tensor], residual: 
     return _run(x, bias, residual, residual_bias)
 
 
-_residual_add_op = define_op("residual_add", _residual_add_body, _reference_out, _fake)
+# CPU tensors take the C++ kernel (the Triton kernel itself is tested on CPU through the launcher).
+_residual_add_op = define_op("residual_add", _residual_add_body, _cpu_kernel, _fake, cuda_fallback=_reference_out)
 
 
 def _check(x, bias, residual, residual_bias) -> None:
@@ -178,6 +199,6 @@ def residual_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.
     Not differentiable (inference op).
     """
     _check(x, bias, residual, residual_bias)
-    if HAS_TRITON and plain_eager(x, bias, residual, residual_bias):  # see ops/_eager.py
+    if (HAS_TRITON or x.device.type == "cpu") and plain_eager(x, bias, residual, residual_bias):  # ops/_eager.py
         return _run(x, bias, residual, residual_bias)
     return torch.ops.ddpm_fast.residual_add(x, bias, residual, residual_bias)

@@ -1,0 +1,364 @@
+// CPU kernel of the fused GroupNorm (+ add) (+ Swish) over the math in cpu_math.h.
+//
+// Two reads of x and one write of y per call (the reference composition makes ~6 passes: the add,
+// group_norm's statistics and normalisation, sigmoid, mul). Statistics are fp32 per chunk and
+// merged in double:
+//   * every value is taken relative to a pivot, the (x + add) value at (b, first channel of the
+//     group, pixel 0): for data with a large common offset (x = 1000 + N(0, 1)) the differences are
+//     exact and the mean stays a small offset from an exact data value, so nothing is lost to
+//     ulp(1000) (the spec's fp32 group_norm itself folds the mean into a shift, which does lose it);
+//   * within a chunk of <= kChunk values staged in L1 the moments are exact two-pass (mean, then
+//     the sum of squared deviations), and chunks merge by Chan et al.'s formula: never
+//     E[x^2] - E[x]^2.
+// Layouts: planar (NCHW: a work item is one (sample, group), its channels' pixel rows contiguous)
+// and interleaved (channels_last: a work item is a block of pixel rows of one sample, all channels,
+// so the inner loops run along contiguous channels; per-channel moments of each block are merged
+// per group afterwards). Work items and their merge order are fixed, so the result is the same
+// for any thread count.
+#include "groupnorm_swish.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace ddpm_fast {
+namespace {
+
+constexpr int64_t kChunk = 2048;          // values staged per chunk (8 KiB of fp32: L1-resident)
+constexpr int64_t kLanes = 16;            // independent accumulators: a 16-wide fp32 SIMD register
+constexpr int64_t kParallelMin = 1 << 15; // fewer elements per thread than this: fork/join costs more
+
+// Element access for one storage type: widen to fp32, round fp32 to the type (as a tensor op would
+// store it), narrow for the store. bf16 is handled on its 16-bit pattern so the loops vectorize.
+template <typename T> struct Elem;
+template <> struct Elem<float> {
+  static CPU_INLINE float load(float v) { return v; }
+  static CPU_INLINE float round(float v) { return v; }
+  static CPU_INLINE float store(float v) { return v; }
+};
+template <> struct Elem<uint16_t> {  // bfloat16 bits
+  static CPU_INLINE float load(uint16_t v) { return bf16_bits_to_float(v); }
+  static CPU_INLINE float round(float v) { return round_bf16(v); }
+  static CPU_INLINE uint16_t store(float v) { return float_to_bf16_bits(v); }
+};
+template <> struct Elem<c10::Half> {  // c10::Half rounds to nearest even, as Tensor.to does
+  static CPU_INLINE float load(c10::Half v) { return static_cast<float>(v); }
+  static CPU_INLINE float round(float v) { return static_cast<float>(c10::Half(v)); }
+  static CPU_INLINE c10::Half store(float v) { return c10::Half(v); }
+};
+
+float load_param(const void* ptr, ElemType t, int64_t i) {
+  switch (t) {
+    case ElemType::kBFloat16: return bf16_bits_to_float(static_cast<const uint16_t*>(ptr)[i]);
+    case ElemType::kFloat16: return static_cast<float>(static_cast<const c10::Half*>(ptr)[i]);
+    default: return static_cast<const float*>(ptr)[i];
+  }
+}
+
+// add[b, c] cast to x's dtype (the spec's `add.to(x.dtype)`), as fp32; 0 without an add.
+template <typename T>
+float add_value(const GroupNormSwishParams& p, int64_t b, int64_t c) {
+  if (p.add == nullptr) return 0.0f;
+  return Elem<T>::round(load_param(p.add, p.add_type, b * p.sa_b + c * p.sa_c));
+}
+
+// Running moments about the pivot (double: thousands of merges must not drift).
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mean_b, double m2_b) {
+    const double tot = n + nb;
+    const double delta = mean_b - mean;
+    mean += delta * (nb / tot);
+    m2 += m2_b + delta * delta * (n * nb / tot);
+    n = tot;
+  }
+};
+
+// Exact two-pass moments of s[0..n): adds (n, mean, M2) to m.
+CPU_INLINE void chunk_moments(const float* __restrict s, int64_t n, Moments& m) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += s[i + j];
+  float sum = 0.0f;
+  for (; i < n; ++i) sum += s[i];
+  for (int64_t j = 0; j < kLanes; ++j) sum += acc[j];
+  const float mean = sum / static_cast<float>(n);
+  float sq[kLanes] = {};
+  for (i = 0; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float d = s[i + j] - mean;
+      sq[j] += d * d;
+    }
+  float m2 = 0.0f;
+  for (; i < n; ++i) m2 += (s[i] - mean) * (s[i] - mean);
+  for (int64_t j = 0; j < kLanes; ++j) m2 += sq[j];
+  m.merge(static_cast<double>(n), mean, m2);
+}
+
+// s[i] = round_T(x[i] + a) - pivot: the value the statistics see, relative to the pivot.
+template <typename T, bool ADD>
+CPU_INLINE void stage_row(const T* __restrict x, float* __restrict s, int64_t n, float a, float pivot) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = ADD ? Elem<T>::round(Elem<T>::load(x[i]) + a) : Elem<T>::load(x[i]);
+    s[i] = v - pivot;
+  }
+}
+
+// y[i] = act((round_T(x[i] + a) - pivot - mean) * scale + shift), narrowed to T.
+template <typename T, bool ADD, bool SWISH>
+CPU_INLINE void normalize_row(const T* __restrict x, T* __restrict y, int64_t n, float a, float pivot, float mean,
+                              float scale, float shift) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = ADD ? Elem<T>::round(Elem<T>::load(x[i]) + a) : Elem<T>::load(x[i]);
+    const float z = ((v - pivot) - mean) * scale + shift;
+    y[i] = Elem<T>::store(SWISH ? swish(z) : z);
+  }
+}
+
+// The pivot of group g of sample b: (x + add) at its first channel, pixel 0, in x's dtype.
+template <typename T>
+float group_pivot(const GroupNormSwishParams& p, int64_t b, int64_t c0) {
+  const T* x = static_cast<const T*>(p.x) + b * p.sx_b + c0 * p.sx_c;
+  const float v = Elem<T>::load(x[0]);
+  return p.add == nullptr ? v : Elem<T>::round(v + add_value<T>(p, b, c0));
+}
+
+// --- planar (NCHW): one work item = one (sample, group) ------------------------------------------
+template <typename T, bool ADD>
+CPU_INLINE void planar_item(const GroupNormSwishParams& p, int64_t b, int64_t g, float* stage) {
+  const int64_t cg = p.channels / p.groups, c0 = g * cg, hw = p.hw;
+  const T* xb = static_cast<const T*>(p.x) + b * p.sx_b;
+  T* yb = static_cast<T*>(p.out) + b * p.sy_b;
+  const float pivot = group_pivot<T>(p, b, c0);
+  Moments m;
+  int64_t fill = 0;
+  for (int64_t c = c0; c < c0 + cg; ++c) {  // the group's values in order, staged chunk by chunk
+    const float a = add_value<T>(p, b, c);
+    for (int64_t h0 = 0; h0 < hw;) {
+      const int64_t take = std::min(hw - h0, kChunk - fill);
+      stage_row<T, ADD>(xb + c * p.sx_c + h0, stage + fill, take, a, pivot);
+      fill += take;
+      h0 += take;
+      if (fill == kChunk) {
+        chunk_moments(stage, fill, m);
+        fill = 0;
+      }
+    }
+  }
+  if (fill > 0) chunk_moments(stage, fill, m);
+  const float mean = static_cast<float>(m.mean);
+  const float rstd = static_cast<float>(1.0 / std::sqrt(m.m2 / m.n + static_cast<double>(p.eps)));
+  for (int64_t c = c0; c < c0 + cg; ++c) {
+    const float a = add_value<T>(p, b, c);
+    const float scale = rstd * load_param(p.weight, p.param_type, c);
+    const float shift = load_param(p.bias, p.param_type, c);
+    const T* xr = xb + c * p.sx_c;
+    T* yr = yb + c * p.sy_c;
+    if (p.swish) {
+      normalize_row<T, ADD, true>(xr, yr, hw, a, pivot, mean, scale, shift);
+    } else {
+      normalize_row<T, ADD, false>(xr, yr, hw, a, pivot, mean, scale, shift);
+    }
+  }
+}
+
+template <typename T>
+CPU_INLINE void planar_range(const GroupNormSwishParams& p, int64_t begin, int64_t end) {
+  std::vector<float> stage(kChunk);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t b = item / p.groups, g = item % p.groups;
+    if (p.add != nullptr) {
+      planar_item<T, true>(p, b, g, stage.data());
+    } else {
+      planar_item<T, false>(p, b, g, stage.data());
+    }
+  }
+}
+
+// --- interleaved (channels_last): one work item = `rows` pixels of one sample, every channel ------
+// Per sample, per channel (filled before the passes): the add, the pivot of the channel's group,
+// and after the statistics the group mean (about the pivot), scale and shift.
+struct ChannelTables {
+  std::vector<float> add, pivot, mean, scale, shift;  // [B * C] each
+};
+
+template <typename T, bool ADD>
+CPU_INLINE void interleaved_stats_item(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,
+                                       int64_t rows, float* stage, float* out_mean, float* out_m2) {
+  const int64_t C = p.channels;
+  const T* xb = static_cast<const T*>(p.x) + b * p.sx_b + r0 * p.sx_hw;
+  const float* a = t.add.data() + b * C;
+  const float* piv = t.pivot.data() + b * C;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = xb + r * p.sx_hw;
+    float* __restrict s = stage + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = ADD ? Elem<T>::round(Elem<T>::load(xr[c]) + a[c]) : Elem<T>::load(xr[c]);
+      s[c] = v - piv[c];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) out_mean[c] = 0.0f;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) out_mean[c] += stage[r * C + c];
+  const float inv = 1.0f / static_cast<float>(rows);
+  for (int64_t c = 0; c < C; ++c) out_mean[c] *= inv;
+  for (int64_t c = 0; c < C; ++c) out_m2[c] = 0.0f;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = stage[r * C + c] - out_mean[c];
+      out_m2[c] += d * d;
+    }
+}
+
+template <typename T, bool ADD, bool SWISH>
+CPU_INLINE void interleaved_apply_item(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,
+                                       int64_t rows) {
+  const int64_t C = p.channels;
+  const float* __restrict a = t.add.data() + b * C;
+  const float* __restrict piv = t.pivot.data() + b * C;
+  const float* __restrict mean = t.mean.data() + b * C;
+  const float* __restrict scale = t.scale.data() + b * C;
+  const float* __restrict shift = t.shift.data() + b * C;
+  for (int64_t r = r0; r < r0 + rows; ++r) {
+    const T* __restrict xr = static_cast<const T*>(p.x) + b * p.sx_b + r * p.sx_hw;
+    T* __restrict yr = static_cast<T*>(p.out) + b * p.sy_b + r * p.sy_hw;
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = ADD ? Elem<T>::round(Elem<T>::load(xr[c]) + a[c]) : Elem<T>::load(xr[c]);
+      const float z = ((v - piv[c]) - mean[c]) * scale[c] + shift[c];
+      yr[c] = Elem<T>::store(SWISH ? swish(z) : z);
+    }
+  }
+}
+
+// The per-item loops, compiled for each storage type and each ISA variant (see cpu_math.h).
+#define DDPM_GN_ENTRY_POINTS(T, SUFFIX, TARGET)                                                              \
+  TARGET void planar_##SUFFIX(const GroupNormSwishParams& p, int64_t begin, int64_t end) {                  \
+    planar_range<T>(p, begin, end);                                                                         \
+  }                                                                                                          \
+  TARGET void istats_##SUFFIX(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,  \
+                              int64_t rows, float* stage, float* mean, float* m2) {                          \
+    if (p.add != nullptr) {                                                                                  \
+      interleaved_stats_item<T, true>(p, t, b, r0, rows, stage, mean, m2);                                  \
+    } else {                                                                                                 \
+      interleaved_stats_item<T, false>(p, t, b, r0, rows, stage, mean, m2);                                 \
+    }                                                                                                        \
+  }                                                                                                          \
+  TARGET void iapply_##SUFFIX(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,  \
+                              int64_t rows) {                                                                \
+    const bool add = p.add != nullptr;                                                                       \
+    if (add && p.swish) interleaved_apply_item<T, true, true>(p, t, b, r0, rows);                           \
+    else if (add) interleaved_apply_item<T, true, false>(p, t, b, r0, rows);                                \
+    else if (p.swish) interleaved_apply_item<T, false, true>(p, t, b, r0, rows);                            \
+    else interleaved_apply_item<T, false, false>(p, t, b, r0, rows);                                        \
+  }
+
+DDPM_GN_ENTRY_POINTS(float, f32, )
+DDPM_GN_ENTRY_POINTS(uint16_t, bf16, )
+DDPM_GN_ENTRY_POINTS(c10::Half, f16, )
+#ifdef CPU_HAVE_AVX2_PATH
+DDPM_GN_ENTRY_POINTS(float, f32_avx2, CPU_AVX2_TARGET)
+DDPM_GN_ENTRY_POINTS(uint16_t, bf16_avx2, CPU_AVX2_TARGET)
+DDPM_GN_ENTRY_POINTS(c10::Half, f16_avx2, CPU_AVX2_TARGET)
+#endif
+#undef DDPM_GN_ENTRY_POINTS
+
+struct Entry {
+  void (*planar)(const GroupNormSwishParams&, int64_t, int64_t);
+  void (*istats)(const GroupNormSwishParams&, const ChannelTables&, int64_t, int64_t, int64_t, float*, float*, float*);
+  void (*iapply)(const GroupNormSwishParams&, const ChannelTables&, int64_t, int64_t, int64_t);
+};
+
+Entry entry_for(ElemType t) {
+#ifdef CPU_HAVE_AVX2_PATH
+  if (cpu_use_avx2()) {
+    switch (t) {
+      case ElemType::kBFloat16: return {&planar_bf16_avx2, &istats_bf16_avx2, &iapply_bf16_avx2};
+      case ElemType::kFloat16: return {&planar_f16_avx2, &istats_f16_avx2, &iapply_f16_avx2};
+      default: return {&planar_f32_avx2, &istats_f32_avx2, &iapply_f32_avx2};
+    }
+  }
+#endif
+  switch (t) {
+    case ElemType::kBFloat16: return {&planar_bf16, &istats_bf16, &iapply_bf16};
+    case ElemType::kFloat16: return {&planar_f16, &istats_f16, &iapply_f16};
+    default: return {&planar_f32, &istats_f32, &iapply_f32};
+  }
+}
+
+int64_t grain_for(int64_t elems_per_item) { return std::max<int64_t>(1, kParallelMin / std::max<int64_t>(1, elems_per_item)); }
+
+template <typename T>
+void fill_add_pivot(const GroupNormSwishParams& p, ChannelTables& t) {
+  const int64_t C = p.channels, cg = C / p.groups;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      t.add[b * C + c] = add_value<T>(p, b, c);
+      t.pivot[b * C + c] = group_pivot<T>(p, b, c - c % cg);
+    }
+}
+
+void run_interleaved(const GroupNormSwishParams& p, const Entry& e) {
+  const int64_t B = p.batch, C = p.channels, G = p.groups, cg = C / G, hw = p.hw;
+  const int64_t rows = std::max<int64_t>(1, kChunk / C);  // pixel rows per item: ~kChunk values
+  const int64_t nblk = (hw + rows - 1) / rows;
+  ChannelTables t;
+  for (auto* v : {&t.add, &t.pivot, &t.mean, &t.scale, &t.shift}) v->resize(static_cast<size_t>(B * C));
+  switch (p.x_type) {
+    case ElemType::kBFloat16: fill_add_pivot<uint16_t>(p, t); break;
+    case ElemType::kFloat16: fill_add_pivot<c10::Half>(p, t); break;
+    default: fill_add_pivot<float>(p, t); break;
+  }
+  // Per (sample, block, channel): the block's mean and M2 of the channel (about its pivot).
+  std::vector<float> bmean(static_cast<size_t>(B * nblk * C)), bm2(bmean.size());
+  at::parallel_for(0, B * nblk, grain_for(rows * C), [&](int64_t begin, int64_t end) {
+    std::vector<float> stage(static_cast<size_t>(rows * C));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / nblk, blk = item % nblk, r0 = blk * rows;
+      e.istats(p, t, b, r0, std::min(rows, hw - r0), stage.data(), &bmean[item * C], &bm2[item * C]);
+    }
+  });
+  // Merge per group in a fixed order (blocks, then channels): Chan's formula, in double.
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      Moments m;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const double n = static_cast<double>(std::min(rows, hw - blk * rows));
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+          const int64_t i = (b * nblk + blk) * C + c;
+          m.merge(n, bmean[i], bm2[i]);
+        }
+      }
+      const float rstd = static_cast<float>(1.0 / std::sqrt(m.m2 / m.n + static_cast<double>(p.eps)));
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+        t.mean[b * C + c] = static_cast<float>(m.mean);
+        t.scale[b * C + c] = rstd * load_param(p.weight, p.param_type, c);
+        t.shift[b * C + c] = load_param(p.bias, p.param_type, c);
+      }
+    }
+  at::parallel_for(0, B * nblk, grain_for(rows * C), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / nblk, r0 = (item % nblk) * rows;
+      e.iapply(p, t, b, r0, std::min(rows, hw - r0));
+    }
+  });
+}
+
+}  // namespace
+
+void groupnorm_swish_cpu(const GroupNormSwishParams& p) {
+  if (p.batch == 0 || p.channels == 0 || p.hw == 0) return;
+  const Entry e = entry_for(p.x_type);
+  if (groupnorm_swish_planar(p)) {
+    const int64_t per_item = (p.channels / p.groups) * p.hw;
+    at::parallel_for(0, p.batch * p.groups, grain_for(per_item),
+                     [&](int64_t begin, int64_t end) { e.planar(p, begin, end); });
+  } else {
+    run_interleaved(p, e);
+  }
+}
+
+}  // namespace ddpm_fast

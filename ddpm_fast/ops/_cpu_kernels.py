@@ -1,0 +1,51 @@
+"""The C++ CPU kernels of the fused ops (csrc/<op>_cpu.cpp in ddpm_fast._C), as out-variant ops.
+
+`ddpm_fast::groupnorm_swish_out` and `ddpm_fast::residual_add_out` write into a buffer the caller
+allocated; each op file's CPU kernel allocates its output in the op's format and calls them, so on CPU
+tensors `ddpm_fast::<op>` (through the dispatcher or the eager bypass) runs C++, and the Triton kernel
+stays the CUDA implementation. Where the extension is missing, was built before these kernels existed,
+or is disabled (DDPM_FAST_DISABLE_EXT=1, as for reverse_step), `out_op` returns None and the op file
+runs the reference instead (the one warning about the missing extension comes from ops/reverse_step.py).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["out_op", "HAS_CPU_KERNELS"]
+
+_NAMES = ("groupnorm_swish_out", "residual_add_out")
+
+
+def _load() -> bool:
+    if os.environ.get("DDPM_FAST_DISABLE_EXT", "0") == "1":
+        return False
+    try:
+        from .. import _C  # noqa: F401 - registers the ops
+    except Exception:  # noqa: BLE001 - ImportError, OSError (ABI): reverse_step.py warns about it
+        return False
+    return all(hasattr(torch.ops.ddpm_fast, name) for name in _NAMES)
+
+
+HAS_CPU_KERNELS = _load()
+
+
+def out_op(name: str) -> Optional[torch._ops.OpOverload]:
+    """`torch.ops.ddpm_fast.<name>_out.default` when the C++ kernel is available, else None."""
+    if not HAS_CPU_KERNELS:
+        return None
+    return getattr(torch.ops.ddpm_fast, name + "_out").default
+
+
+if HAS_CPU_KERNELS:
+    # The out-variants mutate `out` and return nothing: under tracing (torch.compile of a fused UNet on
+    # CPU traces each op's body) the fake writes nothing either.
+    @torch.library.register_fake("ddpm_fast::groupnorm_swish_out")
+    def _groupnorm_swish_out_fake(x, weight, bias, num_groups, eps, add, swish, out):
+        return None
+
+    @torch.library.register_fake("ddpm_fast::residual_add_out")
+    def _residual_add_out_fake(x, bias, residual, residual_bias, out):
+        return None

@@ -1,0 +1,180 @@
+"""The C++ CPU kernel of ddpm_fast::groupnorm_swish (csrc/groupnorm_swish_cpu.cpp) against the spec.
+
+On CPU tensors the op (wrapper and dispatcher) runs this kernel; these tests call the op wrapper, so
+they test the routing too. Every output buffer is NaN-poisoned before the kernel writes it. The truth
+is the spec in float64 on the same inputs (the add rounded to x's dtype first, as the spec does),
+rounded once to x's dtype: the kernel computes in fp32 and rounds once (tolerances.py,
+groupnorm_swish_truth).
+"""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import CL, DTYPES, DT_ID, poison
+from ddpm_fast.testing.shapes import unet_groupnorm_shapes
+from tolerances import tol
+
+from ddpm_fast.config import PRESETS
+
+M = importlib.import_module("ddpm_fast.ops.groupnorm_swish")
+from test_groupnorm_swish import make_inputs, shape_id, truth  # noqa: E402 - the shared input maker and spec
+
+# Every layer shape of the presets the issue names (digits16 = the shipped model, tiny, cifar35m),
+# plus odd ones: C/G = 5 and 3 (no vector-width multiple), C = 3 with one group, H*W = 1, 7x9.
+PRESET_SHAPES = sorted({s for name in ("digits16", "tiny", "cifar35m") for s in unet_groupnorm_shapes(PRESETS[name].unet)},
+                       key=lambda s: (-s[1] * s[2], s[0], s[3], s[4]))
+ODD_SHAPES = [(20, 5, 5, 4, True), (3, 7, 9, 1, False), (96, 7, 9, 8, True), (64, 1, 1, 32, True), (24, 1, 1, 8, False),
+              (40, 3, 1, 8, False)]
+LAYOUTS = ["nchw", "cl"]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cpp_kernel(monkeypatch):
+    if M._CPP_OUT is None:
+        pytest.fail("the C++ CPU kernel is not available (build ddpm_fast._C: python setup.py build_ext --inplace)")
+    real = M._new_output
+    monkeypatch.setattr(M, "_new_output", lambda x: poison(real(x)))
+
+
+def check(out, x, weight, bias, g, eps=1e-5, add=None, swish=True):
+    assert out.shape == x.shape and out.dtype == x.dtype
+    fmt = CL if (x.is_contiguous(memory_format=CL) and not x.is_contiguous()) else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt), "output must keep the input's memory format"
+    assert not out.isnan().any(), "an output element was never written (or NaN was computed)"
+    torch.testing.assert_close(out, truth(x, weight, bias, g, eps, add, swish), **tol("groupnorm_swish_truth", x.dtype))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("shape", PRESET_SHAPES + ODD_SHAPES, ids=shape_id)
+def test_shapes(shape, dtype, layout):
+    c, h, w, g, has_add = shape
+    x, weight, bias, g, a = make_inputs(3, c, h, w, g, dtype, add=has_add, channels_last=layout == "cl")
+    check(M.groupnorm_swish(x, weight, bias, g, add=a), x, weight, bias, g, add=a)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("add,swish", [(True, False), (False, False), (True, True)], ids=["add", "plain", "add_swish"])
+def test_add_and_swish_flags(add, swish, dtype, layout):
+    x, weight, bias, g, a = make_inputs(2, 64, 8, 8, 8, dtype, add=add, channels_last=layout == "cl")
+    check(M.groupnorm_swish(x, weight, bias, g, 1e-3, a, swish), x, weight, bias, g, 1e-3, a, swish)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
+def test_fp32_params_and_add_with_low_precision_x(dtype, layout):
+    # Mixed precision as autocast leaves it: the spec normalises in fp32 and rounds once (no rounding of
+    # the normalised value), and casts the fp32 add to x's dtype first.
+    x, weight, bias, g, a = make_inputs(2, 64, 8, 8, 32, dtype, add=True, channels_last=layout == "cl",
+                                        param_dtype=torch.float32)
+    check(M.groupnorm_swish(x, weight, bias, g, add=a), x, weight, bias, g, add=a)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+def test_large_mean_offset(dtype, layout):
+    # x = 1000 + N(0, 1): E[x^2] - E[x]^2 in fp32 would lose the variance (1e6 vs 1), and a mean kept as
+    # an fp32 number near 1000 carries ulp(1000) / 2 = 3e-5 of error into every output.
+    x = (1000.0 + torch.randn(2, 32, 16, 16)).to(dtype)
+    if layout == "cl":
+        x = x.to(memory_format=CL)
+    weight, bias = (1.0 + 0.5 * torch.randn(32)).to(dtype), (0.5 * torch.randn(32)).to(dtype)
+    a = torch.randn(2, 32).to(dtype)
+    check(M.groupnorm_swish(x, weight, bias, 8, add=a), x, weight, bias, 8, add=a)
+
+
+STRIDED = ["channel_slice", "cl_channel_slice", "transposed_hw", "strided_add", "batch_step"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("case", STRIDED)
+def test_strided_inputs(case, dtype):
+    # Views the UNet never makes but the op accepts: walked in place (slices, sample steps) or copied once.
+    base = (torch.randn(4, 128, 8, 8) * 1.5 + 0.3).to(dtype)
+    a = torch.randn(2, 64).to(dtype)
+    if case == "channel_slice":
+        x = base[:2, 32:96]
+    elif case == "cl_channel_slice":
+        x = base.to(memory_format=CL)[:2, 32:96]
+    elif case == "transposed_hw":
+        x = base[:2, :64].transpose(2, 3)
+    elif case == "strided_add":
+        x = base[:2, :64].contiguous()
+        a = torch.randn(2, 128).to(dtype)[:, ::2]
+    else:
+        x = base[::2, :64]
+    weight, bias = (1.0 + 0.5 * torch.randn(64)).to(dtype), (0.5 * torch.randn(64)).to(dtype)
+    check(M.groupnorm_swish(x, weight, bias, 16, add=a), x, weight, bias, 16, add=a)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 32, 4, 4)
+    assert M.groupnorm_swish(x, torch.ones(32), torch.zeros(32), 8).shape == x.shape
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+def test_thread_count_does_not_change_the_result(dtype, layout):
+    # Work items and the merge order of their statistics are fixed, so 1 and 2 threads agree bit for
+    # bit. Batch 16 at digits16's first level (131k values) is enough for at::parallel_for to split.
+    x, weight, bias, g, a = make_inputs(16, 32, 16, 16, 8, dtype, add=True, channels_last=layout == "cl")
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(M.groupnorm_swish(x, weight, bias, g, add=a))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_out_variant_rejects_bad_arguments():
+    op = torch.ops.ddpm_fast.groupnorm_swish_out
+    x, w, b = torch.randn(2, 32, 4, 4), torch.randn(32), torch.randn(32)
+    with pytest.raises(ValueError, match="out shape"):
+        op(x, w, b, 8, 1e-5, None, True, torch.empty(2, 32, 4, 5))
+    with pytest.raises(TypeError, match="out dtype"):
+        op(x, w, b, 8, 1e-5, None, True, torch.empty(2, 32, 4, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="not divisible"):
+        op(x, w, b, 7, 1e-5, None, True, torch.empty_like(x))
+    with pytest.raises(ValueError, match="add must have shape"):
+        op(x, w, b, 8, 1e-5, torch.randn(2, 31), True, torch.empty_like(x))
+    flat = torch.randn(x.numel() + 16)  # out shifted 16 elements into x's storage
+    with pytest.raises(RuntimeError, match="single memory location"):
+        op(flat[:-16].view(x.shape), w, b, 8, 1e-5, None, True, flat[16:].view(x.shape))
+
+
+def test_generic_and_avx2_variants_agree():
+    # DDPM_FAST_CPU_ISA=generic forces the SSE2 baseline build of the loops; the AVX2+FMA variant (when the
+    # CPU has it) rounds its fused multiply-adds differently, so the two agree to the truth tolerance.
+    code = ("import torch, ddpm_fast.ops as ops; torch.manual_seed(0); "
+            "x = torch.randn(2, 64, 8, 8); a = torch.randn(2, 64); w = torch.randn(64); b = torch.randn(64); "
+            "torch.save([ops.groupnorm_swish(x, w, b, 8, add=a), "
+            "ops.groupnorm_swish(x.to(memory_format=torch.channels_last), w, b, 8, add=a)], sys.argv[1])")
+    outs = []
+    for isa in ("generic", "native"):
+        path = os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"gn_isa_{os.getpid()}_{isa}.pt")
+        env = dict(os.environ, DDPM_FAST_CPU_ISA=isa)
+        subprocess.run([sys.executable, "-c", "import sys; " + code, path], check=True, env=env, timeout=300)
+        outs.append(torch.load(path))
+        os.remove(path)
+    for g, n in zip(*outs):
+        assert not g.isnan().any()
+        torch.testing.assert_close(g, n, **tol("groupnorm_swish_truth", torch.float32))
+
+
+def test_without_the_extension_the_op_runs_the_reference():
+    code = ("import torch, warnings; warnings.simplefilter('ignore'); import ddpm_fast.ops as ops; "
+            "import importlib; M = importlib.import_module('ddpm_fast.ops.groupnorm_swish'); "
+            "from ddpm_fast.reference import functional as R; "
+            "x = torch.randn(2, 32, 4, 4); w = torch.randn(32); b = torch.randn(32); a = torch.randn(2, 32); "
+            "assert M._CPP_OUT is None; "
+            "assert torch.equal(ops.groupnorm_swish(x, w, b, 8, add=a), R.groupnorm_swish(x, w, b, 8, add=a))")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, DDPM_FAST_DISABLE_EXT="1"),
+                   timeout=300)
