@@ -7,10 +7,19 @@ coefficients per step, and every step is the same two calls:
 so the reference loop here and the fast loop (ddpm_fast.fast_sampler) differ only in how they run
 those two calls, never in the math.
 
-Random numbers (the contract both loops follow): a CPU torch.Generator draws x_T first, then one
-z ~ N(0, I) of x_T's shape per step, in step order, whether or not that step's sigma is zero. All of
-it is drawn on the CPU and moved to the device, so a seed gives the same images on any device (up
-to the model's floating-point differences between devices).
+Random numbers (the contract both loops follow), by `noise` mode:
+- "generator": a CPU torch.Generator draws x_T first, then one z ~ N(0, I) of x_T's shape per step, in
+  step order, whether or not that step's sigma is zero. All of it is drawn on the CPU and moved to the
+  device, so a seed gives the same images on any device (up to the model's floating-point differences
+  between devices). A list of generators (diffusers' convention) gives each image its own: image k's
+  x_T and z come from generator k alone, so an image does not depend on the others in its batch.
+- "philox": x_T and every step's z come from the counter-based Philox generator of
+  `reference.functional.philox_normal`, keyed by (seed, step, global image index, element), x_T on a
+  stream of its own. Image i of a run is the same whatever batch it is drawn in (`image_offset` = the
+  batch's first image), and the fast backend draws the very same z inside its fused step, so the two
+  backends give the same images up to float32 rounding.
+- default (None): "generator" on the reference backend; on the fast backend x_T from the generator and
+  the steps' z from in-kernel Philox with a seed drawn from the generator (as before this option).
 """
 from __future__ import annotations
 
@@ -34,9 +43,10 @@ from .reference import functional
 from .reference.diffusion import DDPM_VARIANTS, Schedule
 
 __all__ = ["sample", "reference_loop", "make_grid", "save_image_atomic", "image_format_for_path", "image_mode",
-           "SAMPLERS", "OUTPUT_TYPES", "BACKENDS", "DDPM_VARIANTS", "DEFAULT_VARIANT", "DEFAULT_DDIM_STEPS"]
+           "SAMPLERS", "NOISE_MODES", "OUTPUT_TYPES", "BACKENDS", "DDPM_VARIANTS", "DEFAULT_VARIANT", "DEFAULT_DDIM_STEPS"]
 
 SAMPLERS = ("ddpm", "ddim")
+NOISE_MODES = ("generator", "philox")
 OUTPUT_TYPES = ("pil", "np", "pt")
 BACKENDS = ("reference", "fast")
 DEFAULT_DDIM_STEPS = 50  # diffusers' DDIMPipeline default
@@ -51,7 +61,8 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
            output_type: str = "pil", progress: bool = True, device=None, dtype=None,
            backend: str = "reference", variant: str = DEFAULT_VARIANT, clip_x0: bool = False,
            config: Optional[ModelConfig] = None, image_size: Union[int, Tuple[int, int], None] = None,
-           channels_last: bool = False):
+           channels_last: bool = False, noise: Optional[str] = None, seed: Optional[int] = None,
+           image_offset: int = 0, model_batch: Optional[int] = None):
     """Draw `batch_size` images from a DDPM model.
 
     model_or_checkpoint: a UNet (any nn.Module mapping (x [B, C, H, W], t [B] int64) -> eps), or
@@ -66,7 +77,16 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
         noise at the last step, "posterior" = posterior variance beta_tilde) or "ddim" (`eta` in [0, 1];
         eta must be 0 for "ddpm", and variant must stay "labml" for "ddim").
     clip_x0: clamp the predicted x0 to config.diffusion.data_range at every step.
-    generator: a CPU torch.Generator (default: a fresh one seeded from torch's global RNG).
+    generator: a CPU torch.Generator (default: a fresh one seeded from torch's global RNG), or a list
+        of batch_size of them, one per image (noise "generator" only).
+    noise: "generator", "philox" or None (the backend's default): see the module docstring.
+    seed: noise="philox" only: the Philox key, an int in [0, 2^64) (default: drawn from `generator`).
+    image_offset: noise="philox" only: the global index of this batch's first image in a larger run, so
+        that image_offset + k gets the noise of image k of a one-batch run (see ddpm_fast.runs).
+    model_batch: run the model on chunks of exactly this many images (the last one padded) instead of
+        the whole batch at once. Convolution and GEMM libraries pick their algorithm, hence their
+        summation order, by shape, so an image's bits depend on the batch it is computed in; with a
+        fixed model_batch they do not (same device, dtype and thread count).
     device: "cpu" or "cuda[:i]" (default: the module's device; for a checkpoint CUDA when available). A
         module is moved there in place (nn.Module.to), after every argument has been checked; if sampling
         then fails, it is moved back.
@@ -106,14 +126,10 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
         raise ValueError(f"clip_x0 must be a bool, got {clip_x0!r}")
     if num_inference_steps is not None:
         num_inference_steps = _check_int("num_inference_steps", num_inference_steps, low=1)
-    if generator is None:
-        # Seeded from the global RNG so torch.manual_seed(k) makes a default call reproducible.
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ()).item()))
-    elif not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    elif generator.device.type != "cpu":
-        raise ValueError(f"generator must be a CPU torch.Generator (device-independent noise), got one on "
-                         f"{generator.device}")
+    if model_batch is not None:
+        model_batch = _check_int("model_batch", model_batch, low=1)
+    generator = _check_generator(generator, batch_size)
+    noise, seed, image_offset = _check_noise(noise, seed, image_offset, generator, backend)
     run_dtype = _parse_dtype(dtype) if dtype is not None else None
     dev = parse_device(device) if device is not None else None
 
@@ -175,10 +191,20 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
                                f"({e}); use backend='reference'") from e
         # The fast loop precomputes a time table over the schedule's T steps.
         loop, loop_kwargs = fast_loop, {"n_steps": schedule.n_steps, "channels_last": bool(channels_last)}
+    loop_kwargs["model_batch"] = model_batch
 
     # The initial noise is drawn before anything else from the generator (see the module docstring).
-    x_T = torch.randn((batch_size, ucfg.image_channels, height, width), generator=generator,
-                      dtype=torch.float32).to(dev)
+    shape = (batch_size, ucfg.image_channels, height, width)
+    if noise == "philox":
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
+        x_T = functional.philox_normal(shape, seed, 0, device=dev, image_offset=image_offset,
+                                       stream=functional.STREAM_X_T)
+        loop_kwargs.update(noise="philox", seed=seed, image_offset=image_offset)
+    else:
+        x_T = randn_images(shape, generator).to(dev)
+        # noise None (the fast backend's default): its loop draws a Philox seed from the generator.
+        loop_kwargs.update(noise=noise or "philox")
     home = _module_device(model)
     try:
         if home != dev:
@@ -204,6 +230,77 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     if output_type == "np":
         return images.permute(0, 2, 3, 1).contiguous().numpy()
     return [_pil_from_hwc(a) for a in _to_uint8_hwc(images)]
+
+
+def model_forward(model, x: torch.Tensor, t: torch.Tensor, model_batch: Optional[int], check: bool = False
+                  ) -> torch.Tensor:
+    """eps = model(x, t), on the whole batch (model_batch None) or on chunks of exactly model_batch images,
+    the last padded with copies of its last image (each image's result depends on its own row only, so
+    the padding is computed and dropped). check: check_model_output on the first chunk."""
+    if model_batch is None or x.shape[0] == model_batch:
+        eps = model(x, t)
+        if check:
+            check_model_output(eps, x)
+        return eps
+    outs = []
+    for start in range(0, x.shape[0], model_batch):
+        xc, tc = x[start:start + model_batch], t[start:start + model_batch]
+        n = xc.shape[0]
+        if n < model_batch:
+            xc = torch.cat([xc, xc[-1:].expand(model_batch - n, *xc.shape[1:])])
+            tc = torch.cat([tc, tc[-1:].expand(model_batch - n)])
+        eps = model(xc, tc)
+        if check and start == 0:
+            check_model_output(eps, xc)
+        outs.append(eps[:n])
+    return torch.cat(outs)
+
+
+def randn_images(shape, generator) -> torch.Tensor:
+    """float32 N(0, I) of `shape` on the CPU from one generator, or from a list of shape[0] generators
+    (image k from generator k: each image's noise is independent of its batch)."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generator])
+
+
+def _check_generator(generator, batch_size: int):
+    if generator is None:
+        # Seeded from the global RNG so torch.manual_seed(k) makes a default call reproducible.
+        return torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ()).item()))
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    for g in gens:
+        if not isinstance(g, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(g).__name__}")
+        if g.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator (device-independent noise), got one on "
+                             f"{g.device}")
+    if isinstance(generator, (list, tuple)):
+        if len(gens) != batch_size:
+            raise ValueError(f"a list of generators needs one per image: got {len(gens)} for batch_size={batch_size}")
+        return gens
+    return generator
+
+
+def _check_noise(noise, seed, image_offset, generator, backend):
+    """(noise mode, seed, image_offset) checked; the mode is None only for the fast backend's default."""
+    if noise is not None and noise not in NOISE_MODES:
+        raise ValueError(f"unknown noise {noise!r}; choose one of {NOISE_MODES} (or None for the backend's default)")
+    if noise is None and (backend == "reference" or isinstance(generator, list)):
+        noise = "generator"
+    if noise != "philox":
+        if seed is not None:
+            raise ValueError("seed applies to noise='philox' only (the generator seeds the other modes)")
+        if image_offset != 0:
+            raise ValueError("image_offset applies to noise='philox' only")
+        return noise, None, 0
+    if isinstance(generator, list):
+        raise ValueError("noise='philox' takes one generator (to draw its seed) or seed=, not a list of generators")
+    if seed is not None:
+        seed = _check_int("seed", seed, low=0)
+        if seed >= 2 ** 64:
+            raise ValueError(f"seed must be below 2^64, got {seed}")
+    return noise, seed, _check_int("image_offset", image_offset, low=0)
 
 
 def _run_loop(loop, model, x_T, timesteps, coeffs, *, dtype, backend, **kwargs) -> torch.Tensor:
@@ -239,14 +336,22 @@ def check_model_output(eps, x: torch.Tensor) -> None:
 
 
 def reference_loop(model, x_T: torch.Tensor, timesteps: torch.Tensor, coeffs: torch.Tensor,
-                   generator: torch.Generator, clip: Optional[Tuple[float, float]] = None,
-                   dtype: torch.dtype = torch.float32, progress: bool = True) -> torch.Tensor:
+                   generator=None, clip: Optional[Tuple[float, float]] = None,
+                   dtype: torch.dtype = torch.float32, progress: bool = True, noise: str = "generator",
+                   seed: Optional[int] = None, image_offset: int = 0, model_batch: Optional[int] = None
+                   ) -> torch.Tensor:
     """The plain sampling loop: x_T (float32, on the device) -> x_0 (float32).
 
-    timesteps: CPU int64 [S] (descending); coeffs: float32 [S, 6] on x_T's device; noise drawn from the
-    CPU `generator`, one z per step. The caller sets eval mode and inference mode.
-    Same signature as ddpm_fast.fast_sampler.fast_loop.
+    timesteps: CPU int64 [S] (descending); coeffs: float32 [S, 6] on x_T's device; noise "generator":
+    one z per step from the CPU `generator` (or list of per-image generators); "philox": z =
+    philox_normal keyed by (seed, step, image_offset + image, element), the fast kernel's stream.
+    model_batch: see model_forward. The caller sets eval mode and inference mode. Same signature as
+    ddpm_fast.fast_sampler.fast_loop.
     """
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+    if noise == "philox" and seed is None:
+        raise ValueError("noise='philox' needs a seed")
     device = x_T.device
     x = x_T.to(torch.float32)
     b = x.shape[0]
@@ -254,12 +359,12 @@ def reference_loop(model, x_T: torch.Tensor, timesteps: torch.Tensor, coeffs: to
     rows = torch.arange(len(timesteps), device=device)  # row indices live on the device: no host sync
     for i, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc="sampling", unit="step")):
         t_batch = torch.full((b,), t, dtype=torch.long, device=device)
-        eps = model(x.to(dtype), t_batch)
-        if i == 0:
-            check_model_output(eps, x)
-        eps = eps.to(torch.float32)
-        z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
-        x = functional.reverse_step(x, eps, rows[i], coeffs, noise=z, clip=clip)
+        eps = model_forward(model, x.to(dtype), t_batch, model_batch, check=i == 0).to(torch.float32)
+        if noise == "philox":  # z drawn inside the step, keyed by row i as the fused kernel keys it
+            x = functional.reverse_step(x, eps, rows[i], coeffs, seed=seed, clip=clip, image_offset=image_offset)
+        else:
+            z = randn_images(x.shape, generator).to(device)
+            x = functional.reverse_step(x, eps, rows[i], coeffs, noise=z, clip=clip)
     return x
 
 
