@@ -234,7 +234,8 @@ def _sample_to_folder_from_args(args: argparse.Namespace, device, dtype) -> int:
                               device=device, progress=not args.no_progress, sampler=args.sampler,
                               num_inference_steps=args.steps, eta=args.eta, variant=args.variant,
                               clip_x0=args.clip_x0, seed=args.seed, dtype=dtype, backend=args.backend,
-                              noise=args.noise or "philox", model_batch=args.model_batch, channels_last=args.channels_last)
+                              noise=args.noise or "philox", model_batch=args.model_batch,
+                              channels_last=args.channels_last)
     if result.rank != 0:
         return 0
     if notice:

@@ -157,7 +157,10 @@ def _prepare_folder(out_dir: Path, num_images: int, settings: dict, npz: Optiona
             raise ValueError(f"{manifest}: not a ddpm_fast sampling manifest")
         diff = _differences(old.get("settings", {}), settings)
         if diff:
-            raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diff)}): use another --out-dir")
+            hint = (" or the folder's thread count (OMP_NUM_THREADS; torchrun sets 1)"
+                    if any(d.startswith("cpu_threads") for d in diff) else "")
+            raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diff)}): use another --out-dir"
+                             f"{hint}")
     elif present:
         raise ValueError(f"--out-dir {out_dir} holds images but no {MANIFEST}: use an empty or new folder")
     beyond = [i for i in present if i >= num_images]
@@ -210,7 +213,8 @@ def _batches(ranges: List[Tuple[int, int]], batch_size: int) -> Iterator[Tuple[i
 def _image_generators(seed: int, first: int, count: int) -> List[torch.Generator]:
     """noise="generator": image i's own CPU generator, seeded from (seed, i) through numpy's SeedSequence
     (distinct, well-mixed streams for neighbouring i and seeds)."""
-    seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]) for i in range(first, first + count)]
+    seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0])
+             for i in range(first, first + count)]
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 

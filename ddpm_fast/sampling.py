@@ -43,7 +43,8 @@ from .reference import functional
 from .reference.diffusion import DDPM_VARIANTS, Schedule
 
 __all__ = ["sample", "reference_loop", "make_grid", "save_image_atomic", "image_format_for_path", "image_mode",
-           "SAMPLERS", "NOISE_MODES", "OUTPUT_TYPES", "BACKENDS", "DDPM_VARIANTS", "DEFAULT_VARIANT", "DEFAULT_DDIM_STEPS"]
+           "SAMPLERS", "NOISE_MODES", "OUTPUT_TYPES", "BACKENDS", "DDPM_VARIANTS", "DEFAULT_VARIANT",
+           "DEFAULT_DDIM_STEPS", "model_forward", "randn_images"]
 
 SAMPLERS = ("ddpm", "ddim")
 NOISE_MODES = ("generator", "philox")

@@ -241,7 +241,8 @@ def test_x_T_stream_is_separate_and_normal():
 @pytest.mark.parametrize("offset,exc,msg", [
     (-1, ValueError, "image_offset"), (2 ** 63, ValueError, "image_offset"), (1.0, TypeError, "image_offset"),
     (True, TypeError, "image_offset"), (torch.tensor(1.0), TypeError, "image_offset_tensor must be an int64"),
-    (torch.tensor([1, 2]), ValueError, "exactly one index"), (torch.tensor(-3), ValueError, "image_offset must be >= 0"),
+    (torch.tensor([1, 2]), ValueError, "exactly one index"),
+    (torch.tensor(-3), ValueError, "image_offset must be >= 0"),
     (2 ** 62, ValueError, "too large")], ids=["negative", "2^63", "float", "bool", "tensor-float", "tensor-two",
                                               "tensor-negative", "overflow"])
 def test_bad_image_offset_raises(offset, exc, msg):

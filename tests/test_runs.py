@@ -109,7 +109,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_images(tmp_path):
     n, args = 40, ["--num-images", "40", "--batch-size", "3", "--sampler", "ddim", "--steps", "4"]
     assert _cli(*args, "--out-dir", str(tmp_path / "whole")).returncode == 0
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ddpm_fast", "sample", "--device", "cpu", "--no-progress", *args, "--out-dir", str(out)]
+    cmd = [sys.executable, "-m", "ddpm_fast", "sample", "--device", "cpu", "--no-progress", *args,
+           "--out-dir", str(out)]
     rng = random.Random(0)
     kills = 0
     for _ in range(4):
@@ -173,7 +174,8 @@ def _torchrun(nproc, *args, timeout=300):
 
 
 @pytest.mark.parametrize("backend,sampler", [("fast", ["--sampler", "ddim", "--steps", "4"]),
-                                             ("reference", ["--sampler", "ddpm", "--steps", "5"])], ids=["fast-ddim", "reference-ddpm"])
+                                             ("reference", ["--sampler", "ddpm", "--steps", "5"])],
+                         ids=["fast-ddim", "reference-ddpm"])
 def test_torchrun_two_processes_write_the_single_process_images(tmp_path, backend, sampler):
     common = ["--num-images", "17", "--backend", backend, *sampler]
     one = _cli(*common, "--batch-size", "7", "--out-dir", str(tmp_path / "one"))
