@@ -418,6 +418,9 @@ def sample_to_folder(model_or_checkpoint, out_dir, num_images: int, batch_size: 
     npz = Path(npz) if npz is not None else None
     if npz is not None and (npz.suffix != ".npz" or npz.is_dir()):
         raise ValueError(f"--npz {npz}: must be a file name ending in .npz")
+    if npz is not None and not (npz.parent.is_dir() and os.access(npz.parent, os.W_OK | os.X_OK)):
+        # Checked now, not when the run is over.
+        raise ValueError(f"--npz {npz}: its folder {npz.parent} does not exist or is not writable")
     from .devices import parse_device
 
     dev = parse_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -232,7 +232,7 @@ def test_bad_folders_are_refused_in_one_line(tmp_path, capsys):
 def test_api_rejects_bad_arguments(digits, tmp_path):
     for kw, msg in [(dict(num_images=0), "num_images"), (dict(num_images=10 ** 6 + 1), "num_images"),
                     (dict(noise="bogus"), "noise"), (dict(seed=-1), "seed"), (dict(model_batch=0), "model_batch"),
-                    (dict(npz=tmp_path / "x.zip"), "npz")]:
+                    (dict(npz=tmp_path / "x.zip"), "npz"), (dict(npz=tmp_path / "no" / "x.npz"), "does not exist")]:
         with pytest.raises(ValueError, match=msg):
             _run(digits, tmp_path / "r", 4, **kw)
     with pytest.raises(ValueError, match="batch_size"):
