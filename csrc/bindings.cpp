@@ -3,11 +3,14 @@
 // (reverse_step_cpu.cpp, reverse_step_cuda.cu) see only the plain ReverseStepParams.
 //
 // Ops (namespace ddpm_fast):
-//   reverse_step(x_t, eps, step, coeffs, noise?, seed, clip_lo, clip_hi, clip, seed_tensor?) -> Tensor
-//   reverse_step_(x_t!, eps, step, coeffs, noise?, seed, clip_lo, clip_hi, clip, seed_tensor?) -> ()  (in place)
+//   reverse_step(x_t, eps, step, coeffs, noise?, seed, clip_lo, clip_hi, clip, seed_tensor?, image_offset,
+//                image_offset_tensor?) -> Tensor
+//   reverse_step_(x_t!, <same arguments>) -> ()  (in place)
 // The in-place form is the one a CUDA-graph sampler replays: x_t is its static state buffer, the
 // step tensor a static device scalar it refills before each replay, and seed_tensor (when given, it
-// replaces `seed`) a static device scalar it refills before each sampling run.
+// replaces `seed`) a static device scalar it refills before each sampling run; image_offset_tensor
+// (replacing image_offset, the global index of the batch's first image in the noise key) likewise
+// before each batch of a large run.
 //
 // CUDA parts use only device-generic c10 headers (DeviceGuard, VirtualGuardImpl, Stream::
 // native_handle) plus cuda_runtime_api.h, so this file also compiles against a CPU-only torch with
@@ -23,6 +26,8 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -71,7 +76,8 @@ DType to_dtype(at::ScalarType s) {
 // Every rule the kernels rely on, raised as Python TypeError / ValueError / RuntimeError.
 void check_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& step, const at::Tensor& coeffs,
                   const std::optional<at::Tensor>& noise, double clip_lo, double clip_hi, bool clip,
-                  const std::optional<at::Tensor>& seed_tensor) {
+                  const std::optional<at::Tensor>& seed_tensor, int64_t image_offset,
+                  const std::optional<at::Tensor>& image_offset_tensor) {
   const auto dev = x.device();
   TORCH_CHECK(dev.is_cpu() || dev.is_cuda(), kOp, ": x_t must be a CPU or CUDA tensor, got device ", str_of(dev));
   TORCH_CHECK_TYPE(is_kernel_dtype(x.scalar_type()), kOp, ": x_t must be float32, float16 or bfloat16, got ",
@@ -114,6 +120,16 @@ void check_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& 
     TORCH_CHECK(st.device() == dev || st.device().is_cpu(), kOp, ": seed_tensor is on ", str_of(st.device()),
                 "; it must be on x_t's device (", str_of(dev), ") or the CPU");
   }
+  TORCH_CHECK_VALUE(image_offset >= 0, kOp, ": image_offset must be >= 0, got ", str_of(image_offset));
+  if (image_offset_tensor.has_value()) {
+    const at::Tensor& ot = *image_offset_tensor;
+    TORCH_CHECK_TYPE(ot.scalar_type() == at::kLong, kOp, ": image_offset_tensor must be an int64 tensor, got ",
+                     str_of(ot.scalar_type()));
+    TORCH_CHECK_VALUE(ot.numel() == 1, kOp, ": image_offset_tensor must hold exactly one index, got shape ",
+                      str_of(ot.sizes()));
+    TORCH_CHECK(ot.device() == dev || ot.device().is_cpu(), kOp, ": image_offset_tensor is on ",
+                str_of(ot.device()), "; it must be on x_t's device (", str_of(dev), ") or the CPU");
+  }
   if (clip) {
     TORCH_CHECK_VALUE(!std::isnan(clip_lo) && !std::isnan(clip_hi) && clip_lo <= clip_hi, kOp,
                       ": clip range must satisfy lo <= hi, got (", str_of(clip_lo), ", ", str_of(clip_hi), ")");
@@ -130,7 +146,8 @@ bool use_channels_last(const at::Tensor& x) {
 // Fill the params and run the kernel of x's device, writing `out` (dense in x_work's format).
 void launch(const at::Tensor& x_work, const at::Tensor& eps_work, const at::Tensor& step, const at::Tensor& coeffs,
             const at::Tensor& noise_work, int64_t seed, double clip_lo, double clip_hi, bool clip,
-            const std::optional<at::Tensor>& seed_tensor, bool channels_last, const at::Tensor& out) {
+            const std::optional<at::Tensor>& seed_tensor, int64_t image_offset,
+            const std::optional<at::Tensor>& image_offset_tensor, bool channels_last, const at::Tensor& out) {
   ReverseStepParams p;
   p.x = x_work.data_ptr();
   p.eps = eps_work.data_ptr();
@@ -153,6 +170,21 @@ void launch(const at::Tensor& x_work, const at::Tensor& eps_work, const at::Tens
       p.seed_ptr = seed_tensor->const_data_ptr<int64_t>();
     }
   }
+  // Images are the first dimension; the noise of logical element e is keyed by offset * per_image + e.
+  p.per_image = (x_work.dim() >= 1 && x_work.size(0) > 0) ? p.numel / x_work.size(0) : 1;
+  p.image_offset = image_offset;
+  if (image_offset_tensor.has_value()) {
+    if (image_offset_tensor->device().is_cpu()) {
+      p.image_offset = image_offset_tensor->reshape({}).item<int64_t>();
+      TORCH_CHECK_VALUE(p.image_offset >= 0, kOp, ": image_offset must be >= 0, got ", str_of(p.image_offset));
+    } else {
+      p.image_offset_ptr = image_offset_tensor->const_data_ptr<int64_t>();  // read by the kernel
+    }
+  }
+  // The global element index must not wrap: offset * per_image + numel < 2^63.
+  TORCH_CHECK_VALUE(p.image_offset <= (INT64_MAX - p.numel) / std::max<int64_t>(p.per_image, 1), kOp,
+                    ": image_offset ", str_of(p.image_offset), " is too large for images of ",
+                    str_of(p.per_image), " elements");
   p.clip = clip ? 1 : 0;
   p.clip_lo = static_cast<float>(clip_lo);
   p.clip_hi = static_cast<float>(clip_hi);
@@ -203,19 +235,22 @@ Work prepare(const at::Tensor& x, const at::Tensor& eps, const std::optional<at:
 
 at::Tensor reverse_step(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& step, const at::Tensor& coeffs,
                         const std::optional<at::Tensor>& noise, int64_t seed, double clip_lo, double clip_hi,
-                        bool clip, const std::optional<at::Tensor>& seed_tensor) {
-  check_inputs(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor);
+                        bool clip, const std::optional<at::Tensor>& seed_tensor, int64_t image_offset,
+                        const std::optional<at::Tensor>& image_offset_tensor) {
+  check_inputs(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor, image_offset, image_offset_tensor);
   Work w = prepare(x_t, eps, noise);
   const auto fmt = w.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty(x_t.sizes(), x_t.options().memory_format(fmt));
-  launch(w.x, w.eps, step, coeffs, w.noise, seed, clip_lo, clip_hi, clip, seed_tensor, w.channels_last, out);
+  launch(w.x, w.eps, step, coeffs, w.noise, seed, clip_lo, clip_hi, clip, seed_tensor, image_offset, image_offset_tensor,
+         w.channels_last, out);
   return out;
 }
 
 void reverse_step_(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& step, const at::Tensor& coeffs,
                    const std::optional<at::Tensor>& noise, int64_t seed, double clip_lo, double clip_hi, bool clip,
-                   const std::optional<at::Tensor>& seed_tensor) {
-  check_inputs(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor);
+                   const std::optional<at::Tensor>& seed_tensor, int64_t image_offset,
+                   const std::optional<at::Tensor>& image_offset_tensor) {
+  check_inputs(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor, image_offset, image_offset_tensor);
   at::assert_no_internal_overlap(x_t);
   // Element i reads x[i], eps[i], noise[i] before writing out[i] (same thread), so exact aliasing
   // is safe; a shifted overlap would read values already overwritten.
@@ -223,10 +258,10 @@ void reverse_step_(const at::Tensor& x_t, const at::Tensor& eps, const at::Tenso
   if (noise.has_value()) at::assert_no_partial_overlap(x_t, *noise);
   Work w = prepare(x_t, eps, noise);
   if (w.x.is_same(x_t)) {
-    launch(w.x, w.eps, step, coeffs, w.noise, seed, clip_lo, clip_hi, clip, seed_tensor, w.channels_last, x_t);
+    launch(w.x, w.eps, step, coeffs, w.noise, seed, clip_lo, clip_hi, clip, seed_tensor, image_offset, image_offset_tensor, w.channels_last, x_t);
   } else {
     // x_t is strided in a way the kernel does not walk: update its dense copy, then write back.
-    launch(w.x, w.eps, step, coeffs, w.noise, seed, clip_lo, clip_hi, clip, seed_tensor, w.channels_last, w.x);
+    launch(w.x, w.eps, step, coeffs, w.noise, seed, clip_lo, clip_hi, clip, seed_tensor, image_offset, image_offset_tensor, w.channels_last, w.x);
     x_t.copy_(w.x);
   }
 }
@@ -247,9 +282,11 @@ std::vector<int64_t> philox4x32_words(std::vector<int64_t> counter, std::vector<
 // namespace, and a fragment composes with them whatever the import order.
 TORCH_LIBRARY_FRAGMENT(ddpm_fast, m) {
   m.def("reverse_step(Tensor x_t, Tensor eps, Tensor step, Tensor coeffs, Tensor? noise, int seed, "
-        "float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None) -> Tensor");
+        "float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None, int image_offset=0, "
+        "Tensor? image_offset_tensor=None) -> Tensor");
   m.def("reverse_step_(Tensor(a!) x_t, Tensor eps, Tensor step, Tensor coeffs, Tensor? noise, int seed, "
-        "float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None) -> ()");
+        "float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None, int image_offset=0, "
+        "Tensor? image_offset_tensor=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {

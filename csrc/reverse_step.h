@@ -6,7 +6,9 @@
 //     row  = coeffs[step]                                   (6 floats, gathered by the kernel)
 //     x0   = row[0] * x + row[1] * eps                      (clamped to [clip_lo, clip_hi] if clip)
 //     prev = row[2] * x0 + row[3] * x + row[4] * eps + row[5] * z
-// z is an injected noise tensor or the Philox4x32-10 normal keyed by (seed, step, logical index).
+// z is an injected noise tensor or the Philox4x32-10 normal keyed by (seed, step, global logical index),
+// the global index of element e of a batch whose first image is image `image_offset` being
+// image_offset * per_image + e: image i draws the same noise in any batch position.
 #pragma once
 
 #include <stdint.h>
@@ -55,6 +57,12 @@ struct ReverseStepParams {
   // replayed for another sampling run with a new seed; else seed.
   const int64_t* seed_ptr = nullptr;
   uint64_t seed = 0;
+  // The global index of the batch's first image, read from image_offset_ptr (a device int64, CUDA
+  // kernel only; a negative value there makes every output NaN) when set, else image_offset (the
+  // binding checks it is >= 0 and that image_offset * per_image fits). per_image = numel / batch.
+  const int64_t* image_offset_ptr = nullptr;
+  int64_t image_offset = 0;
+  int64_t per_image = 1;
   int32_t clip = 0;
   float clip_lo = 0.f;
   float clip_hi = 0.f;

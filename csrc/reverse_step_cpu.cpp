@@ -146,11 +146,11 @@ FillNoiseFn pick_fill_noise() {
 
 // Noise for a channels_last chunk: memory neighbours are channels of one pixel, which sit in
 // different Philox blocks, so each element maps back to its logical index and draws its own.
-inline void fill_noise_channels_last(const ReverseStepParams& p, uint64_t step, int64_t start, int64_t len,
-                                     float* z) {
+inline void fill_noise_channels_last(const ReverseStepParams& p, uint64_t step, uint64_t base, int64_t start,
+                                     int64_t len, float* z) {
   for (int64_t i = 0; i < len; ++i) {
     const int64_t logical = channels_last_logical(start + i, p.channels, p.spatial);
-    z[i] = philox_normal1(p.seed, step, static_cast<uint64_t>(logical));
+    z[i] = philox_normal1(p.seed, step, base + static_cast<uint64_t>(logical));
   }
 }
 
@@ -160,6 +160,8 @@ void run(const ReverseStepParams& p) {
   if (n == 0) return;
   const int64_t step = p.step_ptr != nullptr ? *p.step_ptr : p.step_value;
   const StepRow row = make_row(p.coeffs + step * kNumCoeffs);
+  // Global logical index of this batch's element 0 (the binding checked the product fits).
+  const uint64_t base = static_cast<uint64_t>(p.image_offset) * static_cast<uint64_t>(p.per_image);
   const X* x = static_cast<const X*>(p.x);
   const E* eps = static_cast<const E*>(p.eps);
   X* out = static_cast<X*>(p.out);
@@ -186,11 +188,16 @@ void run(const ReverseStepParams& p) {
       if (p.noise != nullptr) {
         std::memcpy(zs, p.noise + start, static_cast<size_t>(len) * sizeof(float));
       } else if (p.channels_last) {
-        fill_noise_channels_last(p, static_cast<uint64_t>(step), start, len, zs);
+        fill_noise_channels_last(p, static_cast<uint64_t>(step), base, start, len, zs);
+      } else if ((base & 3u) != 0) {
+        // The batch starts inside a Philox block (per_image not a multiple of 4): element by element.
+        for (int64_t i = 0; i < len; ++i) {
+          zs[i] = philox_normal1(p.seed, static_cast<uint64_t>(step), base + static_cast<uint64_t>(start + i));
+        }
       } else {
         // Row-major: memory index = logical index and chunks start on a block boundary. z has room
         // for kChunk floats, so a partial last block may write up to 3 unused values.
-        fill_noise(p.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(start) >> 2, (len + 3) / 4, zs);
+        fill_noise(p.seed, static_cast<uint64_t>(step), (base + static_cast<uint64_t>(start)) >> 2, (len + 3) / 4, zs);
       }
       X* oc = dst + start;
       if (clip) {

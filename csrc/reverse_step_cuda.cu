@@ -86,7 +86,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
   if (first >= p.numel) return;
   int64_t step;
-  const StepRow row = load_row(p, &step);
+  StepRow row = load_row(p, &step);
+  // Global logical index of the batch's element 0; a negative device offset poisons the output, as a
+  // bad step does (no host read is possible inside a captured graph).
+  const int64_t offset = p.image_offset_ptr != nullptr ? __ldg(p.image_offset_ptr) : p.image_offset;
+  if (offset < 0) {
+    const float nan = __int_as_float(0x7fc00000);
+    row = StepRow{nan, nan, nan, nan, nan, nan};
+  }
+  const uint64_t base = static_cast<uint64_t>(offset) * static_cast<uint64_t>(p.per_image);
 
   const X* x = static_cast<const X*>(p.x) + first;
   const E* e = static_cast<const E*>(p.eps) + first;
@@ -112,17 +120,26 @@ __global__ void __launch_bounds__(kThreads)
 
   if (kGenerate) {
     const uint64_t seed = p.seed_ptr != nullptr ? static_cast<uint64_t>(__ldg(p.seed_ptr)) : p.seed;
-    if (!kChannelsLast) {
+    if (!kChannelsLast && (base & 3u) == 0) {
+      // A thread's first element is a multiple of 4 and so is base: whole Philox blocks.
 #pragma unroll
       for (int g = 0; g < VEC / 4; ++g) {
-        philox_normal4(seed, static_cast<uint64_t>(step), static_cast<uint64_t>(first >> 2) + g, &zv[4 * g]);
+        philox_normal4(seed, static_cast<uint64_t>(step), ((base + static_cast<uint64_t>(first)) >> 2) + g,
+                       &zv[4 * g]);
+      }
+    } else if (!kChannelsLast) {
+      // base inside a Philox block (per_image not a multiple of 4; uniform over the grid): per element.
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        zv[i] = i < count ? philox_normal1(seed, static_cast<uint64_t>(step), base + static_cast<uint64_t>(first + i))
+                          : 0.f;
       }
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         zv[i] = i < count ? philox_normal1(seed, static_cast<uint64_t>(step),
-                                           static_cast<uint64_t>(channels_last_logical(first + i, p.channels,
-                                                                                       p.spatial)))
+                                           base + static_cast<uint64_t>(channels_last_logical(first + i, p.channels,
+                                                                                              p.spatial)))
                           : 0.f;
       }
     }

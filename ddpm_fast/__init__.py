@@ -14,10 +14,11 @@ from .io.checkpoint import default_checkpoint_path, load_checkpoint, load_labml_
 from .io.images import make_grid, save_image_atomic
 from .reference import Schedule, UNet
 from .sampling import sample
+from .sampling.runs import sample_batches, sample_to_folder
 
 __version__ = "0.1.0"
 __all__ = ["PRESETS", "DiffusionConfig", "ModelConfig", "UNetConfig", "get_preset", "Schedule", "UNet",
-           "sample", "make_grid", "save_image_atomic", "save_checkpoint", "load_checkpoint",
+           "sample", "sample_to_folder", "sample_batches", "make_grid", "save_image_atomic", "save_checkpoint", "load_checkpoint",
            "load_labml_state_dict", "default_checkpoint_path", "train", "clear_graph_cache"]
 
 

@@ -3,7 +3,8 @@
     ddpm-fast sample [--checkpoint PATH | --preset NAME] [--num-images N] [--steps S] [--sampler ddpm|ddim]
                      [--eta E] [--variant labml|paper|posterior] [--clip-x0] [--seed K] [--device D]
                      [--dtype fp32|fp16|bf16] [--backend reference|fast] [--channels-last] [--nrow R]
-                     [--out grid.png] [--no-progress]
+                     [--out grid.png | --out-dir DIR [--batch-size B] [--npz FILE] [--noise philox|generator]
+                     [--model-batch C]] [--no-progress]
     ddpm-fast train --data DIR|digits --out RUN [--preset NAME] [--steps N] [--resume] ...
     ddpm-fast bench-report results.json [--out-dir DIR]   (a development tool: ddpm_fast.testing)
 
@@ -35,6 +36,9 @@ INIT_SEED = 0
 # allocator error. 65536 tiny-preset images are ~200 MB per x_t; larger models run out of memory
 # sooner, which main() reports as one line too.
 MAX_IMAGES = 65536
+# With --out-dir the images go in batches to six-digit file names (ddpm_fast.sampling.runs: MAX_IMAGES, MAX_BATCH).
+MAX_RUN_IMAGES = 1_000_000
+MAX_RUN_BATCH = 65536
 
 
 
@@ -73,8 +77,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
                      help=f"sample from a randomly initialised preset ({', '.join(sorted(PRESETS))}): noise, "
                           "for trying the pipeline")
-    p.add_argument("--num-images", type=number_arg(int, 1, MAX_IMAGES, hi_open=False), default=16, metavar="N",
-                   help=f"images to draw, in one batch (default 16, at most {MAX_IMAGES})")
+    p.add_argument("--num-images", type=number_arg(int, 1, MAX_RUN_IMAGES, hi_open=False), default=16, metavar="N",
+                   help=f"images to draw (default 16): in one batch for the grid (at most {MAX_IMAGES}), in "
+                        f"batches with --out-dir (at most {MAX_RUN_IMAGES})")
     p.add_argument("--steps", type=number_arg(int, 1), default=None, metavar="S",
                    help="sampler steps, strided over the schedule (default: T for ddpm, 50 for ddim)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="(default: ddpm)")
@@ -93,6 +98,19 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="fast backend: run the UNet in NHWC (opt-in; not yet timed on a GPU)")
     p.add_argument("--nrow", type=number_arg(int, 1), default=None, metavar="R", help="images per grid row")
     p.add_argument("--out", default="samples.png", metavar="PATH", help="output image (default samples.png)")
+    run = p.add_argument_group("runs to a folder (one PNG per image, resumable, torchrun-aware)")
+    run.add_argument("--out-dir", default=None, metavar="DIR",
+                     help="write DIR/000000.png ... instead of a grid; a rerun skips the images already there")
+    run.add_argument("--batch-size", type=number_arg(int, 1, MAX_RUN_BATCH, hi_open=False), default=None,
+                     metavar="B", help="images per batch (default: 16 on CPU, 64 on CUDA); never changes an image")
+    run.add_argument("--npz", default=None, metavar="FILE",
+                     help="also write FILE.npz at the end (arr_0: uint8 [N, H, W, C], the ADM evaluator's input)")
+    run.add_argument("--noise", choices=["philox", "generator"], default=None,
+                     help="philox (default): counter-based noise keyed by (seed, image), the same on both "
+                          "backends; generator: a CPU torch.Generator per image seeded from (seed, image)")
+    run.add_argument("--model-batch", type=number_arg(int, 1, MAX_RUN_BATCH, hi_open=False), default=None,
+                     metavar="C", help="images per model call (default: 16 on CPU, 64 on CUDA); part of the "
+                                       "run's settings, since kernels sum in a shape-dependent order")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_sample_from_args)
 
@@ -100,13 +118,13 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 def run_sample_from_args(args: argparse.Namespace) -> int:
     # Imported here so `ddpm-fast --help` stays quick and the parser does not depend on them.
     from .devices import DTYPE_NAMES, parse_device
-    from .io.checkpoint import default_checkpoint_path, load_checkpoint
     from .io.images import image_format_for_path, image_mode, make_grid, save_image_atomic
-    from .reference.unet import UNet
     from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_VARIANT, sample
 
+    _check_run_flags(args)
     out = Path(args.out)
-    image_format_for_path(out)  # refuse a bad output path before any work
+    if args.out_dir is None:
+        image_format_for_path(out)  # refuse a bad output path before any work
     if args.sampler == "ddpm" and args.eta != 0.0:
         raise UserError("--eta applies to --sampler ddim only")
     if args.sampler == "ddim" and args.variant != DEFAULT_VARIANT:
@@ -118,6 +136,60 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
     device = parse_device(args.device, what="--device") if args.device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPE_NAMES[args.dtype]
+
+    if args.out_dir is not None:
+        return _sample_to_folder_from_args(args, device, dtype)
+    model, config, source, notice = _model_from_args(args, device, dtype)
+    n_train = config.diffusion.n_steps
+    if args.steps is not None and args.steps > n_train:
+        raise UserError(f"--steps {args.steps} exceeds the model's schedule length T={n_train}")
+    # Now that the channel count is known, before any sampling: can the grid be made and written at all?
+    if config.unet.image_channels not in (1, 3):
+        raise UserError(f"this model makes {config.unet.image_channels}-channel images; the image grid takes "
+                        "1 (grayscale) or 3 (RGB) channels: use ddpm_fast.sample() from Python instead")
+    image_format_for_path(out, mode=image_mode(config.unet.image_channels))
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    images = sample(model, batch_size=args.num_images, num_inference_steps=args.steps, sampler=args.sampler,
+                    eta=args.eta, generator=generator, output_type="pt", progress=not args.no_progress,
+                    device=device, dtype=dtype, backend=args.backend, variant=args.variant,
+                    clip_x0=args.clip_x0, config=config, channels_last=args.channels_last)
+    seconds = time.perf_counter() - start
+    save_image_atomic(make_grid(images, nrow=args.nrow), out)
+    if notice:  # only after a successful save, so an error stays the only line
+        print(f"{PROG}: note: {notice}", file=sys.stderr)
+    n_steps = args.steps or (n_train if args.sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, n_train))
+    print(out)
+    print(f"{args.num_images} images, {n_steps} steps, {args.sampler} sampler, {source}, {device}, "
+          f"{args.dtype}, {args.backend} backend, {seconds:.2f} s")
+    return 0
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """The flags that only make sense with (or without) --out-dir."""
+    if args.out_dir is None:
+        for flag, value in (("--npz", args.npz), ("--batch-size", args.batch_size),
+                            ("--model-batch", args.model_batch), ("--noise", args.noise)):
+            if value is not None:
+                raise UserError(f"{flag} applies to runs into a folder: add --out-dir DIR")
+        if args.num_images > MAX_IMAGES:
+            raise UserError(f"--num-images {args.num_images}: the grid draws every image in one batch, at most "
+                            f"{MAX_IMAGES}; use --out-dir DIR for more")
+        return
+    if not args.out_dir.strip():
+        raise UserError("--out-dir must not be empty")
+    if args.out != "samples.png":
+        raise UserError("--out (the grid image) and --out-dir (one file per image) exclude each other")
+    if args.nrow is not None:
+        raise UserError("--nrow applies to the grid image, not to --out-dir")
+    if args.npz is not None and not args.npz.endswith(".npz"):
+        raise UserError(f"--npz {args.npz}: the file name must end in .npz")
+
+
+def _model_from_args(args: argparse.Namespace, device, dtype):
+    """(model, config, source description, notice or None) for --checkpoint / --preset / the default."""
+    from .io.checkpoint import default_checkpoint_path, load_checkpoint
+    from .reference.unet import UNet
 
     if args.checkpoint is not None and not args.checkpoint.strip():
         raise UserError("--checkpoint must not be empty (give a .safetensors path, or leave it out for the "
@@ -142,29 +214,34 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
             model = UNet(config.unet)
         model = model.to(device=device, dtype=dtype)
         source = f"random {preset}"
+    return model, config, source, notice
 
-    n_train = config.diffusion.n_steps
-    if args.steps is not None and args.steps > n_train:
-        raise UserError(f"--steps {args.steps} exceeds the model's schedule length T={n_train}")
-    # Now that the channel count is known, before any sampling: can the grid be made and written at all?
-    if config.unet.image_channels not in (1, 3):
-        raise UserError(f"this model makes {config.unet.image_channels}-channel images; the image grid takes "
-                        "1 (grayscale) or 3 (RGB) channels: use ddpm_fast.sample() from Python instead")
-    image_format_for_path(out, mode=image_mode(config.unet.image_channels))
-    generator = torch.Generator().manual_seed(args.seed)
-    start = time.perf_counter()
-    images = sample(model, batch_size=args.num_images, num_inference_steps=args.steps, sampler=args.sampler,
-                    eta=args.eta, generator=generator, output_type="pt", progress=not args.no_progress,
-                    device=device, dtype=dtype, backend=args.backend, variant=args.variant,
-                    clip_x0=args.clip_x0, config=config, channels_last=args.channels_last)
-    seconds = time.perf_counter() - start
-    save_image_atomic(make_grid(images, nrow=args.nrow), out)
-    if notice:  # only after a successful save, so an error stays the only line
+
+def _sample_to_folder_from_args(args: argparse.Namespace, device, dtype) -> int:
+    from .sampling.runs import sample_to_folder
+
+    # Loaded on the CPU: under torchrun each rank moves it to its own GPU (cuda:LOCAL_RANK).
+    model, config, source, notice = _model_from_args(args, torch.device("cpu"), dtype)
+    if args.steps is not None and args.steps > config.diffusion.n_steps:
+        raise UserError(f"--steps {args.steps} exceeds the model's schedule length T={config.diffusion.n_steps}")
+    if config.unet.image_channels not in (1, 3, 4):
+        raise UserError(f"this model makes {config.unet.image_channels}-channel images; PNG takes 1, 3 or 4")
+    result = sample_to_folder(model, args.out_dir, args.num_images, args.batch_size, npz=args.npz, config=config,
+                              device=device, progress=not args.no_progress, sampler=args.sampler,
+                              num_inference_steps=args.steps, eta=args.eta, variant=args.variant,
+                              clip_x0=args.clip_x0, seed=args.seed, dtype=dtype, backend=args.backend,
+                              noise=args.noise or "philox", model_batch=args.model_batch,
+                              channels_last=args.channels_last)
+    if result.rank != 0:
+        return 0
+    if notice:
         print(f"{PROG}: note: {notice}", file=sys.stderr)
-    n_steps = args.steps or (n_train if args.sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, n_train))
-    print(out)
-    print(f"{args.num_images} images, {n_steps} steps, {args.sampler} sampler, {source}, {device}, "
-          f"{args.dtype}, {args.backend} backend, {seconds:.2f} s")
+    rate = result.written / result.seconds if result.seconds > 0 else 0.0
+    print(result.out_dir)
+    extra = f", {result.npz}" if result.npz is not None else ""
+    print(f"{args.num_images} images ({result.skipped} already there, {result.written} drawn by rank 0 of "
+          f"{result.world}){extra}, {args.sampler} sampler, {source}, {args.backend} backend, {args.dtype}, "
+          f"{result.seconds:.2f} s, {rate * result.world:.1f} images/s")
     return 0
 
 

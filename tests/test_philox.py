@@ -45,12 +45,13 @@ def _ref_words(counter, key):
     return tuple(int(w) for w in words)
 
 
-def kernel_normal(shape, seed, step, channels_last=False):
+def kernel_normal(shape, seed, step, channels_last=False, image_offset=0):
     """z from the C++ kernel: the reverse step with the row (0, 0, 0, 0, 0, 1) returns the noise."""
     x = torch.randn(shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return rs.reverse_step(x, x, torch.tensor(step), SIGMA_ONLY.repeat(step + 1, 1), seed=seed)
+    return rs.reverse_step(x, x, torch.tensor(step), SIGMA_ONLY.repeat(step + 1, 1), seed=seed,
+                           image_offset=image_offset)
 
 
 # --- known answers and integer identity --------------------------------------------------------------
@@ -178,3 +179,80 @@ def test_cpu_isa_variants_agree_bitwise(tmp_path):
     generic = torch.load(out)
     for n, g in zip((1, 7, 4096 + 3, 2 ** 20 + 5), generic):
         assert torch.equal(kernel_normal((n,), 2 ** 63 + 11, 5), g), n
+
+
+# --- image offsets: image i draws the same noise in any batch position ----------------------------------
+# (shape of one batch, channels_last): P = C*H*W a multiple of 4 (Philox-block aligned batches), and not
+# (3 x 7 x 9 = 189: a batch can start inside a Philox block, the kernel's per-element path).
+OFFSET_SHAPES = [((5, 1, 16, 16), False), ((4, 3, 7, 9), False), ((3, 3, 7, 9), True), ((2, 96, 7, 9), True)]
+OFFSET_IDS = ["digits", "odd", "odd-cl", "c96-cl"]
+
+
+@pytest.mark.parametrize("shape,channels_last", OFFSET_SHAPES, ids=OFFSET_IDS)
+def test_image_offset_keys_noise_by_global_image(shape, channels_last):
+    """A batch at offset k holds images k..k+B-1 of the run drawn in one batch: reference and kernel."""
+    _need_ext()
+    b, per = shape[0], shape[1:]
+    seed, step = 2 ** 63 + 17, 4
+    whole_ref = F.philox_normal((b + 6,) + per, seed, step)
+    whole_ker = kernel_normal((b + 6,) + per, seed, step, channels_last)
+    for offset in (0, 1, 3, 6):
+        ref = F.philox_normal(shape, seed, step, image_offset=offset)
+        assert torch.equal(ref, whole_ref[offset:offset + b]), offset
+        ker = kernel_normal(shape, seed, step, channels_last, image_offset=offset)
+        assert torch.equal(ker, whole_ker[offset:offset + b]), offset
+        torch.testing.assert_close(ker, ref, **tol("philox_normal", torch.float32))
+    # one image alone, at its index, is that image of any batch
+    torch.testing.assert_close(kernel_normal((1,) + per, seed, step, channels_last, image_offset=5), whole_ker[5:6],
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape,channels_last", OFFSET_SHAPES[:2], ids=OFFSET_IDS[:2])
+def test_image_offset_writes_every_element(shape, channels_last):
+    # In place over a sentinel input (the row (0, 0, 0, 0, 0, 1) maps x to 0 * x + z = z): an element the
+    # kernel skipped keeps 1e30 and fails the comparison.
+    _need_ext()
+    x = torch.full(shape, 1e30)
+    rs.reverse_step_(x, x, torch.tensor(2), SIGMA_ONLY.repeat(3, 1), seed=9, image_offset=3)
+    torch.testing.assert_close(x, F.philox_normal(shape, 9, 2, image_offset=3), **tol("philox_normal", torch.float32))
+
+
+def test_image_offset_tensor_equals_int_and_changes_the_stream():
+    _need_ext()
+    shape = (3, 3, 8, 8)
+    want = kernel_normal(shape, 11, 1, image_offset=7)
+    assert torch.equal(kernel_normal(shape, 11, 1, image_offset=torch.tensor(7)), want)
+    assert (kernel_normal(shape, 11, 1, image_offset=8) != want).float().mean() > 0.99
+    assert torch.equal(F.philox_normal(shape, 11, 1, image_offset=torch.tensor(7)),
+                       F.philox_normal(shape, 11, 1, image_offset=7))
+
+
+def test_x_T_stream_is_separate_and_normal():
+    n = 2 ** 16
+    steps = F.philox_normal((n,), 42, 0)
+    x_T = F.philox_normal((n,), 42, 0, stream=F.STREAM_X_T)
+    assert abs(_corr(steps, x_T)) < 5 / math.sqrt(n)
+    _check_normal(x_T)
+    # batches of x_T are keyed by image like the step noise
+    whole = F.philox_normal((9, 3, 5, 5), 42, 0, stream=F.STREAM_X_T)
+    assert torch.equal(F.philox_normal((4, 3, 5, 5), 42, 0, image_offset=5, stream=F.STREAM_X_T), whole[5:])
+
+
+@pytest.mark.parametrize("offset,exc,msg", [
+    (-1, ValueError, "image_offset"), (2 ** 63, ValueError, "image_offset"), (1.0, TypeError, "image_offset"),
+    (True, TypeError, "image_offset"), (torch.tensor(1.0), TypeError, "image_offset_tensor must be an int64"),
+    (torch.tensor([1, 2]), ValueError, "exactly one index"),
+    (torch.tensor(-3), ValueError, "image_offset must be >= 0"),
+    (2 ** 62, ValueError, "too large")], ids=["negative", "2^63", "float", "bool", "tensor-float", "tensor-two",
+                                              "tensor-negative", "overflow"])
+def test_bad_image_offset_raises(offset, exc, msg):
+    _need_ext()
+    with pytest.raises(exc, match=msg):
+        kernel_normal((2, 3, 4, 4), 0, 0, image_offset=offset)
+
+
+def test_reference_bad_offset_and_stream_raise():
+    with pytest.raises(ValueError, match="image_offset"):
+        F.philox_normal((2, 3), 0, 0, image_offset=-1)
+    with pytest.raises(ValueError, match="stream"):
+        F.philox_normal((2, 3), 0, 0, stream=2)

@@ -2,15 +2,19 @@
 
 One kernel gathers the coefficient row `coeffs[step]` on the device, forms x0 (optionally clamped),
 the posterior mean and adds sigma * z, with z either passed in or drawn inside the kernel by
-Philox4x32-10 keyed by (seed, step, logical element index) -- the same stream as
-`reference.functional.philox_normal` on CPU and CUDA. The spec is `reference.functional.reverse_step`.
+Philox4x32-10 keyed by (seed, step, global logical element index) -- the same stream as
+`reference.functional.philox_normal` on CPU and CUDA. The global index of element e of a batch whose
+first image is image `image_offset` of a larger run is image_offset * per_image + e (per_image: the
+elements of one image, numel / x_t.shape[0]), so image i draws the same noise in any batch position. The spec is `reference.functional.reverse_step`.
 
 Ops registered in the `ddpm_fast` namespace (schemas in csrc/bindings.cpp):
     reverse_step(Tensor x_t, Tensor eps, Tensor step, Tensor coeffs, Tensor? noise, int seed,
-                 float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None) -> Tensor
+                 float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None, int image_offset=0,
+                 Tensor? image_offset_tensor=None) -> Tensor
     reverse_step_(Tensor(a!) x_t, <same arguments>) -> ()          # writes x_{t-1} into x_t
 seed_tensor (an int64 scalar, on x_t's device or the CPU) replaces `seed` when given: on CUDA the kernel
-reads it, so a captured graph can be replayed for a new sampling run after `seed_tensor.fill_(s)`.
+reads it, so a captured graph can be replayed for a new sampling run after `seed_tensor.fill_(s)`;
+image_offset_tensor replaces image_offset the same way (a new batch of a large run: `.fill_(first)`).
 If `ddpm_fast._C` is missing or fails to load, ONE warning is emitted and both ops are defined here
 with the reference as their implementation, so `reverse_step` always works (slower, and without
 CUDA-graph safety: the reference reads the step on the host). DDPM_FAST_DISABLE_EXT=1 (set before
@@ -33,16 +37,19 @@ __all__ = ["reverse_step", "reverse_step_", "HAS_EXTENSION", "EXTENSION_HAS_CUDA
 # Identical to the m.def strings in csrc/bindings.cpp (a test compares them with the loaded op).
 SCHEMAS = {
     "reverse_step": "reverse_step(Tensor x_t, Tensor eps, Tensor step, Tensor coeffs, Tensor? noise, int seed, "
-                    "float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None) -> Tensor",
+                    "float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None, int image_offset=0, "
+                    "Tensor? image_offset_tensor=None) -> Tensor",
     "reverse_step_": "reverse_step_(Tensor(a!) x_t, Tensor eps, Tensor step, Tensor coeffs, Tensor? noise, int seed, "
-                     "float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None) -> ()",
+                     "float clip_lo, float clip_hi, bool clip, Tensor? seed_tensor=None, int image_offset=0, "
+                     "Tensor? image_offset_tensor=None) -> ()",
 }
 _U64 = (1 << 64) - 1
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "ddpm_fast::reverse_step"
 
 
-def _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor=None) -> None:
+def _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor=None, image_offset=0,
+           image_offset_tensor=None) -> None:
     """The binding's checks in Python, for the fake (tracing) and the fallback implementations."""
     dev = x_t.device
     if x_t.dtype not in _KERNEL_DTYPES:
@@ -87,24 +94,43 @@ def _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor=No
         if seed_tensor.device != dev and seed_tensor.device.type != "cpu":
             raise RuntimeError(f"{_OP}: seed_tensor is on {seed_tensor.device}; it must be on x_t's device ({dev}) "
                                "or the CPU")
+    if image_offset < 0:
+        raise ValueError(f"{_OP}: image_offset must be >= 0, got {image_offset}")
+    if image_offset_tensor is not None:
+        if image_offset_tensor.dtype != torch.int64:
+            raise TypeError(f"{_OP}: image_offset_tensor must be an int64 tensor, got {image_offset_tensor.dtype}")
+        if image_offset_tensor.numel() != 1:
+            raise ValueError(f"{_OP}: image_offset_tensor must hold exactly one index, got shape "
+                             f"{tuple(image_offset_tensor.shape)}")
+        if image_offset_tensor.device != dev and image_offset_tensor.device.type != "cpu":
+            raise RuntimeError(f"{_OP}: image_offset_tensor is on {image_offset_tensor.device}; it must be on "
+                               f"x_t's device ({dev}) or the CPU")
     if clip and not clip_lo <= clip_hi:  # also rejects NaN bounds
         raise ValueError(f"{_OP}: clip range must satisfy lo <= hi, got ({clip_lo}, {clip_hi})")
 
 
 # --- the reference as an op implementation (fallback, and CUDA when the extension has no CUDA) ---
-def _reference_impl(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None):
-    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor)
+def _reference_impl(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None, image_offset=0,
+                    image_offset_tensor=None):
+    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor, image_offset, image_offset_tensor)
     if seed_tensor is not None:
         seed = int(seed_tensor.reshape(()).item())
+    if image_offset_tensor is not None:
+        image_offset = int(image_offset_tensor.reshape(()).item())
+        if image_offset < 0:
+            raise ValueError(f"{_OP}: image_offset must be >= 0, got {image_offset}")
     s = int(step.reshape(()).item())
     if not 0 <= s < coeffs.shape[0]:
         raise ValueError(f"{_OP}: step {s} is out of range for a coefficient table of {coeffs.shape[0]} rows")
-    out = _ref.reverse_step(x_t, eps, step, coeffs, noise, seed & _U64, (clip_lo, clip_hi) if clip else None)
+    out = _ref.reverse_step(x_t, eps, step, coeffs, noise, seed & _U64, (clip_lo, clip_hi) if clip else None,
+                            image_offset)
     return out.contiguous(memory_format=out_format(x_t))
 
 
-def _reference_impl_(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None):
-    x_t.copy_(_reference_impl(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor))
+def _reference_impl_(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None, image_offset=0,
+                     image_offset_tensor=None):
+    x_t.copy_(_reference_impl(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor, image_offset,
+                              image_offset_tensor))
 
 
 def _load_extension() -> Tuple[bool, bool, Optional[BaseException]]:
@@ -140,14 +166,16 @@ elif not EXTENSION_HAS_CUDA and torch.cuda.is_available():
 
 
 @torch.library.register_fake("ddpm_fast::reverse_step")
-def _reverse_step_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None):
-    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor)
+def _reverse_step_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None, image_offset=0,
+                       image_offset_tensor=None):
+    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor, image_offset, image_offset_tensor)
     return torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device, memory_format=out_format(x_t))
 
 
 @torch.library.register_fake("ddpm_fast::reverse_step_")
-def _reverse_step_inplace_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None):
-    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor)
+def _reverse_step_inplace_fake(x_t, eps, step, coeffs, noise, seed, clip_lo, clip_hi, clip, seed_tensor=None,
+                               image_offset=0, image_offset_tensor=None):
+    _check(x_t, eps, step, coeffs, noise, clip_lo, clip_hi, clip, seed_tensor, image_offset, image_offset_tensor)
     return None
 
 
@@ -166,6 +194,18 @@ def _seed_args(seed) -> Tuple[int, Optional[torch.Tensor]]:
     if isinstance(seed, torch.Tensor):
         return 0, seed
     return seed_arg(seed), None
+
+
+def _image_offset_args(image_offset) -> Tuple[int, Optional[torch.Tensor]]:
+    """(image_offset, image_offset_tensor) for the op, as `_seed_args`: an int, or an int64 scalar tensor."""
+    if isinstance(image_offset, torch.Tensor):
+        return 0, image_offset
+    if isinstance(image_offset, bool) or not hasattr(image_offset, "__index__"):
+        raise TypeError(f"image_offset must be an integer, got {image_offset!r}")
+    value = operator.index(image_offset)
+    if not 0 <= value < (1 << 63):
+        raise ValueError(f"image_offset must be in [0, 2^63), got {value}")
+    return value, None
 
 
 def _clip_args(clip) -> Tuple[float, float, bool]:
@@ -199,7 +239,7 @@ def _no_autograd(op: str, *tensors) -> None:
 
 def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeffs: torch.Tensor,
                  noise: Optional[torch.Tensor] = None, seed: int = 0,
-                 clip: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+                 clip: Optional[Tuple[float, float]] = None, image_offset: int = 0) -> torch.Tensor:
     """One reverse step x_t -> x_{t-1} from the coefficient row `coeffs[step]`, fused in one kernel.
 
     Same contract as `reference.functional.reverse_step`: x_t float32 (or float16/bfloat16 with eps
@@ -207,8 +247,10 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeff
     tensor holding one row index (on x_t's device for CUDA-graph capture, or on the CPU; a Python int
     is accepted too); coeffs float32 [S, 6] contiguous on x_t's device (Schedule.ddpm_coeffs,
     ddpm_coeffs_clipped, ddim_coeffs); noise None to draw z in the kernel from Philox keyed by
-    (seed, step, element), or a tensor of x_t's shape; seed an integer, or an int64 scalar tensor (on
-    x_t's device or the CPU) that the kernel reads; clip (lo, hi) clamps x0.
+    (seed, step, image_offset * per_image + element), or a tensor of x_t's shape; seed an integer, or an
+    int64 scalar tensor (on x_t's device or the CPU) that the kernel reads; clip (lo, hi) clamps x0;
+    image_offset the global index of the batch's first image (x_t.shape[0] images), an integer >= 0 or an
+    int64 scalar tensor read like seed.
     Returns a new tensor of x_t's dtype, contiguous (channels_last when x_t is channels_last).
     A step outside [0, S) raises, except for a step tensor on CUDA, where reading it would sync:
     there every output element is NaN instead.
@@ -216,22 +258,27 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeff
     _no_autograd("reverse_step", x_t, eps, coeffs, noise)
     lo, hi, do_clip = _clip_args(clip)
     seed, seed_t = _seed_args(seed)
-    return torch.ops.ddpm_fast.reverse_step(x_t, eps, _step_arg(step), coeffs, noise, seed, lo, hi, do_clip, seed_t)
+    offset, offset_t = _image_offset_args(image_offset)
+    return torch.ops.ddpm_fast.reverse_step(x_t, eps, _step_arg(step), coeffs, noise, seed, lo, hi, do_clip, seed_t,
+                                            offset, offset_t)
 
 
 def reverse_step_(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeffs: torch.Tensor,
                   noise: Optional[torch.Tensor] = None, seed: int = 0,
-                  clip: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+                  clip: Optional[Tuple[float, float]] = None, image_offset: int = 0) -> torch.Tensor:
     """In-place `reverse_step`: writes x_{t-1} into x_t and returns x_t.
 
     The form for a CUDA-graph sampler: x_t is the static state buffer, eps the UNet's static output
     and step a device int64 scalar refilled before each replay (`step.fill_(i)` or `copy_`), so the
     captured launch reads the new row and draws fresh Philox noise for every step; a device seed tensor
-    lets the same graph serve another sampling run (`seed.fill_(s)`). eps (and noise)
+    lets the same graph serve another sampling run (`seed.fill_(s)`), and a device image_offset tensor
+    another batch of a large run (`image_offset.fill_(first)`). eps (and noise)
     may be x_t itself but must not partially overlap it.
     """
     _no_autograd("reverse_step_", x_t, eps, coeffs, noise)
     lo, hi, do_clip = _clip_args(clip)
     seed, seed_t = _seed_args(seed)
-    torch.ops.ddpm_fast.reverse_step_(x_t, eps, _step_arg(step), coeffs, noise, seed, lo, hi, do_clip, seed_t)
+    offset, offset_t = _image_offset_args(image_offset)
+    torch.ops.ddpm_fast.reverse_step_(x_t, eps, _step_arg(step), coeffs, noise, seed, lo, hi, do_clip, seed_t, offset,
+                                      offset_t)
     return x_t

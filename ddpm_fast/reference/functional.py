@@ -13,7 +13,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add", "attention", "time_embedding", "reverse_step", "philox_normal", "N_COEFFS"]
+__all__ = ["conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add", "attention", "time_embedding", "reverse_step", "philox_normal", "N_COEFFS",
+           "STREAM_STEP", "STREAM_X_T"]
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
@@ -122,13 +123,14 @@ C_X0_X, C_X0_EPS, M_X0, M_X, M_EPS, SIGMA = range(N_COEFFS)
 
 def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeffs: torch.Tensor,
                  noise: Optional[torch.Tensor] = None, seed: int = 0,
-                 clip: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+                 clip: Optional[Tuple[float, float]] = None, image_offset: int = 0) -> torch.Tensor:
     """One reverse step x_t -> x_{t-1} from the coefficient row `coeffs[step]`.
 
     x_t: float32 [B, C, H, W] (any strides); eps: same shape, fp32/fp16/bf16; step: int64 scalar tensor
     (the row index, on any device); coeffs: float32 [S, 6]; noise: same shape as x_t, or None to draw
-    z from the counter-based generator `philox_normal(seed, step, element index)`; seed: an integer or
-    a one-element integer tensor.
+    z from the counter-based generator `philox_normal(x_t.shape, seed, step, image_offset=image_offset)`;
+    seed, image_offset: integers or one-element integer tensors (image_offset: the global index of the
+    batch's first image, so that image i draws the same noise in any batch position).
     Returns a new tensor with x_t's dtype and shape (contiguous in x_t's memory format).
     """
     # float32 arithmetic (float64 when x_t is float64, for high-precision reference runs).
@@ -140,7 +142,7 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, coeff
     if clip is not None:
         x0 = x0.clamp(clip[0], clip[1])
     if noise is None:
-        noise = philox_normal(x_t.shape, seed, step, device=x_t.device)
+        noise = philox_normal(x_t.shape, seed, step, device=x_t.device, image_offset=image_offset)
     out = row[M_X0] * x0 + row[M_X] * x + row[M_EPS] * e + row[SIGMA] * noise.to(acc)
     return out.to(x_t.dtype)
 
@@ -173,22 +175,39 @@ def philox4x32(counter: Tuple[torch.Tensor, ...], key: Tuple[int, int]) -> Tuple
     return c0, c1, c2, c3
 
 
-def philox_normal(shape, seed: int, step, device=None) -> torch.Tensor:
-    """Standard normal noise keyed by (seed, step, element index), float32.
+# Philox streams (the counter's last word): one for the reverse steps' noise, one for the initial x_T.
+STREAM_STEP, STREAM_X_T = 0, 1
 
-    Element e (row-major index over `shape`) takes Philox block e // 4 with counter
-    (block_lo, block_hi, step, 0) and key (seed_lo, seed_hi); of its four words, the pair
+
+def philox_normal(shape, seed: int, step, device=None, image_offset: int = 0, stream: int = STREAM_STEP
+                  ) -> torch.Tensor:
+    """Standard normal noise keyed by (seed, stream, step, global element index), float32.
+
+    `shape[0]` counts images: element e (row-major index over `shape`) has the global index
+    g = image_offset * P + e, P = prod(shape[1:]) the elements of one image, so the images of a run drawn
+    in batches (image_offset = the batch's first image) get the noise of the run drawn in one batch.
+    g takes Philox block g // 4 with counter (block_lo, block_hi, step, stream) and key
+    (seed_lo, seed_hi); `stream` STREAM_STEP is the reverse step's noise (the fused kernel draws only
+    that one), STREAM_X_T the initial noise x_T (step 0). Of the block's four words, the pair
     (w0, w1) feeds elements 4k, 4k+1 and (w2, w3) elements 4k+2, 4k+3 through Box-Muller:
     u = ((w >> 8) + 0.5) / 2^24 (exact in float32, never 0 or 1), r = sqrt(-2 ln u_a),
     z = r cos(2 pi u_b) for the even element, r sin(2 pi u_b) for the odd one.
     """
+    shape = tuple(shape)
     n = math.prod(shape)
     step = int(step.item()) if torch.is_tensor(step) else int(step)
     seed = (int(seed.item()) if torch.is_tensor(seed) else int(seed)) & 0xFFFFFFFFFFFFFFFF
-    e = torch.arange(n, dtype=torch.int64, device=device)
+    offset = int(image_offset.item()) if torch.is_tensor(image_offset) else int(image_offset)
+    per_image = math.prod(shape[1:]) if shape else 1
+    if offset < 0 or offset * per_image + n >= 2 ** 63:
+        raise ValueError(f"philox_normal: image_offset must be >= 0 and keep the element index below 2^63, "
+                         f"got {offset}")
+    if stream not in (STREAM_STEP, STREAM_X_T):
+        raise ValueError(f"philox_normal: stream must be {STREAM_STEP} (steps) or {STREAM_X_T} (x_T), got {stream!r}")
+    e = torch.arange(n, dtype=torch.int64, device=device) + offset * per_image
     block = e >> 2
     zeros = torch.zeros_like(block)
-    words = philox4x32((block & _MASK32, block >> 32, zeros + (step & _MASK32), zeros),
+    words = philox4x32((block & _MASK32, block >> 32, zeros + (step & _MASK32), zeros + stream),
                        (seed & _MASK32, seed >> 32))
     lane = e & 3
     w_a = torch.where(lane < 2, words[0], words[2])

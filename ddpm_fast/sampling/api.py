@@ -7,10 +7,19 @@ coefficients per step, and every step is the same two calls:
 so the reference loop (sampling.reference_loop) and the fast loop (sampling.fast_loop) differ only in
 how they run those two calls, never in the math.
 
-Random numbers: a CPU torch.Generator draws x_T first, on the CPU, so a seed gives the same x_T on any
-device. The reference loop then draws one z ~ N(0, I) of x_T's shape per step from it, in step order;
-the fast loop draws z inside its fused step from Philox keyed by (seed, step, element), with the seed
-taken from the generator (see the README for when the two backends' images differ).
+Random numbers (the contract both loops follow), by `noise` mode:
+- "generator": a CPU torch.Generator draws x_T first, then one z ~ N(0, I) of x_T's shape per step, in
+  step order, whether or not that step's sigma is zero. All of it is drawn on the CPU and moved to the
+  device, so a seed gives the same images on any device (up to the model's floating-point differences
+  between devices). A list of generators (diffusers' convention) gives each image its own: image k's
+  x_T and z come from generator k alone, so an image does not depend on the others in its batch.
+- "philox": x_T and every step's z come from the counter-based Philox generator of
+  `reference.functional.philox_normal`, keyed by (seed, step, global image index, element), x_T on a
+  stream of its own. Image i of a run is the same whatever batch it is drawn in (`image_offset` = the
+  batch's first image), and the fast backend draws the very same z inside its fused step, so the two
+  backends give the same images up to float32 rounding.
+- default (None): "generator" on the reference backend; on the fast backend x_T from the generator and
+  the steps' z from in-kernel Philox with a seed drawn from the generator (as before this option).
 """
 from __future__ import annotations
 
@@ -23,9 +32,10 @@ import torch
 from ..config import DiffusionConfig, ModelConfig, UNetConfig, check_int
 from ..devices import parse_device, parse_dtype
 from ..io.images import to_output
+from ..reference import functional
 from ..reference.diffusion import DDPM_VARIANTS, Schedule
-from .checks import (BACKENDS, DEFAULT_DDIM_STEPS, DEFAULT_VARIANT, OUTPUT_TYPES, SAMPLERS, image_hw,
-                     module_device, module_dtype, prepared)
+from .checks import (BACKENDS, DEFAULT_DDIM_STEPS, DEFAULT_VARIANT, NOISE_MODES, OUTPUT_TYPES, SAMPLERS, image_hw,
+                     module_device, module_dtype, prepared, randn_images)
 from .reference_loop import reference_loop
 
 __all__ = ["sample", "sampler_coefficients"]
@@ -36,7 +46,8 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
            output_type: str = "pil", progress: bool = True, device=None, dtype=None,
            backend: str = "reference", variant: str = DEFAULT_VARIANT, clip_x0: bool = False,
            config: Optional[ModelConfig] = None, image_size: Union[int, Tuple[int, int], None] = None,
-           channels_last: bool = False):
+           channels_last: bool = False, noise: Optional[str] = None, seed: Optional[int] = None,
+           image_offset: int = 0, model_batch: Optional[int] = None):
     """Draw `batch_size` images from a DDPM model.
 
     model_or_checkpoint: a UNet (any nn.Module mapping (x [B, C, H, W], t [B] int64) -> eps), or
@@ -51,7 +62,16 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
         noise at the last step, "posterior" = posterior variance beta_tilde) or "ddim" (`eta` in [0, 1];
         eta must be 0 for "ddpm", and variant must stay "labml" for "ddim").
     clip_x0: clamp the predicted x0 to config.diffusion.data_range at every step.
-    generator: a CPU torch.Generator (default: a fresh one seeded from torch's global RNG).
+    generator: a CPU torch.Generator (default: a fresh one seeded from torch's global RNG), or a list
+        of batch_size of them, one per image (noise "generator" only).
+    noise: "generator", "philox" or None (the backend's default): see the module docstring.
+    seed: noise="philox" only: the Philox key, an int in [0, 2^64) (default: drawn from `generator`).
+    image_offset: noise="philox" only: the global index of this batch's first image in a larger run, so
+        that image_offset + k gets the noise of image k of a one-batch run (see sampling.runs).
+    model_batch: run the model on chunks of exactly this many images (the last one padded) instead of
+        the whole batch at once. Convolution and GEMM libraries pick their algorithm, hence their
+        summation order, by shape, so an image's bits depend on the batch it is computed in; with a
+        fixed model_batch they do not (same device, dtype and thread count).
     device: "cpu" or "cuda[:i]" (default: the module's device; for a checkpoint CUDA when available). A
         module is moved there in place (nn.Module.to), after every argument has been checked; if sampling
         then fails, it is moved back.
@@ -70,7 +90,10 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     eta = float(eta)
     if num_inference_steps is not None:
         num_inference_steps = check_int("num_inference_steps", num_inference_steps, low=1)
-    generator = _generator(generator)
+    if model_batch is not None:
+        model_batch = check_int("model_batch", model_batch, low=1)
+    generator = _check_generator(generator, batch_size)
+    noise, seed, image_offset = _check_noise(noise, seed, image_offset, generator, backend)
     run_dtype = parse_dtype(dtype) if dtype is not None else None
     dev = parse_device(device) if device is not None else None
     model, config, dev = _resolve_model(model_or_checkpoint, config, dev, run_dtype)
@@ -82,10 +105,9 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     timesteps, coeffs = sampler_coefficients(schedule, sampler, num_inference_steps, eta, variant, clip_x0)
     clip = config.diffusion.data_range if clip_x0 else None
     loop, loop_kwargs = _loop(backend, schedule.n_steps, channels_last)
-
-    # The initial noise is drawn before anything else from the generator (see the module docstring).
-    x_T = torch.randn((batch_size, config.unet.image_channels, height, width), generator=generator,
-                      dtype=torch.float32).to(dev)
+    loop_kwargs["model_batch"] = model_batch
+    x_T = _initial_noise((batch_size, config.unet.image_channels, height, width), noise, seed, image_offset,
+                         generator, dev, loop_kwargs)
     home = module_device(model)
     try:
         if home != dev:
@@ -125,16 +147,56 @@ def _check_sampler_args(batch_size, sampler, variant, output_type, backend, chan
         raise ValueError(f"clip_x0 must be a bool, got {clip_x0!r}")
 
 
-def _generator(generator) -> torch.Generator:
+def _check_generator(generator, batch_size: int):
     if generator is None:
         # Seeded from the global RNG so torch.manual_seed(k) makes a default call reproducible.
         return torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ()).item()))
-    if not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if generator.device.type != "cpu":
-        raise ValueError(f"generator must be a CPU torch.Generator (device-independent noise), got one on "
-                         f"{generator.device}")
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    for g in gens:
+        if not isinstance(g, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(g).__name__}")
+        if g.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator (device-independent noise), got one on "
+                             f"{g.device}")
+    if isinstance(generator, (list, tuple)):
+        if len(gens) != batch_size:
+            raise ValueError(f"a list of generators needs one per image: got {len(gens)} for batch_size={batch_size}")
+        return gens
     return generator
+
+
+def _check_noise(noise, seed, image_offset, generator, backend):
+    """(noise mode, seed, image_offset) checked; the mode is None only for the fast backend's default."""
+    if noise is not None and noise not in NOISE_MODES:
+        raise ValueError(f"unknown noise {noise!r}; choose one of {NOISE_MODES} (or None for the backend's default)")
+    if noise is None and (backend == "reference" or isinstance(generator, list)):
+        noise = "generator"
+    if noise != "philox":
+        if seed is not None:
+            raise ValueError("seed applies to noise='philox' only (the generator seeds the other modes)")
+        if image_offset != 0:
+            raise ValueError("image_offset applies to noise='philox' only")
+        return noise, None, 0
+    if isinstance(generator, list):
+        raise ValueError("noise='philox' takes one generator (to draw its seed) or seed=, not a list of generators")
+    if seed is not None:
+        seed = check_int("seed", seed, low=0)
+        if seed >= 2 ** 64:
+            raise ValueError(f"seed must be below 2^64, got {seed}")
+    return noise, seed, check_int("image_offset", image_offset, low=0)
+
+
+def _initial_noise(shape, noise, seed, image_offset, generator, dev, loop_kwargs) -> torch.Tensor:
+    """x_T, drawn before anything else (see the module docstring); sets the loop's noise arguments."""
+    if noise == "philox":
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
+        loop_kwargs.update(noise="philox", seed=seed, image_offset=image_offset)
+        return functional.philox_normal(shape, seed, 0, device=dev, image_offset=image_offset,
+                                        stream=functional.STREAM_X_T)
+    # noise None (the fast backend's default): its loop draws a Philox seed from the generator.
+    loop_kwargs.update(noise=noise or "philox")
+    return randn_images(shape, generator).to(dev)
 
 
 def _resolve_model(model_or_checkpoint, config, dev, run_dtype):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import numbers
 from contextlib import contextmanager
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..config import UNetConfig
 
 SAMPLERS = ("ddpm", "ddim")
+NOISE_MODES = ("generator", "philox")
 OUTPUT_TYPES = ("pil", "np", "pt")
 BACKENDS = ("reference", "fast")
 DEFAULT_DDIM_STEPS = 50  # diffusers' DDIMPipeline default
@@ -85,3 +86,35 @@ def image_hw(ucfg: UNetConfig, image_size) -> Tuple[int, int]:
         raise ValueError(f"image_size {hw} does not fit the model: H and W must be divisible by {down} "
                          f"({len(ucfg.ch_mults)} resolutions)")
     return int(hw[0]), int(hw[1])
+
+
+def model_forward(model, x: torch.Tensor, t: torch.Tensor, model_batch: Optional[int], check: bool = False
+                  ) -> torch.Tensor:
+    """eps = model(x, t), on the whole batch (model_batch None) or on chunks of exactly model_batch images,
+    the last padded with copies of its last image (each image's result depends on its own row only, so
+    the padding is computed and dropped). check: check_model_output on the first chunk."""
+    if model_batch is None or x.shape[0] == model_batch:
+        eps = model(x, t)
+        if check:
+            check_model_output(eps, x)
+        return eps
+    outs = []
+    for start in range(0, x.shape[0], model_batch):
+        xc, tc = x[start:start + model_batch], t[start:start + model_batch]
+        n = xc.shape[0]
+        if n < model_batch:
+            xc = torch.cat([xc, xc[-1:].expand(model_batch - n, *xc.shape[1:])])
+            tc = torch.cat([tc, tc[-1:].expand(model_batch - n)])
+        eps = model(xc, tc)
+        if check and start == 0:
+            check_model_output(eps, xc)
+        outs.append(eps[:n])
+    return torch.cat(outs)
+
+
+def randn_images(shape, generator) -> torch.Tensor:
+    """float32 N(0, I) of `shape` on the CPU from one generator, or from a list of shape[0] generators
+    (image k from generator k: each image's noise is independent of its batch)."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generator])

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..ops.reverse_step import EXTENSION_HAS_CUDA, seed_arg
 from ..reference.unet import UNet
-from .checks import check_model_output, prepared
+from .checks import model_forward, prepared, randn_images
 from .graphs import GRAPHS, cache_key, capture
 from .time_table import attach_time_table, detach_time_table
 
@@ -62,12 +62,17 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
               generator: Optional[torch.Generator] = None, clip: Optional[Tuple[float, float]] = None,
               dtype: Optional[torch.dtype] = None, progress: bool = True, noise: str = "philox",
               seed: Optional[int] = None, cuda_graph: Optional[bool] = None, n_steps: int = 1000,
-              fuse: Optional[bool] = None, channels_last: bool = False, reuse_graph: bool = True) -> torch.Tensor:
+              fuse: Optional[bool] = None, channels_last: bool = False, reuse_graph: bool = True,
+              image_offset: int = 0, model_batch: Optional[int] = None) -> torch.Tensor:
     """Run the reverse process from x_T over `timesteps` with coefficient rows `coeffs`; returns x_0 (fp32).
 
     noise="philox": z drawn inside the fused step (seed from `seed`, else drawn from `generator`);
     noise="generator": z drawn from the CPU `generator` per step in the reference sampler's order and
     copied in, so the result matches the reference backend for the same generator (for checking).
+    image_offset: the global index of x_T's first image in the Philox key (noise="philox"), held in a
+    device tensor so that a kept graph serves every batch of a large run.
+    model_batch: run the UNet on chunks of exactly this many images (see sampling.model_forward); it also
+    takes the batch's place in the CPU time-table rule, so the choice does not vary with the batch.
     cuda_graph: default True on CUDA when the C++ extension has its CUDA kernel (the reference
     fallback of reverse_step reads the step on the host, which a graph capture cannot do).
     fuse: run the UNet on the fast ops (default: on CUDA only; on CPU their kernels are the reference
@@ -101,22 +106,24 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     # The table replaces S per-step time-path passes over B rows by one pass over T rows: on the GPU
     # always worth it (it also makes the step graph-capturable); on CPU when S * B >= T. Only a UNet
     # has the time path the table replaces.
-    use_table = isinstance(model, UNet) and (on_gpu or len(timesteps) * x_T.shape[0] >= n_steps)
+    use_table = isinstance(model, UNet) and (on_gpu or len(timesteps) * (model_batch or x_T.shape[0]) >= n_steps)
     # Triton launches on the *current* CUDA device and the side stream / graph below are created
     # on it too, so make x_T's device current (a no-op on a single-GPU machine).
     device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
     fuse = on_gpu if fuse is None else fuse
-    draw = (lambda: torch.randn(x_T.shape, generator=generator)) if noise == "generator" else None
-    key = cache_key(model, x_T, dtype, clip, noise, len(timesteps), n_steps, fuse, use_table, channels_last)
+    draw = (lambda: randn_images(x_T.shape, generator)) if noise == "generator" else None
+    key = cache_key(model, x_T, dtype, clip, noise, len(timesteps), n_steps, fuse, use_table, channels_last,
+                     model_batch)
     with device_ctx:
         hit = GRAPHS.lookup(key, model) if (cuda_graph and reuse_graph) else None
         if hit is not None:
             state, replay = hit
-            state.restart(x_T, timesteps, coeffs, seed)
+            state.restart(x_T, timesteps, coeffs, seed, image_offset)
             return _run_steps(state, replay, draw, progress)
         with _fast_model(model, dtype, device, n_steps, fuse=fuse, table=use_table,
                          channels_last=channels_last) as net:
-            state = _StepState(net, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator")
+            state = _StepState(net, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator", image_offset,
+                               model_batch)
             run = capture(state) if cuda_graph else state.step
             if cuda_graph and reuse_graph:
                 # The graph reads the net's weights and its time table through raw pointers: the entry
@@ -144,11 +151,13 @@ def _run_steps(state: "_StepState", run: Callable[[], None], draw, progress: boo
 class _StepState:
     """The static buffers one sampling step reads and writes, and the step itself."""
 
-    def __init__(self, net, x_T, timesteps, coeffs, dtype, clip, seed, injected_noise):
+    def __init__(self, net, x_T, timesteps, coeffs, dtype, clip, seed, injected_noise, image_offset=0,
+                 model_batch=None):
         device = x_T.device
-        self.net, self.dtype, self.clip = net, dtype, clip
+        self.net, self.dtype, self.clip, self.model_batch = net, dtype, clip, model_batch
         # In device memory, so a captured graph can be replayed for a new run after seed_t.fill_().
         self.seed_t = torch.tensor(seed_arg(seed), dtype=torch.int64, device=device)
+        self.offset_t = torch.tensor(int(image_offset), dtype=torch.int64, device=device)
         self.x = x_T.to(device=device, dtype=torch.float32).contiguous().clone()
         self.x_T = self.x.clone()
         self.step_index = torch.zeros((), dtype=torch.long, device=device)
@@ -160,25 +169,26 @@ class _StepState:
 
     def step(self) -> None:
         t = self.timesteps.index_select(0, self.step_index.reshape(1)).expand(self.batch)
-        eps = self.net(self.x.to(self.dtype), t)
-        if not self.output_checked:  # the first (eager) step: shapes cannot change after it
-            check_model_output(eps, self.x)
-            self.output_checked = True
+        # The first (eager) step checks the model's output: shapes cannot change after it.
+        eps = model_forward(self.net, self.x.to(self.dtype), t, self.model_batch, check=not self.output_checked)
+        self.output_checked = True
         if eps.dtype == torch.float64:  # a custom module's float64 output: the fused step takes 32 bits or less
             eps = eps.float()
-        ops.reverse_step_(self.x, eps, self.step_index, self.coeffs, noise=self.z, seed=self.seed_t, clip=self.clip)
+        ops.reverse_step_(self.x, eps, self.step_index, self.coeffs, noise=self.z, seed=self.seed_t, clip=self.clip,
+                          image_offset=self.offset_t)
         self.step_index.add_(1)
 
     def reset(self) -> None:
         self.x.copy_(self.x_T)
         self.step_index.zero_()
 
-    def restart(self, x_T, timesteps, coeffs, seed) -> None:
+    def restart(self, x_T, timesteps, coeffs, seed, image_offset=0) -> None:
         """Load a new run's inputs (same shapes) into the static buffers a captured graph reads."""
         self.x_T.copy_(x_T)
         self.timesteps.copy_(timesteps)
         self.coeffs.copy_(coeffs)
         self.seed_t.fill_(seed_arg(seed))
+        self.offset_t.fill_(int(image_offset))
         self.reset()
 
 

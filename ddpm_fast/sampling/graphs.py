@@ -18,12 +18,13 @@ from .time_table import optimizer_steps, param_version
 __all__ = ["GRAPHS", "cache_key", "capture", "clear_graph_cache", "WARMUP_STEPS"]
 
 
-def cache_key(model, x_T, dtype, clip, noise, n_timesteps, n_steps, fuse, table, channels_last) -> tuple:
+def cache_key(model, x_T, dtype, clip, noise, n_timesteps, n_steps, fuse, table, channels_last,
+              model_batch=None) -> tuple:
     """Everything a capture bakes in besides the buffers `restart` refills: the model object, shapes,
     dtype, device, the step count, clip bounds, the op choices (fusion, table, layout) and the global
     flags that steer the kernels' dispatch (TF32 for cuBLAS / cuDNN, hence the conv2d rule)."""
     return (id(model), x_T.device, tuple(x_T.shape), dtype, None if clip is None else tuple(map(float, clip)),
-            noise, n_timesteps, n_steps, fuse, table, channels_last) + ops.dispatch_key()
+            noise, n_timesteps, n_steps, fuse, table, channels_last, model_batch) + ops.dispatch_key()
 
 
 def _fingerprint(model) -> tuple:
