@@ -19,7 +19,7 @@ import pytest
 
 import ddpm_fast
 from conftest import DEVICE, HAS_CUDA, env_list, run_bench
-from ddpm_fast.checkpoint import load_checkpoint
+from ddpm_fast.io.checkpoint import load_checkpoint
 from ddpm_fast.sampling.runs import sample_to_folder
 
 RUN_IMAGES, STEPS = (1024, 10) if HAS_CUDA else (48, 5)
