@@ -22,6 +22,17 @@
 #endif
 #define CPU_INLINE inline __attribute__((always_inline))
 
+// Instantiates ENTRY(element type, name suffix, target attribute) once per element type (fp32, bf16 as
+// its bits, fp16) and ISA variant: the one list every kernel's entry points come from.
+#ifdef CPU_HAVE_AVX2_PATH
+#define CPU_FOR_EACH_VARIANT(ENTRY)                                                              \
+  ENTRY(float, f32, ) ENTRY(uint16_t, bf16, ) ENTRY(c10::Half, f16, )                               \
+  ENTRY(float, f32_avx2, CPU_AVX2_TARGET) ENTRY(uint16_t, bf16_avx2, CPU_AVX2_TARGET)               \
+  ENTRY(c10::Half, f16_avx2, CPU_AVX2_TARGET)
+#else
+#define CPU_FOR_EACH_VARIANT(ENTRY) ENTRY(float, f32, ) ENTRY(uint16_t, bf16, ) ENTRY(c10::Half, f16, )
+#endif
+
 namespace ddpm_fast {
 
 // True when the AVX2 + FMA variants may run: the CPU has both, and DDPM_FAST_CPU_ISA is not

@@ -256,14 +256,7 @@ CPU_INLINE void interleaved_apply_item(const GroupNormSwishParams& p, const Chan
     else interleaved_apply_item<T, false, false>(p, t, b, r0, rows);                                        \
   }
 
-DDPM_GN_ENTRY_POINTS(float, f32, )
-DDPM_GN_ENTRY_POINTS(uint16_t, bf16, )
-DDPM_GN_ENTRY_POINTS(c10::Half, f16, )
-#ifdef CPU_HAVE_AVX2_PATH
-DDPM_GN_ENTRY_POINTS(float, f32_avx2, CPU_AVX2_TARGET)
-DDPM_GN_ENTRY_POINTS(uint16_t, bf16_avx2, CPU_AVX2_TARGET)
-DDPM_GN_ENTRY_POINTS(c10::Half, f16_avx2, CPU_AVX2_TARGET)
-#endif
+CPU_FOR_EACH_VARIANT(DDPM_GN_ENTRY_POINTS)
 #undef DDPM_GN_ENTRY_POINTS
 
 struct Entry {

@@ -85,14 +85,7 @@ CPU_INLINE void pixels(const ResidualAddParams& p, int64_t begin, int64_t end, c
     pixels<T>(p, begin, end, b, rb);                                                                \
   }
 
-DDPM_RA_ENTRY_POINTS(float, f32, )
-DDPM_RA_ENTRY_POINTS(uint16_t, bf16, )
-DDPM_RA_ENTRY_POINTS(c10::Half, f16, )
-#ifdef CPU_HAVE_AVX2_PATH
-DDPM_RA_ENTRY_POINTS(float, f32_avx2, CPU_AVX2_TARGET)
-DDPM_RA_ENTRY_POINTS(uint16_t, bf16_avx2, CPU_AVX2_TARGET)
-DDPM_RA_ENTRY_POINTS(c10::Half, f16_avx2, CPU_AVX2_TARGET)
-#endif
+CPU_FOR_EACH_VARIANT(DDPM_RA_ENTRY_POINTS)
 #undef DDPM_RA_ENTRY_POINTS
 
 template <typename T>

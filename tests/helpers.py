@@ -33,3 +33,13 @@ def compile_recording(fn):
         return aot_eager(gm, example_inputs)
 
     return torch.compile(fn, fullgraph=True, backend=record), seen
+
+
+def require_cpp_kernel(monkeypatch, op_module) -> None:
+    """For the C++ CPU-kernel tests: fail (never skip) without the kernel, and poison the op's outputs."""
+    import pytest
+
+    if op_module._CPP_OUT is None:
+        pytest.fail("the C++ CPU kernel is not available (build ddpm_fast._C: python setup.py build_ext --inplace)")
+    real = op_module._new_output
+    monkeypatch.setattr(op_module, "_new_output", lambda x: poison(real(x)))

@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import CL, DTYPES, DT_ID, poison
+from helpers import CL, DTYPES, DT_ID, require_cpp_kernel
 from ddpm_fast.testing.shapes import unet_residual_shapes
 from tolerances import tol
 
@@ -26,10 +26,7 @@ ODD_SHAPES = [(96, 7, 9, "conv"), (3, 5, 5, "identity"), (20, 1, 1, "conv"), (64
 
 @pytest.fixture(autouse=True)
 def _needs_cpp_kernel(monkeypatch):
-    if M._CPP_OUT is None:
-        pytest.fail("the C++ CPU kernel is not available (build ddpm_fast._C: python setup.py build_ext --inplace)")
-    real = M._new_output
-    monkeypatch.setattr(M, "_new_output", lambda x: poison(real(x)))
+    require_cpp_kernel(monkeypatch, M)
 
 
 def truth(x, b, r, rb):
