@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add", "attention", "time_embedding", "reverse_step", "philox_normal", "N_COEFFS",
-           "STREAM_STEP", "STREAM_X_T"]
+__all__ = ["conv2d", "conv_transpose2d", "upsample_conv2d", "groupnorm_swish", "residual_add", "attention",
+           "time_embedding", "reverse_step", "philox_normal", "N_COEFFS", "STREAM_STEP", "STREAM_X_T"]
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +43,23 @@ def groupnorm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
            padding: Sequence[int]) -> torch.Tensor:
     """The UNet's Conv2d layers: zero padding, no dilation, one group. x: [B, Ci, H, W]; weight:
-    [Co, Ci, KH, KW]; bias: [Co] or None; stride, padding: (h, w) pairs, as an nn.Conv2d holds them."""
-    return F.conv2d(x, weight, bias, tuple(stride), tuple(padding))
+    [Co, Ci, KH, KW]; bias: [Co] or None; stride: an (h, w) pair; padding: an (h, w) pair, as an
+    nn.Conv2d holds it, or four values (left, right, top, bottom), F.pad's order, for an asymmetric pad
+    (the DDPM UNet's Downsample pads only right and bottom: (0, 1, 0, 1))."""
+    padding = tuple(padding)
+    if len(padding) == 4:
+        return F.conv2d(F.pad(x, padding), weight, bias, tuple(stride), 0)
+    return F.conv2d(x, weight, bias, tuple(stride), padding)
+
+
+def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The DDPM UNet's Upsample: nearest-neighbour x2, then a 3x3 conv with padding 1.
+
+    x: [B, Ci, H, W]; weight: [Co, Ci, 3, 3]; bias: [Co] or None -> [B, Co, 2H, 2W]. The same map is a
+    4x4 stride-2 transposed conv (padding 1) whose kernel sums the 3x3 taps each output parity sees,
+    which the fast op uses to skip the 4x larger upsampled intermediate.
+    """
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, 1, 1)
 
 
 def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
@@ -69,11 +84,13 @@ def residual_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.
 
 
 def attention(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor, out_weight: torch.Tensor,
-              out_bias: torch.Tensor, n_heads: int, d_k: int) -> torch.Tensor:
+              out_bias: torch.Tensor, n_heads: int, d_k: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """labml's AttentionBlock forward (its GroupNorm is never applied), residual included.
 
     x: [B, C, H, W] -> tokens [B, N=H*W, C]; qkv = Linear(C, 3*heads*d_k) viewed [B, N, heads, 3*d_k]
-    and chunked into q, k, v; softmax(q k^T / sqrt(d_k)) over the keys; Linear(heads*d_k, C); + x.
+    and chunked into q, k, v; softmax(q k^T / sqrt(d_k)) over the keys; Linear(heads*d_k, C); + x,
+    or + `residual` ([B, C, H, W], x's dtype) when given: the DDPM UNet's attention normalises its input
+    first (x = GroupNorm(h)) and adds the un-normalised h.
     """
     b, c, h, w = x.shape
     tokens = x.reshape(b, c, h * w).permute(0, 2, 1)
@@ -82,27 +99,43 @@ def attention(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tenso
     scores = torch.einsum("bihd,bjhd->bijh", q, k) * (d_k ** -0.5)
     probs = scores.softmax(dim=2)
     res = torch.einsum("bijh,bjhd->bihd", probs, v).reshape(b, h * w, n_heads * d_k)
+    if residual is not None:
+        tokens = residual.reshape(b, c, h * w).permute(0, 2, 1)
     res = F.linear(res, out_weight, out_bias) + tokens
     return res.permute(0, 2, 1).reshape(b, c, h, w)
 
 
-def sinusoidal_embedding(t: torch.Tensor, width: int) -> torch.Tensor:
-    """labml's sinusoid: half = width // 2 frequencies exp(-i ln(1e4) / (half - 1)), sin then cos."""
+def sinusoidal_embedding(t: torch.Tensor, width: int, freq_shift: Optional[float] = None,
+                         flip_sin_to_cos: bool = False) -> torch.Tensor:
+    """[B] steps -> [B, width] float32: half = width // 2 frequencies, sin then cos (cos then sin when
+    `flip_sin_to_cos`).
+
+    freq_shift None: labml's frequencies exp(i * -(ln(1e4) / (half - 1))). A number s: the DDPM paper's as
+    diffusers writes them, exp((-ln(1e4) * i) / (half - s)), rounded in that order (s = 1 is labml's
+    formula, but the float32 rounding differs by an ulp, which at t ~ 1000 moves the sinusoid by ~1e-4).
+    """
     half = width // 2
-    scale = math.log(10_000) / (half - 1)
-    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -scale)
+    i = torch.arange(half, device=t.device, dtype=torch.float32)
+    if freq_shift is None:
+        freqs = torch.exp(i * -(math.log(10_000) / (half - 1)))
+    else:
+        freqs = torch.exp((-math.log(10_000) * i) / (half - freq_shift))
     arg = t.to(torch.float32)[:, None] * freqs[None, :]
-    return torch.cat((arg.sin(), arg.cos()), dim=1)
+    pair = (arg.cos(), arg.sin()) if flip_sin_to_cos else (arg.sin(), arg.cos())
+    return torch.cat(pair, dim=1)
 
 
 def time_embedding(t: torch.Tensor, lin1_weight: torch.Tensor, lin1_bias: torch.Tensor,
-                   lin2_weight: torch.Tensor, lin2_bias: torch.Tensor) -> torch.Tensor:
-    """labml TimeEmbedding(E): lin2(Swish(lin1(sinusoid(t, E // 4)))) for integer steps t: [B] -> [B, E].
+                   lin2_weight: torch.Tensor, lin2_bias: torch.Tensor, freq_shift: Optional[float] = None,
+                   flip_sin_to_cos: bool = False) -> torch.Tensor:
+    """TimeEmbedding: lin2(Swish(lin1(sinusoid(t)))) for integer steps t: [B] -> [B, E], the sinusoid as
+    wide as lin1's input (labml: E // 4; the DDPM UNet: its base channels); see sinusoidal_embedding for
+    freq_shift and flip_sin_to_cos (defaults: labml's).
 
     The sinusoid is computed in float32 and cast to the weights' dtype, as a float32 labml model
     under autocast would see it.
     """
-    emb = sinusoidal_embedding(t, lin1_weight.shape[1]).to(lin1_weight.dtype)
+    emb = sinusoidal_embedding(t, lin1_weight.shape[1], freq_shift, flip_sin_to_cos).to(lin1_weight.dtype)
     return F.linear(_swish(F.linear(emb, lin1_weight, lin1_bias)), lin2_weight, lin2_bias)
 
 
