@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import ddpm_fast.io.checkpoint as checkpoint_module
+import ddpm_fast.io.state as state_module
 from ddpm_fast import (PRESETS, DiffusionConfig, ModelConfig, UNet, UNetConfig, default_checkpoint_path,
                        get_preset, load_checkpoint, load_labml_state_dict, sample, save_checkpoint)
 from ddpm_fast.io.checkpoint import CONFIG_KEY, FORMAT, load_extra_tensors
@@ -309,7 +309,7 @@ def test_config_asking_for_many_blocks_is_refused_before_building(ckpt, monkeypa
     big = UNetConfig(image_channels=1, n_channels=16, ch_mults=(1,) * 8, is_attn=(False,) * 8, n_blocks=64,
                      image_size=128, n_groups=4)
     built = []
-    monkeypatch.setattr(checkpoint_module, "_expected_shapes", lambda cfg: built.append(cfg) or {})
+    monkeypatch.setattr(state_module, "_expected_shapes", lambda cfg: built.append(cfg) or {})
     meta = {"format": FORMAT, CONFIG_KEY: ModelConfig(big, CFG.diffusion).to_json()}
     _expect_error(_rewrite(ckpt, state, meta), rf"do not match the UNet of its config: {len(state)} tensor\(s\), "
                                                "but that UNet has at least")
@@ -320,14 +320,14 @@ def test_config_asking_for_many_blocks_is_refused_before_building(ckpt, monkeypa
     CFG.unet, UNetConfig(image_channels=1, n_channels=16, ch_mults=(1, 2, 1, 1, 2, 1, 1, 1), is_attn=(True,) * 8,
                          n_blocks=3, image_size=128, n_groups=4, n_heads=2, d_k=8)])
 def test_min_tensor_count_is_a_lower_bound(cfg):
-    assert checkpoint_module._min_tensor_count(cfg) <= len(checkpoint_module._expected_shapes(cfg))
+    assert state_module._min_tensor_count(cfg) <= len(state_module._expected_shapes(cfg))
 
 
 def test_failure_to_build_the_unet_names_the_file(ckpt, monkeypatch):
     def overflow(cfg):
         raise RuntimeError("Storage size calculation overflowed with sizes=[32000000000000, 3]")
 
-    monkeypatch.setattr(checkpoint_module, "_expected_shapes", overflow)
+    monkeypatch.setattr(state_module, "_expected_shapes", overflow)
     _expect_error(ckpt, "cannot build the UNet of its config: RuntimeError: Storage size calculation overflowed")
 
 

@@ -15,9 +15,6 @@ torch.load(weights_only=True), whose unpickler refuses anything but tensors and 
 from __future__ import annotations
 
 import os
-import pickle
-import re
-import warnings
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -26,9 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from ..config import DiffusionConfig, ModelConfig, UNetConfig, get_preset
-from ..devices import WEIGHT_DTYPES, parse_device, parse_dtype
 from ..reference.unet import UNet
 from .atomic import write_atomic
+from .diffusers import is_diffusers_folder, load_diffusers
+from .state import (build_model, first_line, listing, match_config, parse_load_device, parse_load_dtype,
+                    read_pickled_state_dict)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_extra_tensors", "load_labml_state_dict",
            "default_checkpoint_path", "write_model_file", "CONFIG_KEY", "FORMAT", "MODEL_FORMAT", "TRAIN_FORMAT",
@@ -70,7 +69,7 @@ def save_checkpoint(path: PathLike, model: torch.nn.Module, config: ModelConfig,
         raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     path = Path(path)
     state = model.state_dict()
-    _match_config(f"cannot save {path}", config.unet, {k: tuple(v.shape) for k, v in state.items()},
+    match_config(f"cannot save {path}", config.unet, {k: tuple(v.shape) for k, v in state.items()},
                   "the model does not match config.unet")
     tensors: Dict[str, torch.Tensor] = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     for name, t in (extra_tensors or {}).items():
@@ -99,7 +98,7 @@ def write_model_file(path: PathLike, tensors: Mapping[str, torch.Tensor], config
                          f"such as {path / 'model.safetensors'}")
     non_finite = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if non_finite:
-        raise ValueError(f"cannot save {path}: tensors hold NaN or Inf: {_listing(non_finite)}")
+        raise ValueError(f"cannot save {path}: tensors hold NaN or Inf: {listing(non_finite)}")
     meta = {CONFIG_KEY: config.to_json(), "format": MODEL_FORMAT, **(metadata or {})}
     data = save(dict(tensors), metadata=meta)
     write_atomic(path, lambda f: f.write(data))
@@ -112,12 +111,15 @@ def load_checkpoint(path: PathLike, device="cpu", dtype: Union[torch.dtype, str,
 
     path: a file written by save_checkpoint (as training writes RUN/model.safetensors), a training
     checkpoint (RUN/checkpoint.safetensors: its EMA weights are loaded, the ones a run samples with),
-    or a run folder (its model.safetensors, else its checkpoint.safetensors).
+    a run folder (its model.safetensors, else its checkpoint.safetensors), or a diffusers model folder
+    (unet/ + scheduler/, or a unet folder: a DDPMUNet, see io.diffusers).
     device: cpu or cuda[:i]. dtype: the parameters' dtype (default float32, whatever the file stores):
     a torch dtype or a name sample() accepts ("fp32", "fp16", "bf16", ...).
     """
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path) and is_diffusers_folder(path):
+        return load_diffusers(path, device=device, dtype=dtype)
     path = _existing_file(path, run_folder=True)
-    dev, dtype = _device(path, device), _dtype(dtype)
+    dev, dtype = parse_load_device(path, device), parse_load_dtype(dtype)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -127,7 +129,7 @@ def load_checkpoint(path: PathLike, device="cpu", dtype: Union[torch.dtype, str,
         hint = ""
         if path.suffix in (".pt", ".pth", ".ckpt"):
             hint = " (a pickled labml state_dict? read it with ddpm_fast.load_labml_state_dict)"
-        raise ValueError(f"{path}: not a valid safetensors file: {_first_line(e)}{hint}") from None
+        raise ValueError(f"{path}: not a valid safetensors file: {first_line(e)}{hint}") from None
 
     fmt = metadata.get("format")
     if fmt not in WEIGHTS_PREFIX or CONFIG_KEY not in metadata:
@@ -136,29 +138,29 @@ def load_checkpoint(path: PathLike, device="cpu", dtype: Union[torch.dtype, str,
     try:
         config = ModelConfig.from_json(metadata[CONFIG_KEY])
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: bad config in metadata: {_first_line(e)}") from None
+        raise ValueError(f"{path}: bad config in metadata: {first_line(e)}") from None
 
     prefix = WEIGHTS_PREFIX[fmt]
     names = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and not k.startswith(EXTRA_PREFIX)}
     what = "tensors do not match the UNet of its config" + (f" ({prefix}* tensors)" if prefix else "")
-    _match_config(str(path), config.unet, {name: shapes[k] for name, k in names.items()}, what)
+    match_config(str(path), config.unet, {name: shapes[k] for name, k in names.items()}, what)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             state = {name: f.get_tensor(k) for name, k in names.items()}
     except Exception as e:
-        raise ValueError(f"{path}: cannot read tensors: {_first_line(e)}") from None
-    return _build(path, config, state, dev, dtype), config
+        raise ValueError(f"{path}: cannot read tensors: {first_line(e)}") from None
+    return build_model(path, config, state, dev, dtype), config
 
 
 def load_extra_tensors(path: PathLike, device="cpu") -> Dict[str, torch.Tensor]:
     """The extra tensors save_checkpoint stored beside the model (names without the prefix)."""
     path = _existing_file(path)
-    dev = _device(path, device)
+    dev = parse_load_device(path, device)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             out = {k[len(EXTRA_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA_PREFIX)}
     except Exception as e:
-        raise ValueError(f"{path}: not a valid safetensors file: {_first_line(e)}") from None
+        raise ValueError(f"{path}: not a valid safetensors file: {first_line(e)}") from None
     return {k: v.to(dev) for k, v in out.items()}
 
 
@@ -179,35 +181,13 @@ def load_labml_state_dict(path: PathLike, config: Union[ModelConfig, UNetConfig,
     elif not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a ModelConfig, UNetConfig or preset name, got {type(config).__name__}")
     path = _existing_file(path)
-    dev, dtype = _device(path, device), _dtype(dtype)
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols it did not write; the refusal below says what matters.
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to load: the pickle holds more than tensors and plain containers "
-                         f"({_unpickler_reason(e)}); nothing in it was executed") from None
-    except Exception as e:  # zipfile/EOF/RuntimeError on corrupt or truncated files
-        raise ValueError(f"{path}: not a readable PyTorch file: {type(e).__name__}: {_first_line(e)}") from None
-
-    state = obj
-    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                state = obj[key]
-                break
-    if not isinstance(state, Mapping) or not state:
-        raise ValueError(f"{path}: expected a state_dict (or {{'model'|'state_dict': state_dict}}), "
-                         f"got {type(obj).__name__}")
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"{path}: the state_dict has non-tensor entries: {_listing(map(str, bad))}")
+    dev, dtype = parse_load_device(path, device), parse_load_dtype(dtype)
+    state = read_pickled_state_dict(path)
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    _match_config(str(path), config.unet, {k: tuple(v.shape) for k, v in state.items()},
+    match_config(str(path), config.unet, {k: tuple(v.shape) for k, v in state.items()},
                   "state_dict does not match the UNet of the given config")
-    return _build(path, config, dict(state), dev, dtype), config
+    return build_model(path, config, dict(state), dev, dtype), config
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,98 +211,3 @@ def _existing_file(path: PathLike, run_folder: bool = False) -> Path:
     return path
 
 
-def _match_config(where: str, unet_config: UNetConfig, found: Dict[str, tuple], what: str) -> None:
-    """Raise a ValueError '<where>: <what>: <differences>' unless `found` (name -> shape) is exactly the
-    state_dict of the UNet that `unet_config` describes."""
-    # Even on the meta device a UNet costs about 1 ms per block to build and the config allows ~1000
-    # blocks, so a file with far fewer tensors than its config needs is refused before anything is built.
-    least = _min_tensor_count(unet_config)
-    if len(found) < least:
-        raise ValueError(f"{where}: {what}: {len(found)} tensor(s), but that UNet has at least {least}")
-    try:
-        expected = _expected_shapes(unet_config)
-    except Exception as e:  # the config bounds should make this unreachable; an error must still name the file
-        raise ValueError(f"{where}: cannot build the UNet of its config: "
-                         f"{type(e).__name__}: {_first_line(e)}") from None
-    problems = _mismatch(expected, found)
-    if problems:
-        raise ValueError(f"{where}: {what}: {problems}")
-
-
-def _min_tensor_count(unet_config: UNetConfig) -> int:
-    # A lower bound, without building anything: n_blocks ResidualBlocks per level down, n_blocks + 1 up,
-    # 2 in the middle, each with at least 10 tensors (weight and bias of norm1, conv1, time_emb, norm2, conv2).
-    c = unet_config
-    return 10 * (len(c.ch_mults) * (2 * c.n_blocks + 1) + 2)
-
-
-def _expected_shapes(unet_config: UNetConfig) -> Dict[str, Tuple[int, ...]]:
-    # On the meta device: no memory, no initialisation, even for the 168M-parameter preset.
-    with torch.device("meta"):
-        model = UNet(unet_config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _mismatch(expected: Dict[str, tuple], found: Dict[str, tuple]) -> str:
-    """'' when the key sets and shapes agree exactly, else a one-line description of every difference."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
-    if wrong:
-        parts.append(f"{len(wrong)} shape mismatch(es): {_listing(wrong)}")
-    return "; ".join(parts)
-
-
-def _listing(items, limit: int = 6) -> str:
-    items = list(items)
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
-def _build(path: Path, config: ModelConfig, state: Dict[str, torch.Tensor], dev: torch.device,
-           dtype: torch.dtype) -> UNet:
-    """The UNet holding `state`, on `dev` in `dtype` (both already parsed), after the dtype and finiteness checks."""
-    bad_dtype = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in WEIGHT_DTYPES]
-    if bad_dtype:
-        raise ValueError(f"{path}: tensors must be float16, bfloat16, float32 or float64: {_listing(bad_dtype)}")
-    non_finite = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
-    if non_finite:
-        raise ValueError(f"{path}: tensors hold NaN or Inf: {_listing(non_finite)}")
-    with torch.device("meta"):
-        model = UNet(config.unet)
-    # assign=True adopts the loaded tensors instead of copying into freshly initialised ones.
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=dev, dtype=dtype).eval()
-
-
-def _device(path: Path, device) -> torch.device:
-    try:
-        return parse_device(device)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def _dtype(dtype) -> torch.dtype:
-    """A torch dtype from WEIGHT_DTYPES or a name sample() accepts; None means float32."""
-    return torch.float32 if dtype is None else parse_dtype(dtype, WEIGHT_DTYPES)
-
-
-def _unpickler_reason(e: BaseException) -> str:
-    # torch's message is a paragraph of advice; the line naming the refused global/opcode is the news.
-    # Its case varies between versions ("Unsupported global: GLOBAL posix.system", torch 2.13's
-    # "unsupported GLOBAL posix.system"). Never its advice: weights_only=False would run the code.
-    for line in str(e).splitlines():
-        m = re.search(r"unsupported (global|operand)[^\n]*", line, re.IGNORECASE)
-        if m:
-            return re.split(r" was not |\. Please|\. Check", m.group(0))[0].strip().rstrip(".")
-    return "it names something other than tensors and plain containers"
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__

@@ -2,7 +2,8 @@
 per-step coefficient tables that drive `reverse_step` for every sampler variant.
 
 Conventions (labml): steps are 0-indexed, t in [0, T-1] (code t = 0 is the paper's t = 1);
-beta = linspace(beta_start, beta_end, T); alpha = 1 - beta; alpha_bar = cumprod(alpha).
+beta = linspace(beta_start, beta_end, T) (or the config's other schedule, see DiffusionConfig.betas);
+alpha = 1 - beta; alpha_bar = cumprod(alpha).
 Everything is computed in float64 and stored float32.
 """
 from __future__ import annotations
@@ -12,10 +13,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import DiffusionConfig
+from ..config import DDPM_VARIANTS, DiffusionConfig
 from .functional import C_X0_EPS, C_X0_X, M_EPS, M_X, M_X0, N_COEFFS, SIGMA
 
-DDPM_VARIANTS = ("labml", "paper", "posterior")
+__all__ = ["DDPM_VARIANTS", "Schedule", "gather"]
 
 
 def gather(consts: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,10 @@ class Schedule:
     def __init__(self, config: DiffusionConfig = DiffusionConfig(), device=None):
         self.config = config
         self.n_steps = config.n_steps
-        self.beta_64 = torch.linspace(config.beta_start, config.beta_end, config.n_steps, dtype=torch.float64)
+        if config.beta_schedule == "linear" and config.trained_betas is None:
+            self.beta_64 = torch.linspace(config.beta_start, config.beta_end, config.n_steps, dtype=torch.float64)
+        else:
+            self.beta_64 = torch.tensor(config.betas(), dtype=torch.float64)
         self.alpha_64 = 1.0 - self.beta_64
         self.alpha_bar_64 = torch.cumprod(self.alpha_64, dim=0)
         self.beta = self.beta_64.to(device=device, dtype=torch.float32)

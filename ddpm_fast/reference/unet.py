@@ -43,11 +43,18 @@ class TimeEmbedding(OpsModule):
         self.act = Swish()
         self.lin2 = nn.Linear(n_channels, n_channels)
 
+    def sinusoid_args(self) -> dict:
+        """The time_embedding op's sinusoid arguments: labml's, its defaults."""
+        return {}
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.F.time_embedding(t, self.lin1.weight, self.lin1.bias, self.lin2.weight, self.lin2.bias)
 
 
 class ResidualBlock(OpsModule):
+    # The time projection's Linear (sampling.time_table reads it by this name).
+    TIME_LINEAR = "time_emb"
+
     def __init__(self, in_channels: int, out_channels: int, time_channels: int, n_groups: int = 32,
                  dropout: float = 0.1):
         super().__init__()
@@ -71,7 +78,7 @@ class ResidualBlock(OpsModule):
         the bias here a precomputed table of projections (ops.time_embedding.TimeTable) carries it
         for free instead of a separate bias pass over the activation.
         """
-        proj = self.time_emb(self.time_act(t_emb))
+        proj = getattr(self, self.TIME_LINEAR)(t_emb * torch.sigmoid(t_emb))  # time_act's Swish
         return proj if self.conv1.bias is None else proj + self.conv1.bias
 
     def forward(self, x: torch.Tensor, t_emb: Optional[torch.Tensor] = None,
@@ -163,6 +170,9 @@ class Downsample(OpsModule):
 class UNet(OpsModule):
     """labml's UNet. `UNet(cfg)` or `UNet.from_config(cfg)`; forward(x [B, C, H, W], t [B] int) -> eps."""
 
+    # The time MLP's module and its two Linears (sampling.time_table reads them by these names).
+    TIME_PATH = ("time_emb", "lin1", "lin2")
+
     def __init__(self, config: UNetConfig = UNetConfig()):
         super().__init__()
         self.config = config
@@ -223,7 +233,7 @@ class UNet(OpsModule):
         return [blk.time_projection(t_emb) for blk in self.res_blocks()]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        _check_inputs(self.config, x, t)
+        check_inputs(self.config, x, t)
         proj = iter(self.time_projections(t))
         x = self._conv(self.image_proj, x)
         skips = [x]
@@ -240,11 +250,12 @@ class UNet(OpsModule):
         return self._conv(self.final, self.F.groupnorm_swish(x, n.weight, n.bias, n.num_groups, n.eps))
 
 
-def _check_inputs(cfg: UNetConfig, x: torch.Tensor, t: torch.Tensor) -> None:
-    # Cheap shape checks only (no device sync): wrong shapes otherwise fail deep inside a conv.
+def check_inputs(cfg, x: torch.Tensor, t: torch.Tensor) -> None:
+    """Cheap shape checks only (no device sync): wrong shapes otherwise fail deep inside a conv. cfg: a
+    UNetConfig or DDPMUNetConfig (anything with image_channels and downsample_factor)."""
     if x.dim() != 4 or x.shape[1] != cfg.image_channels:
         raise ValueError(f"UNet expects x of shape [B, {cfg.image_channels}, H, W], got {tuple(x.shape)}")
-    down = 2 ** (len(cfg.ch_mults) - 1)
+    down = cfg.downsample_factor
     if x.shape[2] % down or x.shape[3] % down:
         raise ValueError(f"UNet input H, W must be divisible by {down}, got {tuple(x.shape[2:])}")
     if t.dim() != 1 or t.shape[0] != x.shape[0]:

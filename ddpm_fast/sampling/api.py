@@ -38,13 +38,13 @@ from .checks import (BACKENDS, DEFAULT_DDIM_STEPS, DEFAULT_VARIANT, NOISE_MODES,
                      module_device, module_dtype, prepared, randn_images)
 from .reference_loop import reference_loop
 
-__all__ = ["sample", "sampler_coefficients"]
+__all__ = ["sample", "sampler_coefficients", "model_defaults"]
 
 
 def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optional[int] = None,
            sampler: str = "ddpm", eta: float = 0.0, generator: Optional[torch.Generator] = None,
            output_type: str = "pil", progress: bool = True, device=None, dtype=None,
-           backend: str = "reference", variant: str = DEFAULT_VARIANT, clip_x0: bool = False,
+           backend: str = "reference", variant: Optional[str] = None, clip_x0: Optional[bool] = None,
            config: Optional[ModelConfig] = None, image_size: Union[int, Tuple[int, int], None] = None,
            channels_last: bool = False, noise: Optional[str] = None, seed: Optional[int] = None,
            image_offset: int = 0, model_batch: Optional[int] = None):
@@ -60,8 +60,11 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
         default T (all steps) for "ddpm", 50 for "ddim".
     sampler: "ddpm" (ancestral; `variant` "labml" = noise at every step as labml does, "paper" = no
         noise at the last step, "posterior" = posterior variance beta_tilde) or "ddim" (`eta` in [0, 1];
-        eta must be 0 for "ddpm", and variant must stay "labml" for "ddim").
-    clip_x0: clamp the predicted x0 to config.diffusion.data_range at every step.
+        eta must be 0 for "ddpm", and variant must be None or "labml" for "ddim").
+    variant, clip_x0: default (None): the model's own, config.diffusion.variant / clip_x0 ("labml" and no
+        clipping for a labml or ddpm_fast-trained model; what its scheduler config says for a diffusers one).
+    clip_x0: clamp the predicted x0 at every step to config.diffusion.clip_bounds() (the data range, or a
+        diffusers scheduler's [-clip_sample_range, clip_sample_range]).
     generator: a CPU torch.Generator (default: a fresh one seeded from torch's global RNG), or a list
         of batch_size of them, one per image (noise "generator" only).
     noise: "generator", "philox" or None (the backend's default): see the module docstring.
@@ -102,8 +105,9 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
 
     height, width = image_hw(config.unet, image_size)
     schedule = Schedule(config.diffusion)
+    variant, clip_x0 = model_defaults(config.diffusion, sampler, variant, clip_x0)
     timesteps, coeffs = sampler_coefficients(schedule, sampler, num_inference_steps, eta, variant, clip_x0)
-    clip = config.diffusion.data_range if clip_x0 else None
+    clip = config.diffusion.clip_bounds() if clip_x0 else None
     loop, loop_kwargs = _loop(backend, schedule.n_steps, channels_last)
     loop_kwargs["model_batch"] = model_batch
     x_T = _initial_noise((batch_size, config.unet.image_channels, height, width), noise, seed, image_offset,
@@ -127,9 +131,9 @@ def _check_sampler_args(batch_size, sampler, variant, output_type, backend, chan
     check_int("batch_size", batch_size, low=1)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    if variant not in DDPM_VARIANTS:
+    if variant is not None and variant not in DDPM_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {DDPM_VARIANTS}")
-    if sampler == "ddim" and variant != DEFAULT_VARIANT:
+    if sampler == "ddim" and variant not in (None, DEFAULT_VARIANT):
         raise ValueError(f"variant={variant!r} only applies to sampler='ddpm' (DDIM's noise is set by eta); "
                          "use sampler='ddpm' or leave variant at its default")
     if output_type not in OUTPUT_TYPES:
@@ -143,8 +147,8 @@ def _check_sampler_args(batch_size, sampler, variant, output_type, backend, chan
     if sampler == "ddpm" and float(eta) != 0.0:
         raise ValueError(f"eta={float(eta)} only applies to sampler='ddim' (DDPM is DDIM with eta=1 and its own "
                          "variance); use sampler='ddim' or eta=0")
-    if not isinstance(clip_x0, bool):
-        raise ValueError(f"clip_x0 must be a bool, got {clip_x0!r}")
+    if clip_x0 is not None and not isinstance(clip_x0, bool):
+        raise ValueError(f"clip_x0 must be None or a bool, got {clip_x0!r}")
 
 
 def _check_generator(generator, batch_size: int):
@@ -229,6 +233,14 @@ def _resolve_model(model_or_checkpoint, config, dev, run_dtype):
         # A model on `meta` (no data) or another unsupported device is refused here, not deep in the loop.
         dev = parse_device(module_device(model), what="the model's device")
     return model, config, dev
+
+
+def model_defaults(diffusion: DiffusionConfig, sampler: str, variant: Optional[str], clip_x0: Optional[bool]
+                   ) -> Tuple[str, bool]:
+    """(variant, clip_x0) with None replaced by the model's defaults (DDIM has no variant: always labml's)."""
+    if variant is None:
+        variant = diffusion.variant if sampler == "ddpm" else DEFAULT_VARIANT
+    return variant, diffusion.clip_x0 if clip_x0 is None else clip_x0
 
 
 def sampler_coefficients(schedule: Schedule, sampler: str, num_inference_steps: Optional[int], eta: float,

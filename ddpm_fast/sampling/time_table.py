@@ -20,18 +20,20 @@ __all__ = ["TimeTable", "attach_time_table", "detach_time_table", "optimizer_ste
 
 
 def _time_path(model) -> Tuple[List[Tuple[dict, str, object]], List[torch.nn.Module], List[Optional[torch.Tensor]]]:
-    """The time path: the Linear layers (TimeEmbedding.lin1, .lin2, then each ResidualBlock's time_emb
-    in res_blocks() order, the order UNet.forward consumes projections), each block's conv1 bias (part
-    of its time_projection, None for a bias-free conv), and the (owner dict, key, object) links that
-    hold the modules and those biases, for a cheap identity check later."""
-    te = model.time_emb
-    links = [(model._modules, "time_emb", te), (te._modules, "lin1", te.lin1), (te._modules, "lin2", te.lin2)]
-    linears, shifts = [te.lin1, te.lin2], []
+    """The time path: the Linear layers (the time MLP's two, named by the model's TIME_PATH, then each
+    ResidualBlock's time Linear, named by its TIME_LINEAR, in res_blocks() order, the order forward consumes
+    projections), each block's conv1 bias (part of its time_projection, None for a bias-free conv), and the
+    (owner dict, key, object) links that hold the modules and those biases, for a cheap identity check later."""
+    mlp_name, lin1_name, lin2_name = model.TIME_PATH
+    te = getattr(model, mlp_name)
+    lin1, lin2 = getattr(te, lin1_name), getattr(te, lin2_name)
+    links = [(model._modules, mlp_name, te), (te._modules, lin1_name, lin1), (te._modules, lin2_name, lin2)]
+    linears, shifts = [lin1, lin2], []
     for blk in model.res_blocks():
-        conv1 = blk.conv1
-        links += [(blk._modules, "time_emb", blk.time_emb), (blk._modules, "conv1", conv1),
+        conv1, time_linear = blk.conv1, getattr(blk, blk.TIME_LINEAR)
+        links += [(blk._modules, blk.TIME_LINEAR, time_linear), (blk._modules, "conv1", conv1),
                   (conv1._parameters, "bias", conv1.bias)]
-        linears.append(blk.time_emb)
+        linears.append(time_linear)
         shifts.append(conv1.bias)
     return links, linears, shifts
 
@@ -99,8 +101,8 @@ class TimeTable:
     def __init__(self, model: torch.nn.Module, n_steps: int):
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(f"TimeTable: n_steps must be a positive int, got {n_steps!r}")
-        if not (hasattr(model, "time_emb") and hasattr(model, "res_blocks")):
-            raise TypeError("TimeTable: expected a ddpm_fast UNet (time_emb, res_blocks()), "
+        if not (hasattr(model, "TIME_PATH") and hasattr(model, "res_blocks")):
+            raise TypeError("TimeTable: expected a ddpm_fast UNet or DDPMUNet (TIME_PATH, res_blocks()), "
                             f"got {type(model).__name__}")
         self.model = model
         self.n_steps = n_steps
@@ -132,13 +134,14 @@ class TimeTable:
             raise TypeError(f"TimeTable: model weights must be floating point, got {dtype}")
         l1, l2 = linears[0], linears[1]
         t = torch.arange(self.n_steps, device=device)
+        sinusoid = self._time_mlp().sinusoid_args()
         if dtype == torch.float64:
-            temb = functional.time_embedding(t, l1.weight, l1.bias, l2.weight, l2.bias)
+            temb = functional.time_embedding(t, l1.weight, l1.bias, l2.weight, l2.bias, **sinusoid)
         else:
             # The fused kernel (the reference on CPU), on fp32 copies: the table is built once, so it
             # is built at least as accurately as the computed path it replaces.
             w = [p.detach().float() for p in (l1.weight, l1.bias, l2.weight, l2.bias)]
-            temb = time_embedding(t, *w)
+            temb = time_embedding(t, *w, **sinusoid)
         # All block projections as ONE matmul against the concatenated weights, in float64: immune
         # to the global TF32 switch, and rounding to the model dtype is then the table's only error.
         act = temb.double()
@@ -200,8 +203,11 @@ class TimeTable:
             t = t.to(table.device, non_blocking=True)
         return list(table.index_select(0, t).split(self.sizes, dim=1))
 
+    def _time_mlp(self) -> torch.nn.Module:
+        return getattr(self.model, self.model.TIME_PATH[0])
+
     def _computed(self, t: torch.Tensor) -> List[torch.Tensor]:
-        t_emb = self.model.time_emb(t)
+        t_emb = self._time_mlp()(t)
         return [blk.time_projection(t_emb) for blk in self.model.res_blocks()]
 
     def __repr__(self) -> str:
