@@ -75,7 +75,7 @@ def test_upsample_conv2d(benchmark, shape, batch, dtype, layout, provider):
     elif provider == "reference-graph":
         fn = cuda_graphed(lambda: ref.upsample_conv2d(x, wt, b))
     else:
-        fn = cuda_graphed(lambda: M.upsample_conv2d_folded(x, wt, b, force_triton=True))
+        fn = cuda_graphed(lambda: M.upsample_conv2d_triton(x, wt, b))
     run_bench(benchmark, fn, nbytes=nbytes, flops=flops, **info)
     if provider != "reference":
         check_output(fn, ref.upsample_conv2d(x, wt, b), f"upsample_conv2d/{provider}")

@@ -2,7 +2,7 @@
 reference.functional.upsample_conv2d.
 
 The fast path folds the 3x3 kernel into a 4x4 transposed-conv kernel and runs conv_transpose2d's Triton
-kernel: on CPU through the interpreter (upsample_conv2d_folded(force_triton=True)); the registered op's
+kernel: on CPU through the interpreter (upsample_conv2d_triton); the registered op's
 CPU kernel is the reference. Outputs and split-K workspaces are NaN-poisoned.
 """
 import importlib
@@ -59,7 +59,7 @@ def check(out, x, weight, bias):
 
 
 def fast(device, *args):
-    return M.upsample_conv2d_folded(*args, force_triton=True) if device == "cpu" else ops.upsample_conv2d(*args)
+    return M.upsample_conv2d_triton(*args) if device == "cpu" else ops.upsample_conv2d(*args)
 
 
 def test_fold_is_exact_in_float64():
@@ -101,7 +101,7 @@ def test_256_layout_shapes(device, shape, layout):
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_bias_and_forced_splits(device, split):
     x, w, _ = make_inputs(2, 24, 40, 5, 7, torch.float32, device, bias=False)
-    out = CT.conv_transpose2d_triton(x, M.fold_weight(w), None, split=split)
+    out = M.upsample_conv2d_triton(x, w, None, split=split)
     check(out, x, w, None)
 
 

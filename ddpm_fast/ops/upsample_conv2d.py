@@ -27,7 +27,7 @@ from ._common import HAS_TRITON, define_op, out_format
 from ._eager import plain_eager
 from .conv_transpose2d import conv_transpose2d, conv_transpose2d_triton
 
-__all__ = ["upsample_conv2d", "upsample_conv2d_folded", "fold_weight", "CPU_FOLDED", "HAS_TRITON"]
+__all__ = ["upsample_conv2d", "upsample_conv2d_triton", "fold_weight", "CPU_FOLDED", "HAS_TRITON"]
 
 # The 4x3 per-axis fold: row k of A holds the 3x3 taps that transposed-conv tap k sums (see above).
 _FOLD = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
@@ -62,20 +62,19 @@ def _cpu(x, weight, bias):
     return _out(x, _ref.upsample_conv2d(x, weight, bias))
 
 
-def upsample_conv2d_folded(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                           force_triton: bool = False) -> torch.Tensor:
-    """The fast path without input validation: fold, then `ops.conv_transpose2d` (its own dispatch rule),
-    or its Triton launcher when `force_triton` (tests: CPU tensors under TRITON_INTERPRET=1)."""
-    folded = fold_weight(weight)
-    if force_triton:
-        return conv_transpose2d_triton(x, folded, bias)
-    return conv_transpose2d(x, folded, bias, (2, 2), (1, 1))
+def upsample_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           split: Optional[int] = None) -> torch.Tensor:
+    """Raw Triton launcher (no input validation; use `upsample_conv2d`): the fold, then conv_transpose2d's
+    Triton kernel, whatever its rule says. CUDA tensors, or CPU ones under TRITON_INTERPRET=1. `split`
+    forces the K split per parity class."""
+    return conv_transpose2d_triton(x, fold_weight(weight), bias, split=split)
 
 
 def _run(x, weight, bias):
     if x.device.type != "cuda":
         return _cpu(x, weight, bias)
-    return upsample_conv2d_folded(x, weight, bias)
+    # ops.conv_transpose2d: its Triton kernel where its rule picks it, cuDNN elsewhere.
+    return conv_transpose2d(x, fold_weight(weight), bias, (2, 2), (1, 1))
 
 
 def _fake(x, weight, bias):
