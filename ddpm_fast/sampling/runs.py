@@ -48,7 +48,7 @@ from PIL import Image
 from ..config import ModelConfig, check_int
 from ..io.atomic import write_atomic
 from ..io.images import to_uint8_hwc
-from .api import sample
+from .api import model_defaults, sample
 from .checks import DEFAULT_DDIM_STEPS, NOISE_MODES, image_hw
 
 __all__ = ["sample_to_folder", "sample_batches", "RunResult", "MAX_IMAGES", "MANIFEST", "image_name",
@@ -266,6 +266,7 @@ def _options(config, device, *, num_images, batch_size, sampler, num_inference_s
     if steps is None:
         steps = config.diffusion.n_steps if sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, config.diffusion.n_steps)
     model_batch = check_int("model_batch", model_batch if model_batch is not None else _MODEL_BATCH[device.type], 1)
+    variant, clip_x0 = model_defaults(config.diffusion, sampler, variant, clip_x0)
     return {"sampler": sampler, "steps": steps, "eta": float(eta), "variant": variant, "clip_x0": bool(clip_x0),
             "seed": int(seed), "dtype": dtype, "backend": backend, "noise": noise, "model_batch": model_batch,
             "device": device, "image_hw": image_hw(config.unet, image_size), "channels_last": bool(channels_last)}
@@ -274,7 +275,8 @@ def _options(config, device, *, num_images, batch_size, sampler, num_inference_s
 def sample_batches(model_or_checkpoint, num_images: int, batch_size: Optional[int] = None, *,
                    indices: Optional[Sequence[int]] = None, config: Optional[ModelConfig] = None,
                    sampler: str = "ddpm", num_inference_steps: Optional[int] = None, eta: float = 0.0,
-                   variant: str = "labml", clip_x0: bool = False, seed: int = 0, device=None, dtype=torch.float32,
+                   variant: Optional[str] = None, clip_x0: Optional[bool] = None, seed: int = 0, device=None,
+                   dtype=torch.float32,
                    backend: str = "fast", noise: str = "philox", model_batch: Optional[int] = None,
                    image_size=None, channels_last: bool = False) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """Yield (indices [b] int64, images uint8 [b, H, W, C]) for images 0 .. num_images - 1 (or `indices`,
@@ -467,7 +469,7 @@ def sample_to_folder(model_or_checkpoint, out_dir, num_images: int, batch_size: 
 
 
 def _defaults(kwargs: dict) -> dict:
-    known = {"sampler": "ddpm", "num_inference_steps": None, "eta": 0.0, "variant": "labml", "clip_x0": False,
+    known = {"sampler": "ddpm", "num_inference_steps": None, "eta": 0.0, "variant": None, "clip_x0": None,
              "seed": 0, "backend": "fast", "noise": "philox", "model_batch": None, "image_size": None,
              "channels_last": False}
     unknown = set(kwargs) - set(known)
