@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import torch
 
-from .config import PRESETS, get_preset
+from .config import DDPM_PRESETS, PRESETS, get_preset
 
 PROG = "ddpm-fast"
 DEFAULT_PRESET = "tiny"
@@ -75,8 +75,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                      help="a model file, a training checkpoint (its EMA weights), a run folder or a diffusers "
                           "DDPM model folder such as google/ddpm-cifar10-32's (default: the "
                           f"shipped model if installed, else a randomly initialised '{DEFAULT_PRESET}' model)")
-    src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
-                     help=f"sample from a randomly initialised preset ({', '.join(sorted(PRESETS))}): noise, "
+    src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS) + sorted(DDPM_PRESETS),
+                     help=f"sample from a randomly initialised preset "
+                          f"({', '.join(sorted(PRESETS) + sorted(DDPM_PRESETS))}): noise, "
                           "for trying the pipeline")
     p.add_argument("--num-images", type=number_arg(int, 1, MAX_RUN_IMAGES, hi_open=False), default=16, metavar="N",
                    help=f"images to draw (default 16): in one batch for the grid (at most {MAX_IMAGES}), in "

@@ -72,12 +72,12 @@ def test_batch_size_does_not_change_a_file(digits, tmp_path, backend, sampler, n
     assert len(set(fa.values())) == N
 
 
-def test_without_a_fixed_model_batch_the_bits_follow_the_batch(digits):
-    # Why model_batch exists: the same images computed in batches of 7 and 16 differ in their float bits.
+def test_a_fixed_model_batch_makes_the_bits_independent_of_the_batch(digits):
+    # Why model_batch exists: oneDNN picks its conv algorithm by shape, so on some CPUs (the AMD EPYC dev VM,
+    # AVX2) the same images computed in batches of 7 and 16 differ in their float bits; on others (an
+    # AVX-512 Xeon) they happen not to. With a fixed model_batch they are equal everywhere.
     model, cfg = digits
     kw = dict(config=cfg, output_type="pt", progress=False, noise="philox", seed=0, **DDPM)
-    whole = ddpm_fast.sample(model, batch_size=16, **kw)[:7]
-    assert not torch.equal(ddpm_fast.sample(model, batch_size=7, **kw), whole)
     assert torch.equal(ddpm_fast.sample(model, batch_size=7, model_batch=16, **kw),
                        ddpm_fast.sample(model, batch_size=16, model_batch=16, **kw)[:7])
 
