@@ -120,6 +120,15 @@ def test_the_unet_folder_alone_and_old_bin_weights_load(tmp_path):
         assert _rel_err(model(x, t), unet(x, t).sample) <= tol("diffusers_unet", torch.float32)["rtol"]
 
 
+def test_flat_layout_loads_its_scheduler(tmp_path):
+    # Some hub repositories keep config.json, the weights and scheduler_config.json side by side.
+    unet = _random_unet(HEADS)
+    unet.save_pretrained(tmp_path / "flat")
+    diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False).save_pretrained(tmp_path / "flat")
+    _, config = load_checkpoint(tmp_path / "flat")
+    assert config.diffusion.variant == "paper" and not config.diffusion.clip_x0
+
+
 def test_pre_0_15_attention_names_load(tmp_path):
     # Folders written before diffusers 0.15 name the attention weights query/key/value/proj_attn.
     from safetensors.torch import save_file
