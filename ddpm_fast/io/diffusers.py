@@ -59,12 +59,9 @@ _VARIANCE = {"fixed_small": "posterior", "fixed_large": "paper"}
 
 
 def is_diffusers_folder(path) -> bool:
-    """True for a folder holding a diffusers UNet: unet/config.json, or config.json beside the weights."""
+    """True for a folder laid out as a diffusers model: unet/config.json, or a config.json of its own."""
     p = Path(path)
-    if not p.is_dir():
-        return False
-    return (p / "unet" / UNET_CONFIG).is_file() or ((p / UNET_CONFIG).is_file()
-                                                     and any((p / w).is_file() for w in WEIGHT_FILES))
+    return p.is_dir() and ((p / "unet" / UNET_CONFIG).is_file() or (p / UNET_CONFIG).is_file())
 
 
 def load_diffusers(path, device="cpu", dtype=None) -> Tuple[DDPMUNet, ModelConfig]:
