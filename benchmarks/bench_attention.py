@@ -163,3 +163,36 @@ def test_attention_core(benchmark, core, batch, dtype, provider):
     want = torch.softmax(qd @ kd.transpose(-1, -2) * scale, dim=-1) @ vd
     benchmark.extra_info["max_abs_err"] = _max_abs_err(out, want)
     check_output(call, want.to(out.dtype), f"attention core/{provider}")
+
+
+# The DDPM (diffusers) UNet's block: GroupNorm(h) in, h added (the op's `residual`). (C, H, W, heads, d_k):
+# ddpm-cifar10-32's 16x16 block; on GPU also the 256x256 layout's (C = 512 at 16x16). Not a ddpm_fast preset
+# (read off the diffusers configs), so listed here.
+DDPM_SHAPES = [(256, 16, 16, 1, 256)] + ([(512, 16, 16, 1, 512)] if HAS_CUDA else [])
+DDPM_PROVIDERS = ["reference", "fast"] + (["fast-graph"] if HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("provider", DDPM_PROVIDERS)
+@pytest.mark.parametrize("dtype", BENCH_DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", DDPM_SHAPES, ids=[f"ddpm-C{c}-{h}x{w}-h{nh}-d{dk}" for c, h, w, nh, dk in DDPM_SHAPES])
+def test_attention_block_residual(benchmark, shape, batch, dtype, provider):
+    c, h, w, nh, dk = shape
+    args = block_inputs(batch, c, h, w, nh, dk, DTYPES[dtype])
+    residual = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1)).to(args[0])
+    fn = ref.attention if provider == "reference" else attn_ops.attention
+    n, hd, esize = h * w, nh * dk, args[0].element_size()
+    flops = 2 * batch * n * c * 3 * hd + 4 * batch * nh * n * n * dk + 2 * batch * n * hd * c
+    nbytes = (3 * batch * c * n + 3 * hd * c + 3 * hd + c * hd + c) * esize  # x, residual read; out written
+
+    def call():
+        with torch.no_grad():
+            return fn(*args, nh, dk, residual)
+
+    if provider.endswith("-graph"):
+        call = cuda_graphed(call)
+    out = run_bench(benchmark, call, flops=flops, nbytes=nbytes, preset="ddpm", C=c, tokens=n, heads=nh,
+                    d_k=dk, batch=batch, dtype=dtype, residual=True)
+    want = ref.attention(*[a.double() for a in args], nh, dk, residual.double())
+    benchmark.extra_info["max_abs_err"] = _max_abs_err(out, want)
+    check_output(call, want.to(out.dtype), f"attention block residual/{provider}")

@@ -102,3 +102,36 @@ def test_conv2d(benchmark, shape, batch, dtype, layout, provider):
     run_bench(benchmark, fn, nbytes=nbytes, flops=flops, **info)
     if provider != "reference":
         check_output(fn, ref.conv2d(x, w, b, s, p), f"conv2d/{provider}")
+
+
+# The DDPM (diffusers) UNet's Downsample: 3x3 stride 2, padding (0, 1, 0, 1) (right/bottom only; the Triton
+# kernel masks it, no padded copy). (C, H, W) from ddpm-cifar10-32's config (not a ddpm_fast preset).
+DOWN_SHAPES = [(128, 32, 32), (256, 16, 16), (256, 8, 8)] if HAS_CUDA else [(256, 8, 8)]
+DOWN_PAD = (0, 1, 0, 1)
+
+
+@pytest.mark.parametrize("provider", [p for p in _PROVIDERS if p != "triton-clw-graph"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", BENCH_DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", DOWN_SHAPES, ids=lambda s: "ddpm-cifar10-32-C{}-{}x{}-pad0101".format(*s))
+def test_conv2d_downsample_pad(benchmark, shape, batch, dtype, layout, provider):
+    c, h, w = shape
+    x, wt, b, s, _ = _inputs(("ddpm", c, h, w, c, 3, 2, True), batch, dtype, layout)
+    p = DOWN_PAD
+    ho, wo = M.out_size(h, w, 3, 3, s, p)
+    flops = 2 * batch * ho * wo * c * c * 9
+    nbytes = (x.numel() + wt.numel() + batch * ho * wo * c) * x.element_size()
+    info = dict(preset="ddpm-cifar10-32", C_in=c, H=h, W=w, C_out=c, K=3, stride=2, padding="0,1,0,1",
+                batch=batch, dtype=dtype, layout=layout, rule_picks_triton=M.use_triton(x, wt, s, p))
+    if provider == "reference":
+        fn = lambda: ref.conv2d(x, wt, b, s, p)  # noqa: E731
+    elif provider == "fast":
+        fn = lambda: M.conv2d(x, wt, b, s, p)  # noqa: E731
+    elif provider == "reference-graph":
+        fn = cuda_graphed(lambda: ref.conv2d(x, wt, b, s, p))
+    else:
+        fn = cuda_graphed(lambda: M.conv2d_triton(x, wt, b, s, p))
+    run_bench(benchmark, fn, nbytes=nbytes, flops=flops, **info)
+    if provider != "reference":
+        check_output(fn, ref.conv2d(x, wt, b, s, p), f"conv2d downsample/{provider}")

@@ -67,6 +67,27 @@ def test_time_embedding(benchmark, preset, batch, dtype, provider):
         check_output(lambda: fn(t, *w), ref.time_embedding(t, *w), f"time_embedding/{provider}")
 
 
+# The DDPM (diffusers) UNet's time embedding: sinusoid width = base channels (128 for ddpm-cifar10-32 and the
+# 256x256 layouts: E = 512), freq_shift 1, sin first (flip_sin_to_cos False), as in those configs.
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", BENCH_DTYPES)
+@pytest.mark.parametrize("batch", _BATCHES[:2])
+def test_time_embedding_ddpm(benchmark, batch, dtype, provider):
+    e, g = 512, torch.Generator().manual_seed(0)
+    w = [(torch.rand(*shape, generator=g) * 2 - 1).div(fan ** 0.5).to(DEVICE, DTYPES[dtype])
+         for shape, fan in (((e, e // 4), e // 4), ((e,), e // 4), ((e, e), e), ((e,), e))]
+    t = torch.randint(0, 1000, (batch,), generator=g).to(DEVICE)
+    fn = {"reference": ref.time_embedding, "fast": ops.time_embedding}.get(provider)
+    if provider == "compiled":
+        fn = compiled(ref.time_embedding)
+    flops, nbytes = _embedding_cost(e, batch, w[0].element_size())
+    run_bench(benchmark, lambda: fn(t, *w, 1.0, False), flops=flops, nbytes=nbytes, E=e, batch=batch,
+              dtype=dtype, freq_shift=1)
+    if provider != "reference":
+        check_output(lambda: fn(t, *w, 1.0, False), ref.time_embedding(t, *w, 1.0, False),
+                     f"time_embedding ddpm/{provider}")
+
+
 @pytest.mark.parametrize("provider", PATH_PROVIDERS)
 @pytest.mark.parametrize("dtype", BENCH_DTYPES)
 @pytest.mark.parametrize("preset, batch", CASES)

@@ -187,6 +187,81 @@ def test_core_backend_fp32_rule(n, d_k, batch_heads, dtype, want):
 
 
 # ---------------------------------------------------------------------------------------------
+# The DDPM (diffusers) block: `residual` added instead of x (x is then GroupNorm(residual))
+# ---------------------------------------------------------------------------------------------
+# (B, C, H, W, n_heads, d_k): cifar10-32's 16x16 block (1 head, d_k = C), the 256x256 layout's (C = 512 at
+# 16x16), attention_head_dim 32 at C = 128 (4 heads), an odd one.
+RESIDUAL_SHAPES = [(1, 256, 16, 16, 1, 256), (1, 512, 16, 16, 1, 512), (2, 128, 8, 8, 4, 32), (3, 96, 7, 9, 2, 48)]
+RESIDUAL_IDS = [f"B{b}-C{c}-{h}x{w}-h{nh}-d{dk}" for b, c, h, w, nh, dk in RESIDUAL_SHAPES]
+
+
+def check_residual_block(args, residual, n_heads, d_k, **kw):
+    x = args[0]
+    out = poison(torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    got = attention_triton(*args, n_heads, d_k, out=out, residual=residual, **kw)
+    assert got is out
+    want = ref.attention(*[a.double() for a in args], n_heads, d_k, residual.double())
+    torch.testing.assert_close(got.double(), want, **tol("attention", x.dtype))
+    # Not x's residual: the block without the argument must differ (residual and x are unrelated here).
+    assert not torch.allclose(want, expected(args, n_heads, d_k), atol=1e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", RESIDUAL_SHAPES, ids=RESIDUAL_IDS)
+def test_block_residual_ddpm_shapes(shape, dtype):
+    b, c, h, w, nh, dk = shape
+    args = make_inputs(b, c, h, w, nh, dk, dtype)
+    check_residual_block(args, (2 * torch.randn(b, c, h, w)).to(dtype), nh, dk)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layouts", ["cl-cl", "nchw-cl", "cl-nchw"])
+def test_block_residual_channels_last_and_sdpa(layouts, dtype):
+    args = make_inputs(2, 96, 7, 9, 2, 48, dtype)
+    residual = (2 * torch.randn(2, 96, 7, 9)).to(dtype)
+    x_cl, r_cl = (part == "cl" for part in layouts.split("-"))
+    if x_cl:
+        args[0] = args[0].contiguous(memory_format=torch.channels_last)
+    if r_cl:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    check_residual_block(args, residual, 2, 48)
+    check_residual_block(args, residual, 2, 48, core="sdpa")
+
+
+def test_residual_op_cpu_fake_opcheck_and_compile():
+    args = make_inputs(2, 64, 4, 4, 2, 32, torch.float32)
+    residual = torch.randn(2, 64, 4, 4)
+    want = ref.attention(*args, 2, 32, residual)
+    for got in (attention(*args, 2, 32, residual), torch.ops.ddpm_fast.attention(*args, 2, 32, residual)):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, **tol("attention", torch.float32))
+    meta = attention(*[a.to("meta") for a in args], 2, 32, residual.to("meta"))
+    assert meta.shape == args[0].shape and meta.device.type == "meta"
+    torch.library.opcheck(torch.ops.ddpm_fast.attention.default, (*args, 2, 32, residual),
+                          test_utils=("test_schema", "test_faketensor"))
+    fn, seen = compile_recording(lambda x, r: attention(x * 1.0, *args[1:], 2, 32, r))
+    torch.testing.assert_close(fn(args[0], residual), want, **tol("attention", torch.float32))
+    assert "ddpm_fast.attention" in seen, seen
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "device", "not-tensor", "unmergeable"])
+def test_residual_bad_inputs_raise(case):
+    args = make_inputs(1, 32, 4, 4, 1, 32, torch.float32)
+    r = torch.randn(1, 32, 4, 4)
+    bad, exc, match = {
+        "shape": (r[:, :16], ValueError, "residual must have x's shape"),
+        "dtype": (r.half(), TypeError, "residual has dtype"),
+        "device": (r.to("meta"), RuntimeError, "residual is on meta"),
+        "not-tensor": (r.tolist(), TypeError, "residual must be a torch.Tensor or None"),
+        "unmergeable": (torch.randn(1, 32, 8, 4)[:, :, ::2], ValueError, "cannot be merged"),
+    }[case]
+    with pytest.raises(exc, match=match):
+        attention(*args, 1, 32, bad)
+
+
+# ---------------------------------------------------------------------------------------------
 # The attention core alone: every tiling path on small shapes
 # ---------------------------------------------------------------------------------------------
 def core_expected(q, k, v, scale, biases):

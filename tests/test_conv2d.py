@@ -64,7 +64,7 @@ def make_inputs(b, shape, dtype, device="cpu", channels_last=False):
 def truth(x, weight, bias, stride, padding):
     """F.conv2d in float64 on the same (dtype-rounded) inputs, rounded once to x's dtype."""
     b64 = bias.double() if bias is not None else None
-    return F.conv2d(x.double(), weight.double(), b64, stride, padding).to(x.dtype)
+    return R.conv2d(x.double(), weight.double(), b64, stride, padding).to(x.dtype)  # 2- or 4-value padding
 
 
 def check(out, x, weight, bias, stride, padding, same_dtype_ref=True):
@@ -103,6 +103,62 @@ def test_forced_k_splits(device, split):
     # bias added there); 1000 is clamped to the number of K blocks (one block per split).
     args = make_inputs(2, (96, 7, 9, 40, 3, 1, True), torch.float32, device)
     check(M.conv2d_triton(*args, split=split), *args, same_dtype_ref=device == "cpu")
+
+
+# The DDPM UNet's Downsample: 3x3 stride 2, padding (0, 1, 0, 1) (right and bottom only), (C, H, W, bias) at
+# cifar10-32's levels (C=128 at 32x32, 256 at 16x16 and 8x8) and the other widths, then odd sizes (odd H/W:
+# the extra row/column is then in the input, not the pad).
+DOWN_PAD = (0, 1, 0, 1)
+DOWN_SHAPES = [(128, 32, 32, True), (256, 16, 16, True), (256, 8, 8, True), (128, 8, 8, False),
+               (256, 32, 32, False), (40, 7, 9, True), (24, 5, 4, False), (16, 2, 3, True)]
+
+
+def _down_inputs(batch, shape, dtype, device, layout):
+    c, h, w, bias = shape
+    x, wt, b, s, _ = make_inputs(batch, (c, h, w, c, 3, 2, bias), dtype, device, channels_last=layout == "cl")
+    return x, wt, b, s, DOWN_PAD
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape", DOWN_SHAPES, ids=lambda s: "C{}_{}x{}".format(*s[:3]) + ("_bias" if s[3] else ""))
+@pytest.mark.parametrize("device", DEVICES)
+def test_downsample_asymmetric_padding(device, shape, layout, dtype, monkeypatch):
+    if device == "cpu" and shape[0] * shape[1] * shape[2] > 65536 and dtype != torch.float32:
+        pytest.skip("the interpreter is slow: the widest level runs fp32 only on CPU")
+    # The fast path pads with its masks: no padded copy of x may be made.
+    monkeypatch.setattr(F, "pad", lambda *a, **k: pytest.fail("F.pad on the fast path"))
+    args = _down_inputs(1 if shape[1] >= 32 else 2, shape, dtype, device, layout)
+    out = M.conv2d_triton(*args) if device == "cpu" else M.conv2d(*args)
+    monkeypatch.undo()
+    assert out.shape[2:] == ((shape[1] - 2) // 2 + 1, (shape[2] - 2) // 2 + 1)
+    check(out, *args, same_dtype_ref=device == "cpu")
+
+
+@pytest.mark.parametrize("padding", [(0, 1, 0, 1), (2, 0, 1, 3), (1, 1, 1, 1)], ids=str)
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("device", DEVICES)
+def test_four_value_padding_any_sides(device, split, padding):
+    # Other asymmetric pads (wider than the kernel's reach on one side), split-K, and a symmetric 4-value pad.
+    x, w, b, s, _ = make_inputs(2, (24, 6, 7, 16, 3, 1, True), torch.float32, device)
+    check(M.conv2d_triton(x, w, b, s, padding, split=split), x, w, b, s, padding, same_dtype_ref=device == "cpu")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_four_value_padding_op_cpu_and_fake(layout):
+    # The CPU kernel (the spec's F.pad + conv), through the wrapper and the op; the fake kernel's shape.
+    x, w, b, s, p = _down_inputs(2, (16, 9, 8, True), torch.float32, "cpu", layout)
+    want = R.conv2d(x, w, b, s, p)
+    for out in (M.conv2d(x, w, b, s, p), torch.ops.ddpm_fast.conv2d(x, w, b, list(s), list(p))):
+        assert out.shape == (2, 16, 4, 4) and out.is_contiguous(memory_format=CL if layout == "cl" else
+                                                                torch.contiguous_format)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    meta = M.conv2d(*[t.to("meta") for t in (x, w, b)], s, p)
+    assert meta.shape == (2, 16, 4, 4)
+    torch.library.opcheck(torch.ops.ddpm_fast.conv2d.default, (x, w, b, list(s), list(p)),
+                          test_utils=("test_schema", "test_faketensor"))
+    # A symmetric 4-value pad is the 2-value one.
+    assert torch.equal(M.conv2d(x, w, b, (1, 1), (1, 1, 1, 1)), M.conv2d(x, w, b, (1, 1), (1, 1)))
 
 
 @pytest.mark.parametrize("case", ["channel-slice", "transposed-hw", "batch-stride"])
@@ -220,6 +276,8 @@ def _bad_cases():
         ("padding_int", (x, w, b, s, 1), TypeError, "padding must be a pair"),
         ("stride_float", (x, w, b, (1.9, 1.9), p), TypeError, "stride must be a pair of ints"),
         ("padding_float", (x, w, b, s, (0.5, 0.5)), TypeError, "padding must be a pair of ints"),
+        ("padding_three", (x, w, b, s, (1, 1, 1)), ValueError, r"padding must be a pair \(h, w\) or four"),
+        ("padding_four_negative", (x, w, b, s, (0, -1, 0, 1)), ValueError, "padding >= 0"),
         ("autocast_hint", (x, w.bfloat16(), b, s, p), TypeError, "torch.autocast is on"),
         ("kernel_too_big", (x[:, :, :2, :2], w, b, s, (0, 0)), ValueError, "does not fit"),
     ]

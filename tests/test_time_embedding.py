@@ -69,6 +69,63 @@ def test_kernel_matches_reference(e, batch, dtype, device):
         torch.testing.assert_close(time_embedding(t, *w), expected, **tol("time_embedding", dtype))
 
 
+# The DDPM UNet's sinusoid (diffusers' get_timestep_embedding): width = the base channels, E = 4 * width;
+# cifar10-32 / the 256x256 layouts have width 128, a reduced-width test model 32.
+DDPM_WIDTHS = [4 * 128, 4 * 32]
+SINUSOIDS = [(0, False), (0, True), (1, False), (1, True), (None, True), (0.5, False)]
+SINUSOID_IDS = [f"shift{s}-{'cos_sin' if f else 'sin_cos'}" for s, f in SINUSOIDS]
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("sinusoid", SINUSOIDS, ids=SINUSOID_IDS)
+@pytest.mark.parametrize("e", DDPM_WIDTHS, ids=["C128-E512", "C32-E128"])
+def test_kernel_ddpm_sinusoid(e, sinusoid, batch, dtype, device):
+    shift, flip = sinusoid
+    w = _weights(e, dtype, device)
+    t = _steps(batch, device)  # t = 999 first
+    expected = ref.time_embedding(t, *w, shift, flip)
+    out = poison(torch.empty(batch, e, dtype=dtype, device=device))
+    got = time_embedding_triton(t, *w, out=out, freq_shift=shift, flip_sin_to_cos=flip)
+    assert got is out
+    torch.testing.assert_close(got, expected, **tol("time_embedding", dtype))
+    # The flags reach the kernel: the other order (or labml's frequencies, far from shift 1) is far off.
+    other = ref.time_embedding(t, *w, shift, not flip)
+    assert (other.float() - got.float()).abs().max() > 20 * tol("time_embedding", dtype)["atol"]
+    if device == "cuda":
+        torch.testing.assert_close(time_embedding(t, *w, shift, flip), expected, **tol("time_embedding", dtype))
+
+
+@pytest.mark.parametrize("sinusoid", SINUSOIDS, ids=SINUSOID_IDS)
+def test_op_cpu_ddpm_sinusoid_is_the_reference(sinusoid):
+    shift, flip = sinusoid
+    w = _weights(128)
+    t = _steps(3)
+    want = ref.time_embedding(t, *w, shift, flip)
+    assert torch.equal(time_embedding(t, *w, shift, flip), want)
+    assert torch.equal(torch.ops.ddpm_fast.time_embedding(t, *w, None if shift is None else float(shift), flip), want)
+    torch.library.opcheck(torch.ops.ddpm_fast.time_embedding.default,
+                          (t, *w, None if shift is None else float(shift), flip),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("fn", [time_embedding, time_embedding_triton], ids=["op", "launcher"])
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(freq_shift=16), ValueError, "half - freq_shift"),          # width 32: 16 frequencies
+    (dict(freq_shift=float("nan")), ValueError, "finite"),
+    (dict(freq_shift="1"), TypeError, "freq_shift must be None or a number"),
+    (dict(freq_shift=True), TypeError, "freq_shift must be None or a number"),
+    (dict(flip_sin_to_cos=1), TypeError, "flip_sin_to_cos must be a bool"),
+], ids=["shift-half", "shift-nan", "shift-str", "shift-bool", "flip-int"])
+def test_bad_sinusoid_args_raise(fn, kw, exc, match):
+    if fn is time_embedding_triton and not HAS_TRITON:
+        pytest.skip("triton is not importable")
+    with pytest.raises(exc, match=match):
+        fn(_steps(2), *_weights(128), **kw)
+
+
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_strided_inputs_and_int32_steps(device):

@@ -26,8 +26,10 @@ from .groupnorm_swish import groupnorm_swish
 from .residual_add import residual_add
 from .reverse_step import reverse_step, reverse_step_
 from .time_embedding import time_embedding
+from .upsample_conv2d import upsample_conv2d
 
-__all__ = ["attention", "conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add", "reverse_step", "reverse_step_", "time_embedding", "fused",
+__all__ = ["attention", "conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add", "reverse_step", "reverse_step_", "time_embedding", "upsample_conv2d",
+           "fused",
            "unfused", "is_fused", "dispatch_key"]
 
 class _FastNamespace(types.SimpleNamespace):
@@ -48,7 +50,7 @@ def _fast_namespace() -> "_FastNamespace":
 
 _FAST = _FastNamespace(**{name: globals()[name] for name in
                           ("attention", "conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add",
-                           "reverse_step", "time_embedding")})
+                           "reverse_step", "time_embedding", "upsample_conv2d")})
 
 
 def _ops_modules(model: nn.Module):

@@ -12,7 +12,7 @@ import torch
 from ._common import HAS_TRITON, OP_DTYPES, dot, pow2_clamp, round_to, sm_count, tl, triton
 from ._eager import autocast_hint
 
-__all__ = ["BACKEND", "plan", "prefers_triton", "conv_out_size", "sms", "new_workspace", "check_conv_args", "pair"]
+__all__ = ["BACKEND", "plan", "prefers_triton", "conv_out_size", "sms", "new_workspace", "check_conv_args", "pair", "pad4"]
 
 # Aim at this many programs per SM when splitting K (enough to hide one program's load latency behind
 # another's math), and give each split at least MIN_BLOCKS_PER_SPLIT K blocks so the fp32 partial it
@@ -34,8 +34,17 @@ TRITON_DTYPES = (torch.float32,)
 MAX_TILES_PER_SM = 1.0
 
 
+def pad4(padding: Sequence[int]) -> tuple:
+    """A conv's padding as (left, right, top, bottom), F.pad's order: an (h, w) pair pads both sides."""
+    if len(padding) == 4:
+        return tuple(padding)
+    return padding[1], padding[1], padding[0], padding[0]
+
+
 def conv_out_size(h: int, w: int, kh: int, kw: int, stride: Sequence[int], padding: Sequence[int]) -> tuple:
-    return (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1
+    """Output (H, W); padding: an (h, w) pair or (left, right, top, bottom)."""
+    left, right, top, bottom = pad4(padding)
+    return (h + top + bottom - kh) // stride[0] + 1, (w + left + right - kw) // stride[1] + 1
 
 
 def sms(device: torch.device) -> int:
@@ -152,13 +161,15 @@ if HAS_TRITON:
         tl.store(y_ptr + offs, round_to(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
-def pair(name: str, v) -> List[int]:
+def pair(name: str, v, allow_four: bool = False) -> List[int]:
+    """An (h, w) pair of ints; with allow_four also four ints (left, right, top, bottom): conv2d's padding."""
+    four = " or four (left, right, top, bottom)" if allow_four else ""
     try:
         pair = [operator.index(e) for e in v]  # 1.9 is an error, as in F.conv2d, not a silent 1
     except TypeError:
-        raise TypeError(f"conv2d: {name} must be a pair of ints, got {v!r}") from None
-    if len(pair) != 2:
-        raise ValueError(f"conv2d: {name} must be a pair (h, w), got {list(v)}")
+        raise TypeError(f"conv2d: {name} must be a pair of ints{four}, got {v!r}") from None
+    if len(pair) != 2 and not (allow_four and len(pair) == 4):
+        raise ValueError(f"conv2d: {name} must be a pair (h, w){four}, got {list(v)}")
     return pair
 
 

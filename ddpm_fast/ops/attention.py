@@ -20,6 +20,8 @@ The block is three launches, none of which makes a layout copy (with the Triton 
    and writes of [B, C, N] and two extra launches; here it is one kernel. The GEMM is small (C <= 1024
    outputs per token, K = heads * d_k), a size where a plain tl.dot tile loop should run close to
    cuBLAS, so the fused epilogue is expected to win (bench_attention.py measures it).
+   The residual it adds is x, or the op's `residual` argument when given (the DDPM UNet's block feeds
+   GroupNorm(h) as x and adds h): the same read in the same epilogue, either way no extra pass.
 
 SDPA dispatch: `core_backend` is the one place that picks the core. fp32 blocks above a measured work
 size run the core on SDPA (the Triton core's IEEE-fp32 dots lose to it there, see FP32_SDPA_MIN_WORK);
@@ -359,10 +361,13 @@ def _qkv_projection(x3: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 def attention_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
                      out_weight: torch.Tensor, out_bias: torch.Tensor, n_heads: int, d_k: int, *,
-                     core: Optional[str] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     core: Optional[str] = None, out: Optional[torch.Tensor] = None,
+                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fast block (see the module docstring) without input validation: call `attention` instead.
 
     core: None (`core_backend` decides), "triton" or "sdpa".
+    residual: [B, C, H, W] (any strides whose H and W merge) added in the out-projection epilogue in
+    place of x (the DDPM block: x is the GroupNorm of `residual`); None adds x.
     out: optional [B, C, H, W] buffer to write (any strides); otherwise a contiguous one is allocated.
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     """
@@ -379,6 +384,8 @@ def attention_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torc
     if core not in ("triton", "sdpa"):
         raise ValueError(f"attention_triton: core must be None, 'triton' or 'sdpa', got {core!r}")
     x3 = x.reshape(bsz, c, n)  # a view for NCHW and channels_last inputs
+    # What the epilogue adds: read in place through its strides, like x (no extra pass).
+    r3 = x3 if residual is None else residual.reshape(bsz, c, n)
     scale = d_k ** -0.5
 
     if core == "triton":
@@ -404,38 +411,57 @@ def attention_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torc
     num_warps = cfg.pop("num_warps")
     grid = (triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(n, cfg["BLOCK_T"]), bsz)
     wrap_triton(_out_proj_residual_kernel)[grid](
-        o_tok, out_weight, out_bias, x3, y3, *o_tok.stride(), *out_weight.stride(), out_bias.stride(0),
-        *x3.stride(), *y3.stride(), c, n, hd, **cfg, **dot_flags(x.dtype, x.device), num_warps=num_warps)
+        o_tok, out_weight, out_bias, r3, y3, *o_tok.stride(), *out_weight.stride(), out_bias.stride(0),
+        *r3.stride(), *y3.stride(), c, n, hd, **cfg, **dot_flags(x.dtype, x.device), num_warps=num_warps)
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # The torch.library op and its wrapper.
 # ---------------------------------------------------------------------------------------------
-def _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
+def _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=None):
     # The reference returns a channels_last-strided view of its permute; the op promises contiguous.
-    return ref.attention(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k).contiguous()
+    return ref.attention(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual).contiguous()
 
 
-def _fake(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
+def _fake(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=None):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k):
+def _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=None):
     """What the op runs: the fused Triton block for CUDA tensors, the reference math elsewhere (the
     interpreter is for tests, not for use)."""
     if x.device.type != "cuda":
-        return _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
-    return attention_triton(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
+        return _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual)
+    return attention_triton(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=residual)
 
 
 def _attention_body(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-                    out_weight: torch.Tensor, out_bias: torch.Tensor, n_heads: int, d_k: int) -> torch.Tensor:
+                    out_weight: torch.Tensor, out_bias: torch.Tensor, n_heads: int, d_k: int,
+                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     # torch.compile traces this body: CPU tensors must trace the reference math, not the kernels.
-    return _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
+    return _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual)
 
 
 _attention_op = define_op("attention", _attention_body, _reference_out, _fake)
+
+
+def _check_residual(x, residual) -> None:
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"attention: residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if tuple(residual.shape) != tuple(x.shape):
+        raise ValueError(f"attention: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"attention: residual has dtype {residual.dtype} but x has {x.dtype}{autocast_hint(x)}")
+    if residual.device != x.device:
+        raise RuntimeError(f"attention: residual is on {residual.device} but x is on {x.device}")
+    try:  # the epilogue reads it as [B, C, H*W] through its strides
+        residual.view(residual.shape[0], residual.shape[1], -1)
+    except RuntimeError:
+        raise ValueError(f"attention: residual's H and W dims cannot be merged (strides {residual.stride()}); "
+                         "pass an NCHW or channels_last tensor") from None
 
 
 def _check(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k) -> None:
@@ -467,8 +493,10 @@ def _check(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k) -> Non
 
 
 def attention(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor, out_weight: torch.Tensor,
-              out_bias: torch.Tensor, n_heads: int, d_k: int) -> torch.Tensor:
+              out_bias: torch.Tensor, n_heads: int, d_k: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """labml's AttentionBlock forward, residual included: see `reference.functional.attention`.
+    residual: None adds x; a [B, C, H, W] tensor in x's dtype and device is added instead (the DDPM
+    block normalises its input first and adds the un-normalised one).
 
     x: [B, C, H, W] fp32/fp16/bf16 (NCHW or channels_last); proj_weight [3*n_heads*d_k, C],
     proj_bias [3*n_heads*d_k], out_weight [C, n_heads*d_k], out_bias [C], all in x's dtype and on
@@ -476,6 +504,7 @@ def attention(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tenso
     reference math.
     """
     _check(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
-    if HAS_TRITON and plain_eager(x, proj_weight, proj_bias, out_weight, out_bias):  # see ops/_eager.py
-        return _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
-    return torch.ops.ddpm_fast.attention(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
+    _check_residual(x, residual)
+    if HAS_TRITON and plain_eager(x, proj_weight, proj_bias, out_weight, out_bias, residual):  # see ops/_eager.py
+        return _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual)
+    return torch.ops.ddpm_fast.attention(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual)

@@ -32,8 +32,8 @@ import torch
 from ..reference import functional as _ref
 from . import _conv_gemm as G
 from ._common import HAS_TRITON, define_op, dot_flags, out_format, span, tl, triton, wrap_triton
-from ._conv_gemm import (check_conv_args, conv_out_size as out_size, new_workspace as _new_workspace, pair as _pair,
-                         plan, prefers_triton)
+from ._conv_gemm import (check_conv_args, conv_out_size as out_size, new_workspace as _new_workspace, pad4,
+                         pair as _pair, plan, prefers_triton)
 from ._eager import plain_eager
 
 
@@ -112,6 +112,9 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if out.numel() == 0:
         return out
     cfg = plan(b, ci, h, w, co, kh, kw, stride, padding, x.dtype, G.sms(x.device), split)
+    # Only the top/left pad moves the window; the bottom/right one is the masks' `iy < H`, `ix < W`
+    # (an asymmetric pad costs nothing: no padded copy of x).
+    pad_left, _, pad_top, _ = pad4(padding)
     s = cfg["split"]
     tf32 = torch.backends.cudnn.allow_tf32 if allow_tf32 is None else allow_tf32
     # Partials in fp32, each split a dense copy of the output's layout, so the sum kernel walks them linearly.
@@ -124,8 +127,8 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     soft_bf16 = x.device.type == "cpu"
     wrap_triton(_conv_gemm_kernel)[grid](
         x, weight, bias_t, dest, ci, h, w, co, ho, wo, b * ho * wo, *x.stride(), *weight.stride(), *so,
-        out.numel(), cfg["blocks_per_split"], KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0],
-        PW=padding[1], HAS_BIAS=bias is not None and s == 1, M_FAST=x.stride(3) == 1,
+        out.numel(), cfg["blocks_per_split"], KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=pad_top,
+        PW=pad_left, HAS_BIAS=bias is not None and s == 1, M_FAST=x.stride(3) == 1,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SOFT_BF16=soft_bf16,
         **dot_flags(x.dtype, x.device, tf32), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if s > 1:
@@ -138,6 +141,10 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 # --- the torch.library op ------------------------------------------------------------------------
 def _reference_out(x, weight, bias, stride, padding):
+    left, right, top, bottom = pad4(padding)
+    if left == right and top == bottom:  # a symmetric 4-value pad: F.conv2d pads it without a copy
+        padding = (top, left)
+    # Asymmetric (the DDPM Downsample's (0, 1, 0, 1)): the spec's F.pad copy, then cuDNN / oneDNN.
     return _ref.conv2d(x, weight, bias, stride, padding)
 
 
@@ -171,10 +178,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     path's kernel where `use_triton` picks it and cuDNN elsewhere.
 
     x: [B, C_in, H, W]; weight: [C_out, C_in, KH, KW], both float32/float16/bfloat16 of one dtype and
-    device; bias: [C_out] or None; stride, padding: (h, w) pairs. The output keeps x's layout (NCHW or
-    channels_last). Not differentiable (inference op).
+    device; bias: [C_out] or None; stride: an (h, w) pair; padding: an (h, w) pair or four values (left,
+    right, top, bottom), F.pad's order (the DDPM Downsample's (0, 1, 0, 1)). The output keeps x's layout
+    (NCHW or channels_last). Not differentiable (inference op).
     """
-    stride, padding = _pair("stride", stride), _pair("padding", padding)
+    stride, padding = _pair("stride", stride), _pair("padding", padding, allow_four=True)
     _check(x, weight, bias, stride, padding)
     if not use_triton(x, weight, stride, padding):
         # cuDNN / oneDNN called directly: the op's own non-Triton branch, without the custom op's Python
