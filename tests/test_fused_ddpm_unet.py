@@ -3,6 +3,7 @@ as the labml UNet's does (tests/test_fused_unet.py): the raw Triton kernels unde
 registered ops (C++/reference CPU kernels), the time table, channels_last, torch.compile, the fast sampler,
 and on CUDA the real fused path in every dtype.
 """
+import functools
 import types
 
 import pytest
@@ -16,7 +17,7 @@ from ddpm_fast.ops.conv_transpose2d import conv_transpose2d_triton
 from ddpm_fast.ops.groupnorm_swish import HAS_TRITON, groupnorm_swish_triton
 from ddpm_fast.ops.residual_add import residual_add_triton
 from ddpm_fast.ops.time_embedding import time_embedding_triton
-from ddpm_fast.ops.upsample_conv2d import upsample_conv2d_triton
+from ddpm_fast.ops.upsample_conv2d import upsample_conv2d_folded
 from ddpm_fast.reference import DDPMUNet, functional
 from helpers import CL, HAS_CUDA
 from tolerances import assert_deep, tol
@@ -24,7 +25,7 @@ from tolerances import assert_deep, tol
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 
 TRITON_NAMESPACE = types.SimpleNamespace(
-    conv2d=conv2d_triton, conv_transpose2d=conv_transpose2d_triton, upsample_conv2d=upsample_conv2d_triton,
+    conv2d=conv2d_triton, conv_transpose2d=conv_transpose2d_triton, upsample_conv2d=functools.partial(upsample_conv2d_folded, force_triton=True),
     groupnorm_swish=groupnorm_swish_triton, attention=attention_triton, residual_add=residual_add_triton,
     time_embedding=time_embedding_triton, reverse_step=functional.reverse_step)
 
