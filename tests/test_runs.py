@@ -22,6 +22,7 @@ from PIL import Image
 import ddpm_fast
 from ddpm_fast.sampling import runs
 from ddpm_fast.io.checkpoint import load_checkpoint
+from ddpm_fast.io.lock import LOCK_NAME, folder_lock
 from ddpm_fast.cli import main
 from tolerances import tol
 
@@ -134,6 +135,45 @@ def test_sigkill_then_resume_gives_the_uninterrupted_images(tmp_path):
     assert res.returncode == 0, res.stderr
     assert _files(out) == _files(tmp_path / "whole") and len(_files(out)) == n
     assert sorted(p.name for p in out.iterdir()) == sorted(_files(out)) + [runs.MANIFEST]  # no temp files left
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_resume_after_kill_works(tmp_path):
+    # Two processes: the second fails at once naming the folder and the first's pid; a kill -9 of the
+    # first frees the folder (the OS drops the lock) and a rerun resumes.
+    out = tmp_path / "r"
+    args = ["--num-images", "400", "--batch-size", "4", "--sampler", "ddim", "--steps", "4", "--out-dir", str(out)]
+    cmd = [sys.executable, "-m", "ddpm_fast", "sample", "--device", "cpu", "--no-progress", *args]
+    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while first.poll() is None and time.monotonic() < deadline and not list(out.glob("*.png")):
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before the test could overlap it"
+        t0 = time.monotonic()
+        second = _cli(*args, timeout=120)
+        assert second.returncode == 2 and time.monotonic() - t0 < 60
+        assert f"another run is writing to {out} (pid {first.pid} on " in second.stderr, second.stderr
+        assert second.stderr.count("\n") == 1
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    kept = len(_files(out))
+    assert 0 < kept < 400 and (out / LOCK_NAME).exists()  # the lock file outlives a kill -9 ...
+    res = _cli(*args)
+    assert res.returncode == 0, res.stderr  # ... but not its lock
+    assert f"({kept} already there" in res.stdout and len(_files(out)) == 400
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_second_run_in_the_same_process_is_refused(digits, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    with folder_lock(out):
+        with pytest.raises(ValueError, match=f"another run is writing to {out} \\(pid {os.getpid()} on "):
+            _run(digits, out, 4, num_images=4, **FAST)
+        assert not _files(out)
+    res = _run(digits, out, 4, num_images=4, **FAST)  # released
+    assert res.written == 4 and sorted(p.name for p in out.iterdir()) == sorted(_files(out)) + [runs.MANIFEST]
 
 
 def test_changed_settings_are_refused_and_more_images_extend(digits, tmp_path):
