@@ -237,6 +237,24 @@ def test_torchrun_refusals_end_every_rank(tmp_path):
     assert res.returncode != 0 and "files this run did not write (notes.txt)" in res.stderr
 
 
+@pytest.mark.parametrize("fail_rank", ["0", "1"])
+def test_torchrun_a_rank_that_fails_ends_the_run_with_its_error(tmp_path, fail_rank):
+    # tests/failing_rank_run.py: the model raises on rank fail_rank after that rank's first batch, while
+    # the other rank still has ~50 batches to draw. torchrun's agent sees the failed worker and stops the
+    # other: the run must end non-zero, with the failing rank's error, in bounded time (no hang).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "failing_rank_run.py"), str(tmp_path / "r")]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**_env(), "FAIL_RANK": fail_rank})
+    assert res.returncode != 0 and time.monotonic() - t0 < 120
+    assert f"RuntimeError: injected failure on rank {fail_rank}" in res.stderr, res.stderr[-3000:]
+    pngs = list((tmp_path / "r").glob("*.png"))
+    assert 0 < len(pngs) < 400
+    for p in pngs:  # what the stopped rank left is complete images only
+        with Image.open(p) as im:
+            im.load()
+
+
 # --- bad input: one line ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags,msg", [
     (["--num-images", "0"], "--num-images"), (["--num-images", "1000001"], "--num-images"),
