@@ -24,6 +24,7 @@ from ddpm_fast.sampling import runs
 from ddpm_fast.io.checkpoint import load_checkpoint
 from ddpm_fast.io.lock import LOCK_NAME, folder_lock
 from ddpm_fast.cli import main
+from helpers import install_stand_in_capture
 from tolerances import tol
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +195,29 @@ def test_changed_settings_are_refused_and_more_images_extend(digits, tmp_path):
     assert {k: after[k] for k in before} == before and len(after) == 14
     fresh = _run(digits, tmp_path / "fresh", 8, num_images=14, seed=1, **FAST)
     assert fresh.written == 14 and _files(tmp_path / "fresh") == after
+
+
+@pytest.mark.parametrize("noise", ["philox", "generator"])
+def test_a_run_captures_one_graph_for_all_its_batches(digits, tmp_path, monkeypatch, noise):
+    # On CUDA the fast backend keeps its captured graph between calls, keyed by shapes among others: a
+    # run's batches (6, 6, 6 and a last one of 2, padded to 6) must all hit one entry. On CPU through
+    # the stand-in capture of helpers (graph replay = the step re-run on the captured state), with
+    # fast_loop forced onto its graph path; the files must be those of the eager run.
+    import ddpm_fast.sampling.fast_loop as fs
+    import ddpm_fast.sampling.graphs as graphs
+
+    _run(digits, tmp_path / "eager", 6, backend="fast", noise=noise, **FAST)
+    graphs.clear_graph_cache()
+    captured = install_stand_in_capture(monkeypatch)
+    loop = fs.fast_loop
+    monkeypatch.setattr(fs, "fast_loop", lambda *a, **k: loop(*a, cuda_graph=True, **k))
+    try:
+        res = _run(digits, tmp_path / "graph", 6, backend="fast", noise=noise, **FAST)
+        assert res.written == N and len(captured) == 1, f"{len(captured)} captures for one run"
+        assert len(graphs.GRAPHS) == 1
+    finally:
+        graphs.clear_graph_cache()
+    assert _files(tmp_path / "graph") == _files(tmp_path / "eager")
 
 
 def test_npz_is_the_adm_layout(digits, tmp_path):
