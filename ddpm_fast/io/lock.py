@@ -13,11 +13,12 @@ import fcntl
 import os
 import socket
 import threading
+import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-__all__ = ["folder_lock", "LOCK_NAME"]
+__all__ = ["LOCK_NAME", "folder_lock"]
 
 LOCK_NAME = ".ddpm_fast.lock"
 _HELD: set = set()  # (st_dev, st_ino) of the folders this process has locked
@@ -38,7 +39,8 @@ def _refuse(folder: Path, path: Path):
 
 
 def _open_locked(folder: Path, path: Path) -> int:
-    """An fd of the lock file, locked; ValueError when another run holds it."""
+    """An fd of the lock file, locked (-1: the file system cannot lock); ValueError when another run
+    holds it."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -46,6 +48,11 @@ def _open_locked(folder: Path, path: Path) -> int:
         except BlockingIOError:
             os.close(fd)
             raise _refuse(folder, path) from None
+        except OSError as e:  # a file system without flock (Lustre mounted without -o flock): run unlocked
+            os.close(fd)
+            warnings.warn(f"cannot lock {folder} ({e.strerror or e}): nothing stops a second run from writing "
+                          "into it at the same time", RuntimeWarning, stacklevel=4)
+            return -1
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -69,6 +76,9 @@ def folder_lock(folder) -> Iterator[Path]:
         _HELD.add(key)
     try:
         fd = _open_locked(folder, path)
+        if fd < 0:
+            yield path
+            return
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())

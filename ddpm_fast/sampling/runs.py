@@ -16,6 +16,9 @@ The guarantees, and what gives them:
   NNNNNN.png is complete. A rerun skips the images present; kill -9 loses at most the batches in flight.
   manifest.json (written atomically before the first image) holds the settings; a rerun with other
   settings is refused with the differences named. num_images may grow on a rerun (it only adds images).
+- One run per folder: rank 0 holds io.lock.folder_lock (flock on DIR/.ddpm_fast.lock, dropped by the OS
+  when the process dies) from before it reads the folder until the .npz is written, so a second run into
+  the folder is refused naming the holder's pid and host, and never deletes the first one's temp files.
 - Under torchrun (WORLD_SIZE > 1) the missing images are split into contiguous shares, one per rank;
   rank 0 checks the folder and tells every rank the outcome (so a refusal ends all ranks, not a hang),
   all meet at a barrier at the end, and rank 0 writes the .npz. A rank that fails exits non-zero, which
