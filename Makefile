@@ -11,7 +11,7 @@ setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
 	@# --no-build-isolation skips pyproject's build requirements: bring ninja (fast extension builds).
 	@$(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install -q ninja
-	DDPM_FAST_REQUIRE_EXT=$${DDPM_FAST_REQUIRE_EXT:-1} $(PIP) install -q --no-build-isolation -e ".[test,data,plot]"
+	DDPM_FAST_REQUIRE_EXT=$${DDPM_FAST_REQUIRE_EXT:-1} $(PIP) install -q --no-build-isolation -e ".[test,data,plot,diffusers]"
 
 sample: setup
 	$(PYTHON) -m ddpm_fast sample --out $(OUT)

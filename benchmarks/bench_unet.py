@@ -124,3 +124,76 @@ def test_unet_forward(benchmark, fresh_compile_state, provider, preset, batch, d
     assert torch.isfinite(out).all(), f"{provider}: non-finite UNet output"
     if want is not None:
         check_output(forward, want, f"unet_forward/{provider}", loosen=2.0)
+
+
+# --- the DDPM paper's UNet (diffusers' layout): DDPMUNet, fused, and diffusers' own UNet2DModel -----------
+# Providers: `reference` and `fast` as above, on DDPMUNet; `diffusers` (UNet2DModel, eager, the same
+# weights: what a diffusers user runs today) and `diffusers-compiled` (it under torch.compile; GPU only),
+# where diffusers is installed. Presets: config.DDPM_PRESETS (google/ddpm-cifar10-32's network, and the
+# 256x256 celebahq/church layout).
+if HAS_CUDA:
+    _DDPM_DEFAULT_CASES = [("ddpm-cifar10", 1), ("ddpm-cifar10", 64), ("ddpm-256", 1), ("ddpm-256", 16)]
+    _DDPM_PROVIDERS = ["reference", "fast", "fast-graph", "diffusers", "diffusers-compiled"]
+else:
+    _DDPM_DEFAULT_CASES = [("ddpm-cifar10", 1), ("ddpm-256", 1)]
+    _DDPM_PROVIDERS = ["reference", "fast", "diffusers"]
+DDPM_CASES = env_list("DDPM_FAST_BENCH_DDPM_CASES", [f"{p}:{b}" for p, b in _DDPM_DEFAULT_CASES])
+DDPM_PROVIDERS = env_list("DDPM_FAST_BENCH_DDPM_PROVIDERS", _DDPM_PROVIDERS)
+
+
+def build_ddpm_unet(preset, dtype):
+    """The DDPM preset's network with fixed random weights, eval mode, on DEVICE in `dtype`."""
+    from ddpm_fast.config import DDPM_PRESETS
+    from ddpm_fast.reference import DDPMUNet
+
+    torch.manual_seed(0)
+    return DDPMUNet(DDPM_PRESETS[preset].unet).eval().to(device=DEVICE, dtype=DTYPES[dtype])
+
+
+def diffusers_unet(model):
+    """diffusers' UNet2DModel holding `model`'s weights (the state_dicts share their names), or a skip."""
+    diffusers = pytest.importorskip("diffusers")
+    cfg = model.config.to_dict()
+    unet = diffusers.UNet2DModel(**cfg).eval()
+    unet.load_state_dict(model.state_dict(), strict=True)
+    p = next(model.parameters())
+    return unet.to(device=p.device, dtype=p.dtype)
+
+
+@pytest.mark.parametrize("dtype", UNET_DTYPES)
+@pytest.mark.parametrize("case", DDPM_CASES)
+@pytest.mark.parametrize("provider", DDPM_PROVIDERS)
+def test_ddpm_unet_forward(benchmark, fresh_compile_state, provider, case, dtype):
+    preset, batch = case.split(":")[0], int(case.split(":")[1])
+    if dtype != "fp32" and not HAS_CUDA:
+        pytest.skip(f"{dtype} UNet benchmarks are GPU-only")
+    graphed = provider.endswith("-graph")
+    if (graphed or provider.endswith("compiled")) and not HAS_CUDA:
+        pytest.skip(f"{provider} runs on a GPU only")
+    model = build_ddpm_unet(preset, dtype)
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(DEVICE, DTYPES[dtype])
+    t = torch.randint(0, 1000, (batch,), generator=g).to(DEVICE)
+    with torch.no_grad():
+        flops = count_flops(lambda: model(x, t))
+        want = model(x, t) if provider != "reference" else None
+    base = provider.removesuffix("-graph")
+    if base.startswith("diffusers"):
+        unet = diffusers_unet(model)
+        net = (lambda x, t: unet(x, t).sample) if base == "diffusers" else compiled(lambda x, t: unet(x, t).sample)
+    else:
+        net = provider_model(base, model)
+
+    def forward():
+        with torch.no_grad():
+            return net(x, t)
+
+    if graphed:
+        forward = cuda_graphed(forward)
+    benchmark.group = f"ddpm_unet_forward[{preset} b={batch} {dtype}]"
+    out = run_bench(benchmark, forward, flops=flops, memory=True, provider=provider, preset=preset, batch=batch,
+                    dtype=dtype, n_params=sum(p.numel() for p in model.parameters()))
+    assert out.shape == x.shape and torch.isfinite(out).all(), f"{provider}: bad DDPM UNet output"
+    if want is not None:
+        check_output(forward, want, f"ddpm_unet_forward/{provider}", loosen=2.0)

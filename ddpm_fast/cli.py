@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import torch
 
-from .config import PRESETS, get_preset
+from .config import DDPM_PRESETS, PRESETS, get_preset
 
 PROG = "ddpm-fast"
 DEFAULT_PRESET = "tiny"
@@ -72,10 +72,12 @@ def number_arg(kind, lo, hi=None, lo_open=False, hi_open=True):
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="PATH",
-                     help="a model file, a training checkpoint (its EMA weights) or a run folder (default: the "
+                     help="a model file, a training checkpoint (its EMA weights), a run folder or a diffusers "
+                          "DDPM model folder such as google/ddpm-cifar10-32's (default: the "
                           f"shipped model if installed, else a randomly initialised '{DEFAULT_PRESET}' model)")
-    src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
-                     help=f"sample from a randomly initialised preset ({', '.join(sorted(PRESETS))}): noise, "
+    src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS) + sorted(DDPM_PRESETS),
+                     help=f"sample from a randomly initialised preset "
+                          f"({', '.join(sorted(PRESETS) + sorted(DDPM_PRESETS))}): noise, "
                           "for trying the pipeline")
     p.add_argument("--num-images", type=number_arg(int, 1, MAX_RUN_IMAGES, hi_open=False), default=16, metavar="N",
                    help=f"images to draw (default 16): in one batch for the grid (at most {MAX_IMAGES}), in "
@@ -85,10 +87,12 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="(default: ddpm)")
     p.add_argument("--eta", type=number_arg(float, 0.0, 1.0, hi_open=False), default=0.0, metavar="E",
                    help="DDIM noise scale in [0, 1] (ddim only; default 0)")
-    p.add_argument("--variant", choices=["labml", "paper", "posterior"], default="labml",
-                   help="DDPM variance (ddpm only): labml (noise at every step, default), paper (none at the "
-                        "last), posterior")
-    p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to the data range")
+    p.add_argument("--variant", choices=["labml", "paper", "posterior"], default=None,
+                   help="DDPM variance (ddpm only): labml (noise at every step), paper (none at the last), "
+                        "posterior (default: the model's own: labml, or what a diffusers scheduler config says)")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip the predicted x0 to the data range (default: the model's own: off, or a diffusers "
+                        "scheduler config's clip_sample)")
     p.add_argument("--seed", type=number_arg(int, 0, 2 ** 63), default=0, metavar="K", help="noise seed (default 0)")
     p.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model compute dtype (default: fp32)")
@@ -127,7 +131,7 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
         image_format_for_path(out)  # refuse a bad output path before any work
     if args.sampler == "ddpm" and args.eta != 0.0:
         raise UserError("--eta applies to --sampler ddim only")
-    if args.sampler == "ddim" and args.variant != DEFAULT_VARIANT:
+    if args.sampler == "ddim" and args.variant not in (None, DEFAULT_VARIANT):
         raise UserError("--variant applies to --sampler ddpm only (DDIM's noise is set by --eta)")
     if args.channels_last and args.backend != "fast":
         raise UserError("--channels-last applies to --backend fast only")
@@ -189,7 +193,7 @@ def _check_run_flags(args: argparse.Namespace) -> None:
 def _model_from_args(args: argparse.Namespace, device, dtype):
     """(model, config, source description, notice or None) for --checkpoint / --preset / the default."""
     from .io.checkpoint import default_checkpoint_path, load_checkpoint
-    from .reference.unet import UNet
+    from .reference import build_unet
 
     if args.checkpoint is not None and not args.checkpoint.strip():
         raise UserError("--checkpoint must not be empty (give a .safetensors path, or leave it out for the "
@@ -211,7 +215,7 @@ def _model_from_args(args: argparse.Namespace, device, dtype):
         config = get_preset(preset)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
-            model = UNet(config.unet)
+            model = build_unet(config.unet)
         model = model.to(device=device, dtype=dtype)
         source = f"random {preset}"
     return model, config, source, notice

@@ -538,8 +538,24 @@ PRESETS: Dict[str, ModelConfig] = {
 }
 
 
+# The DDPM paper's networks in diffusers' layout, with the sampling defaults of google's models (DDPMScheduler,
+# linear betas, clip_sample true): ddpm-cifar10 is google/ddpm-cifar10-32 (35.7M parameters, variance
+# fixed_large); ddpm-256 is the layout of google/ddpm-celebahq-256 / -church-256 / -bedroom-256 (attention
+# at 16x16, variance fixed_small). Kept apart from PRESETS, whose every entry the op tests walk.
+_DDPM_SAMPLING = dict(clip_x0=True, clip_range=1.0)
+DDPM_PRESETS: Dict[str, ModelConfig] = {
+    "ddpm-cifar10": ModelConfig(DDPMUNetConfig(), DiffusionConfig(variant="paper", **_DDPM_SAMPLING)),
+    "ddpm-256": ModelConfig(
+        DDPMUNetConfig(sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512),
+                       down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4),
+        DiffusionConfig(variant="posterior", **_DDPM_SAMPLING)),
+}
+
+
 def get_preset(name: str) -> ModelConfig:
+    """A preset by name: PRESETS (labml's UNet) or DDPM_PRESETS (the DDPM paper's)."""
     try:
-        return PRESETS[name]
+        return PRESETS[name] if name in PRESETS else DDPM_PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS) + sorted(DDPM_PRESETS)}") from None

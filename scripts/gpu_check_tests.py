@@ -32,6 +32,8 @@ NEW_WORK = {
                                 "tests/test_groupnorm_swish.py::test_gpu_compile_block",
                                 "tests/test_attention.py::test_gpu_torch_compile_fullgraph",
                                 "tests/test_time_embedding.py::test_torch_compile_fullgraph_cuda"],
+    # Issue 15: the DDPM paper's UNet (diffusers' layout) on the fused path, in every dtype, graphed.
+    "DDPM UNet": ["tests/test_fused_ddpm_unet.py"],
     "fp16/bf16 sampler fix": ["tests/test_fast_sampler.py::test_fast_trajectory_within_tolerance_of_reference_cuda",
                               "tests/test_sampling.py::test_cpu_generator_gives_the_same_images_on_cuda"],
 }

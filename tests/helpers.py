@@ -43,3 +43,44 @@ def require_cpp_kernel(monkeypatch, op_module) -> None:
         pytest.fail("the C++ CPU kernel is not available (build ddpm_fast._C: python setup.py build_ext --inplace)")
     real = op_module._new_output
     monkeypatch.setattr(op_module, "_new_output", lambda x: poison(real(x)))
+
+
+def install_stand_in_capture(monkeypatch) -> list:
+    """fast_loop's graph path on CPU: `capture` is replaced by an eager stand-in whose "replay" runs the
+    step on the state's static buffers with the net as it was at capture (fused, with the time table
+    of that moment), as a captured graph would. Returns the list of captured states (one per capture)."""
+    import types
+    import weakref
+
+    import ddpm_fast
+    import ddpm_fast.sampling.fast_loop as fs
+
+    captured = []
+
+    def graphed(state):
+        captured.append(state)
+        # Weakly, as a real graph holds no Python reference to the module (fast_loop drops state.net).
+        net_ref, table, was_fused = weakref.ref(state.net), state.net.time_table, ddpm_fast.ops.is_fused(state.net)
+
+        def replay():
+            net = net_ref()
+            now_table, now_fused = net.time_table, ddpm_fast.ops.is_fused(net)
+            net.time_table = table
+            if was_fused:
+                ddpm_fast.ops.fused(net)
+            held, state.net = state.net, net
+            try:
+                state.step()
+            finally:
+                state.net = held
+                net.time_table = now_table
+                if not now_fused:
+                    ddpm_fast.ops.unfused(net)
+
+        state.graph = types.SimpleNamespace(replay=replay)
+        return replay
+
+    monkeypatch.setattr(fs, "capture", graphed)
+    monkeypatch.setattr(fs, "_GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(fs, "EXTENSION_HAS_CUDA", True)
+    return captured

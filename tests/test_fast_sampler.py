@@ -10,6 +10,7 @@ from ddpm_fast.config import PRESETS
 from ddpm_fast.sampling.fast_loop import fast_loop
 from ddpm_fast.reference import Schedule, UNet
 from ddpm_fast.sampling import reference_loop
+from helpers import install_stand_in_capture
 from tolerances import assert_deep, tol
 
 CFG = PRESETS["tiny"]
@@ -264,44 +265,11 @@ def test_graphed_bookkeeping_with_stand_in_graph_cpu(monkeypatch, n_steps, warmu
 # --- graphs kept between calls (the cache logic on CPU; the real capture runs in the gpu tests) ----
 @pytest.fixture
 def stand_in_capture(monkeypatch):
-    """fast_loop's graph path on CPU: `capture` is replaced by an eager stand-in whose "replay" runs the
-    step on the state's static buffers with the net as it was at capture (fused, with the time table
-    of that moment), as a captured graph would. Returns the list of captured states."""
-    import types
-
-    import ddpm_fast.sampling.fast_loop as fs
+    """fast_loop's graph path on CPU (helpers.install_stand_in_capture); the list of captured states."""
     import ddpm_fast.sampling.graphs as graphs
 
-    captured = []
-
-    def graphed(state):
-        captured.append(state)
-        # Weakly, as a real graph holds no Python reference to the module (fast_loop drops state.net).
-        net_ref, table, was_fused = weakref.ref(state.net), state.net.time_table, ddpm_fast.ops.is_fused(state.net)
-
-        def replay():
-            net = net_ref()
-            now_table, now_fused = net.time_table, ddpm_fast.ops.is_fused(net)
-            net.time_table = table
-            if was_fused:
-                ddpm_fast.ops.fused(net)
-            held, state.net = state.net, net
-            try:
-                state.step()
-            finally:
-                state.net = held
-                net.time_table = now_table
-                if not now_fused:
-                    ddpm_fast.ops.unfused(net)
-
-        state.graph = types.SimpleNamespace(replay=replay)
-        return replay
-
-    monkeypatch.setattr(fs, "capture", graphed)
-    monkeypatch.setattr(fs, "_GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(fs, "EXTENSION_HAS_CUDA", True)
     graphs.clear_graph_cache()
-    yield captured
+    yield install_stand_in_capture(monkeypatch)
     graphs.clear_graph_cache()
 
 

@@ -205,7 +205,8 @@ def _existing_file(path: PathLike, run_folder: bool = False) -> Path:
         for name in RUN_FILES:
             if (path / name).is_file():
                 return path / name
-        raise ValueError(f"{path}: not a file, nor a training run folder (it holds neither {' nor '.join(RUN_FILES)})")
+        raise ValueError(f"{path}: not a file, nor a training run folder (it holds neither {' nor '.join(RUN_FILES)}), "
+                         "nor a diffusers model folder (no config.json or unet/config.json)")
     if not path.is_file():
         raise ValueError(f"{path}: not a file")
     return path

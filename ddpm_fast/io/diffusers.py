@@ -1,8 +1,9 @@
 """Read a diffusers DDPM model folder (google/ddpm-cifar10-32 and kin) without importing diffusers.
 
 A folder as `DDPMPipeline.save_pretrained` writes it (unet/config.json, unet/diffusion_pytorch_model.safetensors
-or .bin, scheduler/scheduler_config.json), or the unet folder itself (its parent's scheduler/ is used when
-there is one, else DDPMScheduler's defaults). Weights come from safetensors (no pickle at all) or, for older
+or .bin, scheduler/scheduler_config.json), a flat one (config.json, the weights and scheduler_config.json side by
+side), or the unet folder itself (its parent's scheduler/ is used when there is one, else DDPMScheduler's
+defaults). Weights come from safetensors (no pickle at all) or, for older
 folders, from a .bin read with torch.load(weights_only=True), whose unpickler refuses anything but tensors
 and plain containers. Every config value is checked against the UNet2DModel / scheduler family ddpm_fast
 implements, and anything outside it is refused with a ValueError naming the file and the field: a config
@@ -58,12 +59,9 @@ _VARIANCE = {"fixed_small": "posterior", "fixed_large": "paper"}
 
 
 def is_diffusers_folder(path) -> bool:
-    """True for a folder holding a diffusers UNet: unet/config.json, or config.json beside the weights."""
+    """True for a folder laid out as a diffusers model: unet/config.json, or a config.json of its own."""
     p = Path(path)
-    if not p.is_dir():
-        return False
-    return (p / "unet" / UNET_CONFIG).is_file() or ((p / UNET_CONFIG).is_file()
-                                                     and any((p / w).is_file() for w in WEIGHT_FILES))
+    return p.is_dir() and ((p / "unet" / UNET_CONFIG).is_file() or (p / UNET_CONFIG).is_file())
 
 
 def load_diffusers(path, device="cpu", dtype=None) -> Tuple[DDPMUNet, ModelConfig]:
@@ -154,11 +152,12 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def _scheduler_path(root: Path, unet_dir: Path) -> Optional[Path]:
-    for base in (root, unet_dir.parent) if unet_dir == root else (root,):
-        candidate = base / SCHEDULER_CONFIG
-        if candidate.is_file():
-            return candidate
-    return None
+    """scheduler/scheduler_config.json beside unet/ (save_pretrained's layout), a scheduler_config.json beside
+    the unet's own files (the flat layout of some hub repositories), or the unet folder's parent's scheduler/."""
+    candidates = [root / SCHEDULER_CONFIG, unet_dir / SCHEDULER_CONFIG.name]
+    if unet_dir == root:
+        candidates.append(root.parent / SCHEDULER_CONFIG)
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def _weights_file(unet_dir: Path) -> Path:

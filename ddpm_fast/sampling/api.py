@@ -61,10 +61,8 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     sampler: "ddpm" (ancestral; `variant` "labml" = noise at every step as labml does, "paper" = no
         noise at the last step, "posterior" = posterior variance beta_tilde) or "ddim" (`eta` in [0, 1];
         eta must be 0 for "ddpm", and variant must be None or "labml" for "ddim").
-    variant, clip_x0: default (None): the model's own, config.diffusion.variant / clip_x0 ("labml" and no
-        clipping for a labml or ddpm_fast-trained model; what its scheduler config says for a diffusers one).
-    clip_x0: clamp the predicted x0 at every step to config.diffusion.clip_bounds() (the data range, or a
-        diffusers scheduler's [-clip_sample_range, clip_sample_range]).
+    clip_x0: clamp the predicted x0 at every step to config.diffusion.clip_bounds(). variant, clip_x0 None:
+        the model's own (config.diffusion: labml, off; a diffusers model's from its scheduler config).
     generator: a CPU torch.Generator (default: a fresh one seeded from torch's global RNG), or a list
         of batch_size of them, one per image (noise "generator" only).
     noise: "generator", "philox" or None (the backend's default): see the module docstring.
@@ -84,8 +82,7 @@ def sample(model_or_checkpoint, batch_size: int = 16, num_inference_steps: Optio
     channels_last: backend="fast" only: run the UNet's activations in NHWC (see fast_loop).
     image_size: sample at another size than config.unet.image_size (int or (H, W)); the UNet is
         convolutional, but H and W must be divisible by its total downsampling factor.
-    output_type: "pil" (list of PIL images; grayscale for 1 channel), "np" (float32 [B, H, W, C] in
-        [0, 1], diffusers' convention) or "pt" (float32 CPU tensor [B, C, H, W] in [0, 1]).
+    output_type: "pil" (PIL images; grayscale for 1 channel), "np" (float32 [B, H, W, C] in [0, 1]) or "pt".
     The model runs in eval mode under torch.inference_mode; its training flags are restored afterwards.
     Raises ValueError if the model's output is not a tensor of x_t's shape, or if x_0 is not finite.
     """

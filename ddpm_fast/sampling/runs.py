@@ -16,6 +16,9 @@ The guarantees, and what gives them:
   NNNNNN.png is complete. A rerun skips the images present; kill -9 loses at most the batches in flight.
   manifest.json (written atomically before the first image) holds the settings; a rerun with other
   settings is refused with the differences named. num_images may grow on a rerun (it only adds images).
+- One run per folder: rank 0 holds io.lock.folder_lock (flock on DIR/.ddpm_fast.lock, dropped by the OS
+  when the process dies) from before it reads the folder until the .npz is written, so a second run into
+  the folder is refused naming the holder's pid and host, and never deletes the first one's temp files.
 - Under torchrun (WORLD_SIZE > 1) the missing images are split into contiguous shares, one per rank;
   rank 0 checks the folder and tells every rank the outcome (so a refusal ends all ranks, not a hang),
   all meet at a barrier at the end, and rank 0 writes the .npz. A rank that fails exits non-zero, which
@@ -37,6 +40,7 @@ import re
 import threading
 import time
 import zipfile
+from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -48,7 +52,8 @@ from PIL import Image
 from ..config import ModelConfig, check_int
 from ..io.atomic import write_atomic
 from ..io.images import to_uint8_hwc
-from .api import sample
+from ..io.lock import LOCK_NAME, folder_lock
+from .api import model_defaults, sample
 from .checks import DEFAULT_DDIM_STEPS, NOISE_MODES, image_hw
 
 __all__ = ["sample_to_folder", "sample_batches", "RunResult", "MAX_IMAGES", "MANIFEST", "image_name",
@@ -126,9 +131,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 # --- the folder -------------------------------------------------------------------------------------
-def _prepare_folder(out_dir: Path, num_images: int, settings: dict, npz: Optional[Path]) -> List[int]:
-    """Check (and create) out_dir, write or check its manifest, remove our stale temp files; returns the
-    indices of the images present. Raises ValueError naming the problem."""
+def _make_folder(out_dir: Path) -> None:
+    """Check (and create) out_dir; ValueError naming the problem."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} exists and is not a directory")
     try:
@@ -137,6 +141,11 @@ def _prepare_folder(out_dir: Path, num_images: int, settings: dict, npz: Optiona
         raise ValueError(f"cannot create --out-dir {out_dir}: {e.strerror or e}") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise ValueError(f"--out-dir {out_dir} is not writable")
+
+
+def _prepare_folder(out_dir: Path, num_images: int, settings: dict, npz: Optional[Path]) -> List[int]:
+    """With out_dir made and locked: write or check its manifest, remove our stale temp files (no other
+    run is writing: the lock); returns the indices of the images present. ValueError naming the problem."""
     present, foreign = [], []
     for entry in os.scandir(out_dir):
         m = _IMAGE_RE.match(entry.name)
@@ -144,7 +153,7 @@ def _prepare_folder(out_dir: Path, num_images: int, settings: dict, npz: Optiona
             present.append(int(m.group(1)))
         elif _TEMP_RE.match(entry.name) and entry.is_file():
             os.unlink(entry.path)  # a write that a kill interrupted: never a complete image
-        elif entry.name != MANIFEST and not (npz is not None and Path(entry.path) == npz):
+        elif entry.name not in (MANIFEST, LOCK_NAME) and not (npz is not None and Path(entry.path) == npz):
             foreign.append(entry.name)
     if foreign:
         raise ValueError(f"--out-dir {out_dir} holds files this run did not write ({', '.join(sorted(foreign)[:3])}"
@@ -266,6 +275,7 @@ def _options(config, device, *, num_images, batch_size, sampler, num_inference_s
     if steps is None:
         steps = config.diffusion.n_steps if sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, config.diffusion.n_steps)
     model_batch = check_int("model_batch", model_batch if model_batch is not None else _MODEL_BATCH[device.type], 1)
+    variant, clip_x0 = model_defaults(config.diffusion, sampler, variant, clip_x0)
     return {"sampler": sampler, "steps": steps, "eta": float(eta), "variant": variant, "clip_x0": bool(clip_x0),
             "seed": int(seed), "dtype": dtype, "backend": backend, "noise": noise, "model_batch": model_batch,
             "device": device, "image_hw": image_hw(config.unet, image_size), "channels_last": bool(channels_last)}
@@ -274,7 +284,8 @@ def _options(config, device, *, num_images, batch_size, sampler, num_inference_s
 def sample_batches(model_or_checkpoint, num_images: int, batch_size: Optional[int] = None, *,
                    indices: Optional[Sequence[int]] = None, config: Optional[ModelConfig] = None,
                    sampler: str = "ddpm", num_inference_steps: Optional[int] = None, eta: float = 0.0,
-                   variant: str = "labml", clip_x0: bool = False, seed: int = 0, device=None, dtype=torch.float32,
+                   variant: Optional[str] = None, clip_x0: Optional[bool] = None, seed: int = 0, device=None,
+                   dtype=torch.float32,
                    backend: str = "fast", noise: str = "philox", model_batch: Optional[int] = None,
                    image_size=None, channels_last: bool = False) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """Yield (indices [b] int64, images uint8 [b, H, W, C]) for images 0 .. num_images - 1 (or `indices`,
@@ -426,6 +437,7 @@ def sample_to_folder(model_or_checkpoint, out_dir, num_images: int, batch_size: 
 
     dev = parse_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, dev, opened = _distributed(dev)
+    held = ExitStack()  # rank 0's folder lock, for the whole run (npz included)
     try:
         _check_num_images(num_images)
         if world > num_images:
@@ -440,6 +452,8 @@ def sample_to_folder(model_or_checkpoint, out_dir, num_images: int, batch_size: 
                                      **{k: opts[k] for k in ("sampler", "steps", "eta", "variant", "clip_x0", "seed",
                                                              "dtype", "backend", "noise", "model_batch",
                                                              "channels_last")})
+                _make_folder(out_dir)
+                held.enter_context(folder_lock(out_dir))
                 present = _prepare_folder(out_dir, num_images, settings, npz)
                 missing = _ranges(sorted(set(range(num_images)) - set(present)))
                 state = (missing, len(present))
@@ -460,6 +474,7 @@ def sample_to_folder(model_or_checkpoint, out_dir, num_images: int, batch_size: 
             _write_npz(npz, out_dir, num_images, (*opts["image_hw"], config.unet.image_channels))
         return RunResult(out_dir, num_images, written, skipped, time.perf_counter() - start, npz, rank, world)
     finally:
+        held.close()
         if opened:
             import torch.distributed as dist
 
@@ -467,7 +482,7 @@ def sample_to_folder(model_or_checkpoint, out_dir, num_images: int, batch_size: 
 
 
 def _defaults(kwargs: dict) -> dict:
-    known = {"sampler": "ddpm", "num_inference_steps": None, "eta": 0.0, "variant": "labml", "clip_x0": False,
+    known = {"sampler": "ddpm", "num_inference_steps": None, "eta": 0.0, "variant": None, "clip_x0": None,
              "seed": 0, "backend": "fast", "noise": "philox", "model_batch": None, "image_size": None,
              "channels_last": False}
     unknown = set(kwargs) - set(known)

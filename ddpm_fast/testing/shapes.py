@@ -14,13 +14,14 @@ __all__ = ["unet_op_shapes", "unet_conv_shapes", "unet_upsample_shapes", "unet_g
 
 
 def unet_op_shapes(config, op_name: str, key: Callable[..., tuple]) -> list:
-    """Every distinct key(*args, **kwargs) over the calls a UNet of `config` (a UNetConfig) makes to
-    the reference op `op_name`.
+    """Every distinct key(*args, **kwargs) over the calls a UNet of `config` (a UNetConfig, or a DDPMUNetConfig
+    for the DDPM UNet) makes to the reference op `op_name`.
 
     Measured, not derived: the UNet is built on the meta device and run once with a recording op
     namespace, so tests and benchmarks use exactly the shapes the model produces.
     """
-    from ..reference.unet import OpsModule, UNet
+    from ..reference import build_unet
+    from ..reference.unet import OpsModule
 
     seen = set()
     ns = types.SimpleNamespace(**{k: getattr(_ref, k) for k in _ref.__all__})
@@ -32,7 +33,7 @@ def unet_op_shapes(config, op_name: str, key: Callable[..., tuple]) -> list:
 
     setattr(ns, op_name, record)
     with torch.device("meta"):
-        model = UNet(config)
+        model = build_unet(config)
         for m in model.modules():
             if isinstance(m, OpsModule):
                 m.F = ns
