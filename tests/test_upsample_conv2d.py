@@ -116,6 +116,10 @@ def test_op_on_cpu_runs_the_reference(layout, monkeypatch):
         torch.testing.assert_close(out, want, **tol("upsample_conv2d", torch.float32))
     monkeypatch.setattr(M, "CPU_FOLDED", True)  # the other CPU choice is correct too
     torch.testing.assert_close(ops.upsample_conv2d(x, w, b), want, **tol("upsample_conv2d", torch.float32))
+    monkeypatch.undo()
+    # The CUDA path's function (fold + ops.conv_transpose2d, cuDNN/oneDNN for these tensors), and forced Triton.
+    torch.testing.assert_close(M.upsample_conv2d_folded(x, w, b), want, **tol("upsample_conv2d", torch.float32))
+    check(M.upsample_conv2d_folded(x, w, b, force_triton=True), x, w, b)
 
 
 def test_fake_kernel_opcheck_and_compile():

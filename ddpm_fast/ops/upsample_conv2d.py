@@ -27,7 +27,7 @@ from ._common import HAS_TRITON, define_op, out_format
 from ._eager import plain_eager
 from .conv_transpose2d import conv_transpose2d, conv_transpose2d_triton
 
-__all__ = ["upsample_conv2d", "upsample_conv2d_triton", "fold_weight", "CPU_FOLDED", "HAS_TRITON"]
+__all__ = ["upsample_conv2d", "upsample_conv2d_triton", "upsample_conv2d_folded", "fold_weight", "CPU_FOLDED", "HAS_TRITON"]
 
 # The 4x3 per-axis fold: row k of A holds the 3x3 taps that transposed-conv tap k sums (see above).
 _FOLD = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
@@ -70,11 +70,20 @@ def upsample_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     return conv_transpose2d_triton(x, fold_weight(weight), bias, split=split)
 
 
+def upsample_conv2d_folded(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           force_triton: bool = False) -> torch.Tensor:
+    """The fast path without input validation: the fold, then `ops.conv_transpose2d` (its Triton kernel
+    where its rule picks it, cuDNN elsewhere), or its Triton kernel whatever the rule says when
+    `force_triton` (= upsample_conv2d_triton)."""
+    if force_triton:
+        return upsample_conv2d_triton(x, weight, bias)
+    return conv_transpose2d(x, fold_weight(weight), bias, (2, 2), (1, 1))
+
+
 def _run(x, weight, bias):
     if x.device.type != "cuda":
         return _cpu(x, weight, bias)
-    # ops.conv_transpose2d: its Triton kernel where its rule picks it, cuDNN elsewhere.
-    return conv_transpose2d(x, fold_weight(weight), bias, (2, 2), (1, 1))
+    return upsample_conv2d_folded(x, weight, bias)
 
 
 def _fake(x, weight, bias):
