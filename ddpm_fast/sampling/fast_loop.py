@@ -34,11 +34,13 @@ from .time_table import attach_time_table, detach_time_table
 NOISE_MODES = ("philox", "generator")
 # Where fast_loop may capture a graph (the CPU tests add "cpu", with a stand-in for the capture).
 _GRAPH_DEVICE_TYPES = ("cuda",)
-# When the fused UNet beat the reference UNet on the dev CPU (both threads, medians of interleaved runs,
-# benchmarks/results/cpu-2026-12-02-unet.md). fp32: digits16 1.02-1.06x and cifar35m 1.04-1.05x at
-# batch 16, but 0.97-0.98x at batch 1 (the wrappers' Python costs more than the C++ kernels save); no
-# batch in between was measured, so the threshold is the measured point. bf16: fused channels_last
-# 1.20x / 1.29x the reference channels_last at batch 1 / 16, fused NCHW 0.93x / 0.81x the reference NCHW.
+# When the fused UNet beat the reference UNet on the dev CPU (2-core Xeon VM with AVX-512 + AMX, both
+# threads, medians of interleaved forwards, benchmarks/results/cpu-2026-12-02-unet.md). fp32, fused vs
+# reference in the same layout (NCHW / NHWC): at batch 16 digits16 1.03x / 1.01x, cifar35m 1.08x / 1.05x;
+# at batch 1 digits16 0.97x / 0.90x (the wrappers' Python costs more than the C++ kernels save), cifar35m
+# 1.02x / 1.00x.
+# No batch in between was measured, so the threshold is the measured point. bf16: fused NHWC 0.99x /
+# 1.36x the reference NHWC at batch 1 / 16, fused NCHW 0.93x / 0.80x the reference NCHW.
 CPU_FUSE_MIN_BATCH = 16
 
 
