@@ -7,8 +7,8 @@ precomputed time-projection table, the reverse step gathers its coefficient row 
 draws its noise in-kernel from Philox keyed by (seed, step, element). So one capture replays every step.
 
 On CPU there is no graph. The loop runs the C++ reverse step (in-kernel noise, no torch.randn) and the
-time table when it saves work, and the fused UNet where that measured faster (`cpu_fuses`): fp32 with the
-C++ CPU kernels built, fp32 at model batches of CPU_FUSE_MIN_BATCH or more, bf16 in channels_last.
+time table when it saves work, and the fused UNet where that measured faster (`cpu_fuses`), with the
+C++ CPU kernels built: fp32 at model batches of CPU_FUSE_MIN_BATCH or more, bf16 in channels_last.
 Elsewhere the reference UNet: at batch 1 the fused ops' Python wrappers cost more than the C++ kernels
 save, and the fused bf16 UNet in NCHW measured slower (see benchmarks/PERF_NOTES.md).
 
@@ -38,9 +38,8 @@ _GRAPH_DEVICE_TYPES = ("cuda",)
 # threads, medians of interleaved forwards, benchmarks/results/cpu-2026-12-02-unet.md). fp32, fused vs
 # reference in the same layout (NCHW / NHWC): at batch 16 digits16 1.03x / 1.01x, cifar35m 1.08x / 1.05x;
 # at batch 1 digits16 0.97x / 0.90x (the wrappers' Python costs more than the C++ kernels save), cifar35m
-# 1.02x / 1.00x.
-# No batch in between was measured, so the threshold is the measured point. bf16: fused NHWC 0.99x /
-# 1.36x the reference NHWC at batch 1 / 16, fused NCHW 0.93x / 0.80x the reference NCHW.
+# 1.02x / 1.00x. No batch in between was measured, so the threshold is the measured point. bf16: fused
+# NHWC 0.99x / 1.36x the reference NHWC at batch 1 / 16, fused NCHW 0.93x / 0.80x the reference NCHW.
 CPU_FUSE_MIN_BATCH = 16
 
 
