@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..devices import cpu_has_native_bf16
 from ..ops.groupnorm_swish import HAS_CPP_KERNEL as _GN_CPP
 from ..ops.reverse_step import EXTENSION_HAS_CUDA, seed_arg
 from ..reference.unet import UNet
@@ -45,12 +46,14 @@ CPU_FUSE_MIN_BATCH = 16
 
 def cpu_fuses(dtype: torch.dtype, batch: int, channels_last: bool = False) -> bool:
     """fast_loop's default `fuse` for a CPU run: only with the C++ groupnorm_swish kernel built, then fp32
-    at a model batch of at least CPU_FUSE_MIN_BATCH, or bf16 in channels_last (where each measured faster)."""
+    at a model batch of at least CPU_FUSE_MIN_BATCH, or bf16 in channels_last on a CPU with native bf16
+    (where each measured faster)."""
     if not _GN_CPP:
         return False
     if dtype == torch.float32:
         return batch >= CPU_FUSE_MIN_BATCH
-    return dtype == torch.bfloat16 and channels_last
+    # Measured only where bf16 is native (AVX512_BF16 / AMX); elsewhere torch emulates it, unmeasured.
+    return dtype == torch.bfloat16 and channels_last and cpu_has_native_bf16()
 
 
 @contextmanager
