@@ -8,7 +8,8 @@ draws its noise in-kernel from Philox keyed by (seed, step, element). So one cap
 
 On CPU there is no graph. The loop runs the C++ reverse step (in-kernel noise, no torch.randn) and the
 time table when it saves work, and the fused UNet where that measured faster (`cpu_fuses`), with the
-C++ CPU kernels built: fp32 at model batches of CPU_FUSE_MIN_BATCH or more, bf16 in channels_last.
+C++ CPU kernels built: fp32 at model batches of CPU_FUSE_MIN_BATCH or more, bf16 in channels_last where
+the CPU has native bf16.
 Elsewhere the reference UNet: at batch 1 the fused ops' Python wrappers cost more than the C++ kernels
 save, and the fused bf16 UNet in NCHW measured slower (see benchmarks/PERF_NOTES.md).
 
