@@ -1,0 +1,32 @@
+"""The shipped model's samples in fp32 and bf16, judged as tests/test_default_model.py judges them.
+
+    PYTHONPATH=$PWD python scripts/cpu_bf16_quality.py
+
+48 DDIM-20 samples and the main job's 16 DDPM-1000 samples from one generator (noise="generator", so every
+provider gets the same noise): nearest-training-digit RMS distance (vs held-out real digits), a logistic
+digit classifier's mean confidence, classes hit, and the pixel difference from the fp32 reference.
+Results: benchmarks/results/cpu-2026-12-02-bf16-quality.md.
+"""
+import sys, numpy as np, torch
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
+from test_default_model import nn_distance
+from ddpm_fast.io.checkpoint import default_checkpoint_path, load_checkpoint
+from ddpm_fast.training.data import digits_images
+from ddpm_fast.sampling import sample
+from sklearn.linear_model import LogisticRegression
+model, config = load_checkpoint(default_checkpoint_path())
+x, y = digits_images(16); x = x.reshape(len(x), -1).numpy().astype(np.float64); y = y.numpy()
+train = x[200:]; real = nn_distance(x[:200], train)
+clf = LogisticRegression(max_iter=200, C=0.05).fit(x[200:], y[200:]); realc = float(clf.predict_proba(x[:200]).max(1).mean())
+print(f"held-out real digits: nn {real:.4f} conf {realc:.3f}")
+for sampler, steps, n in (("ddim", 20, 48), ("ddpm", 1000, 16)):
+    outs = {}
+    for name, kw in (("ref fp32", dict(backend="reference", dtype="fp32")), ("fast fp32", dict(backend="fast", dtype="fp32")),
+                     ("fast bf16 cl", dict(backend="fast", dtype="bf16", channels_last=True)),
+                     ("ref bf16", dict(backend="reference", dtype="bf16"))):
+        o = sample(model, batch_size=n, num_inference_steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0),
+                   output_type="pt", progress=False, config=config, noise="generator", **kw)
+        outs[name] = o
+        v = o.reshape(n, -1).numpy().astype(np.float64)
+        counts = np.bincount(clf.predict(v), minlength=10)
+        print(f"{sampler}{steps} n={n} {name}: nn {nn_distance(v, train):.4f} ({nn_distance(v, train)/real:.2f}x real) conf {float(clf.predict_proba(v).max(1).mean()):.3f} classes {(counts>0).sum()} max/class {counts.max()}  max|diff| vs ref fp32 {float((o-outs['ref fp32']).abs().max()):.3f} mean|diff| {float((o-outs['ref fp32']).abs().mean()):.4f}", flush=True)
