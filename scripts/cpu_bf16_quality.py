@@ -7,26 +7,53 @@ provider gets the same noise): nearest-training-digit RMS distance (vs held-out 
 digit classifier's mean confidence, classes hit, and the pixel difference from the fp32 reference.
 Results: benchmarks/results/cpu-2026-12-02-bf16-quality.md.
 """
-import sys, numpy as np, torch
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
-from test_default_model import nn_distance
-from ddpm_fast.io.checkpoint import default_checkpoint_path, load_checkpoint
-from ddpm_fast.training.data import digits_images
-from ddpm_fast.sampling import sample
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
-model, config = load_checkpoint(default_checkpoint_path())
-x, y = digits_images(16); x = x.reshape(len(x), -1).numpy().astype(np.float64); y = y.numpy()
-train = x[200:]; real = nn_distance(x[:200], train)
-clf = LogisticRegression(max_iter=200, C=0.05).fit(x[200:], y[200:]); realc = float(clf.predict_proba(x[:200]).max(1).mean())
-print(f"held-out real digits: nn {real:.4f} conf {realc:.3f}")
-for sampler, steps, n in (("ddim", 20, 48), ("ddpm", 1000, 16)):
-    outs = {}
-    for name, kw in (("ref fp32", dict(backend="reference", dtype="fp32")), ("fast fp32", dict(backend="fast", dtype="fp32")),
-                     ("fast bf16 cl", dict(backend="fast", dtype="bf16", channels_last=True)),
-                     ("ref bf16", dict(backend="reference", dtype="bf16"))):
-        o = sample(model, batch_size=n, num_inference_steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0),
-                   output_type="pt", progress=False, config=config, noise="generator", **kw)
-        outs[name] = o
-        v = o.reshape(n, -1).numpy().astype(np.float64)
-        counts = np.bincount(clf.predict(v), minlength=10)
-        print(f"{sampler}{steps} n={n} {name}: nn {nn_distance(v, train):.4f} ({nn_distance(v, train)/real:.2f}x real) conf {float(clf.predict_proba(v).max(1).mean()):.3f} classes {(counts>0).sum()} max/class {counts.max()}  max|diff| vs ref fp32 {float((o-outs['ref fp32']).abs().max()):.3f} mean|diff| {float((o-outs['ref fp32']).abs().mean()):.4f}", flush=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_default_model import nn_distance  # noqa: E402 - the test's own judge
+
+from ddpm_fast.io.checkpoint import default_checkpoint_path, load_checkpoint  # noqa: E402
+from ddpm_fast.sampling import sample  # noqa: E402
+from ddpm_fast.training.data import digits_images  # noqa: E402
+
+PROVIDERS = {
+    "ref fp32": {"backend": "reference", "dtype": "fp32"},
+    "fast fp32": {"backend": "fast", "dtype": "fp32"},
+    "fast bf16 cl": {"backend": "fast", "dtype": "bf16", "channels_last": True},
+    "ref bf16": {"backend": "reference", "dtype": "bf16"},
+}
+
+
+def main():
+    model, config = load_checkpoint(default_checkpoint_path())
+    x, y = digits_images(16)
+    x, y = x.reshape(len(x), -1).numpy().astype(np.float64), y.numpy()
+    train = x[200:]
+    real = nn_distance(x[:200], train)
+    clf = LogisticRegression(max_iter=200, C=0.05).fit(x[200:], y[200:])
+    print(f"held-out real digits: nn {real:.4f} conf {float(clf.predict_proba(x[:200]).max(1).mean()):.3f}")
+    for sampler, steps, n in (("ddim", 20, 48), ("ddpm", 1000, 16)):
+        outs = {}
+        for name, kw in PROVIDERS.items():
+            o = sample(model, batch_size=n, num_inference_steps=steps, sampler=sampler, output_type="pt",
+                       generator=torch.Generator().manual_seed(0), progress=False, config=config, noise="generator",
+                       **kw)
+            outs[name] = o
+            v = o.reshape(n, -1).numpy().astype(np.float64)
+            counts = np.bincount(clf.predict(v), minlength=10)
+            nn = nn_distance(v, train)
+            diff = (o - outs["ref fp32"]).abs()
+            print(f"{sampler}{steps} n={n} {name}: nn {nn:.4f} ({nn / real:.2f}x real) "
+                  f"conf {float(clf.predict_proba(v).max(1).mean()):.3f} classes {(counts > 0).sum()} "
+                  f"max/class {counts.max()}  max|diff| vs ref fp32 {float(diff.max()):.3f} "
+                  f"mean|diff| {float(diff.mean()):.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
