@@ -16,11 +16,13 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_default_model import nn_distance  # noqa: E402 - the test's own judge
+from test_default_model import (
+    nn_distance,  # the test's own judge (tests/ is on sys.path above)
+)
 
-from ddpm_fast.io.checkpoint import default_checkpoint_path, load_checkpoint  # noqa: E402
-from ddpm_fast.sampling import sample  # noqa: E402
-from ddpm_fast.training.data import digits_images  # noqa: E402
+from ddpm_fast.io.checkpoint import default_checkpoint_path, load_checkpoint
+from ddpm_fast.sampling import sample
+from ddpm_fast.training.data import digits_images
 
 PROVIDERS = {
     "ref fp32": {"backend": "reference", "dtype": "fp32"},
