@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+# The test's own judge: tests/ goes on sys.path first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_default_model import (
-    nn_distance,  # the test's own judge (tests/ is on sys.path above)
-)
+from test_default_model import nn_distance
 
 from ddpm_fast.io.checkpoint import default_checkpoint_path, load_checkpoint
 from ddpm_fast.sampling import sample
