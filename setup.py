@@ -3,7 +3,8 @@ residual_add): the CPU kernels always, the CUDA kernel when torch has CUDA and C
 visible GPU needed; TORCH_CUDA_ARCH_LIST is honoured, default sm_90 for the H100).
 
 OpenMP: used when the C++ compiler accepts -fopenmp (probed); without it the extension still builds
-and its kernels run single-threaded (a warning says so).
+and its kernels run single-threaded (a warning says so). DDPM_FAST_NO_OPENMP=1 skips the probe and
+builds that way on purpose (to check the no-OpenMP build on a machine that has OpenMP).
 
 A failed build is a warning and the package falls back to the PyTorch reference, unless
 DDPM_FAST_REQUIRE_EXT=1 (CI and `make gpu-check` set it), where it is an error.
@@ -27,6 +28,10 @@ def openmp_flags(cxx=None) -> list:
     """["-fopenmp"] when the C++ compiler (CXX, default c++) compiles and links an OpenMP program;
     otherwise [] and a warning: at::parallel_for then runs each kernel on one thread."""
     cxx = cxx or os.environ.get("CXX", "c++")
+    if os.environ.get("DDPM_FAST_NO_OPENMP", "0") == "1":
+        print("ddpm_fast: WARNING: DDPM_FAST_NO_OPENMP=1: building without OpenMP; the CPU kernels will run "
+              "single-threaded", file=sys.stderr)
+        return []
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "omp_probe.cpp"
         src.write_text(_OMP_PROBE)

@@ -3,8 +3,10 @@
 Providers, side by side per case (one benchmark group per shape / batch / dtype / layout):
   reference  eager PyTorch, the spec: x + add, F.group_norm, x * sigmoid(x) (several kernels)
   compiled   torch.compile of the reference (fullgraph, static shapes); GPU only: the bar to beat
-  fast       the registered op ddpm_fast::groupnorm_swish: the Triton kernel on CUDA; on CPU its CPU
-             kernel, which is the reference math (CPU numbers only show the op's overhead)
+  fast       the registered op ddpm_fast::groupnorm_swish as the fused UNet calls it (checks, output
+             allocation, kernel): the Triton kernel on CUDA, the C++ kernel (csrc/groupnorm_swish_cpu.cpp) on CPU
+  cpp        CPU only: the C++ kernel alone (ddpm_fast::groupnorm_swish_out into a preallocated output), so
+             the gap to `fast` is the Python wrapper's cost; skipped where the extension is not built
   copy       y.copy_(x) of the same tensor: reads and writes the bytes the fused op must move, so
              its GB/s is the bandwidth ceiling (the issue's target: fast >= 80% of it at batch >= 32)
 
@@ -14,7 +16,8 @@ On CUDA the fast provider also records the copy's GB/s on the same bytes and its
 (`copy_GB/s`, `frac_of_copy`), and the plan it ran (`plan`).
 
 Grid: shapes measured from the presets' UNets (ddpm_fast.testing.shapes.unet_groupnorm_shapes).
-CPU: two small shapes, batch 1, fp32, NCHW: seconds. GPU: a representative shape per kind for
+CPU: a digits16 and two cifar35m shapes (the shipped model's and the paper model's), batch 1 and 16, fp32,
+NCHW: seconds. GPU: a representative shape per kind for
 labml-cifar32 and cifar35m at batch 1 and 64, fp32 and bf16, NCHW; DDPM_FAST_BENCH_FULL=1 takes every
 distinct preset shape, batches 1/32/64/256, fp32/fp16/bf16 and both layouts.
 Knobs (comma-separated): DDPM_FAST_BENCH_BATCHES, DDPM_FAST_BENCH_DTYPES, DDPM_FAST_BENCH_LAYOUTS
@@ -49,8 +52,9 @@ if HAS_CUDA:
     _DTYPES = ["fp32", "fp16", "bf16"] if FULL else ["fp32", "bf16"]
     _LAYOUTS = ["nchw", "cl"] if FULL else ["nchw"]
 else:
-    _REPRESENTATIVE = [("tiny", 32, 16, 16, 8, True), ("digits16", 256, 4, 4, 8, False)]
-    _BATCHES, _DTYPES, _LAYOUTS = ["1"], ["fp32"], ["nchw"]
+    _REPRESENTATIVE = [("digits16", 32, 16, 16, 8, True), ("digits16", 256, 4, 4, 8, False),
+                       ("cifar35m", 128, 32, 32, 8, False), ("cifar35m", 256, 16, 16, 32, True)]
+    _BATCHES, _DTYPES, _LAYOUTS = ["1", "16"], ["fp32"], ["nchw"]
 
 _MEASURED = {name: unet_groupnorm_shapes(cfg.unet) for name, cfg in PRESETS.items()}
 if FULL:
@@ -62,7 +66,7 @@ if FULL:
 else:
     _SHAPES = list(_REPRESENTATIVE)
 SHAPES, BATCHES, BENCH_DTYPES, LAYOUTS = op_grid(_SHAPES, _MEASURED, _BATCHES, _DTYPES, _LAYOUTS, "GroupNorm")
-BENCH_PROVIDERS = PROVIDERS + ["copy"]
+BENCH_PROVIDERS = PROVIDERS + ([] if HAS_CUDA else ["cpp"]) + ["copy"]
 
 
 def shape_id(s):
@@ -114,6 +118,11 @@ def test_groupnorm_swish(benchmark, shape, batch, dtype, layout, provider):
             p = M.plan(batch, x.shape[1], x.shape[2] * x.shape[3], g, cl, sms)
             info["plan"] = f"{p['variant']} GB={p['GB']} S={p['S']} tile={p['BLOCK_HW']}x{p['BLOCK_CC']}"
             info["copy_GB/s"] = copy_gbs(nbytes)
+    elif provider == "cpp":
+        if not M.HAS_CPP_KERNEL:
+            pytest.skip("the C++ CPU kernel is not built (python setup.py build_ext --inplace)")
+        out, kernel = torch.empty_like(x), torch.ops.ddpm_fast.groupnorm_swish_out.default
+        fn = lambda: (kernel(x, weight, bias, g, 1e-5, add, True, out), out)[1]  # noqa: E731
     else:  # copy: the same bytes as the op (credited with nbytes, so it must move exactly that), no arithmetic
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE)
         dst = torch.empty_like(src)

@@ -6,14 +6,16 @@ Providers, side by side per case:
              UNet before this op ran the biases inside the convs, which costs the same passes)
   compiled   torch.compile of the reference (GPU only): inductor fuses the adds into one kernel too,
              so this is the bar
-  fast       the registered op ddpm_fast::residual_add (the Triton kernel on CUDA; on CPU its CPU
-             kernel, the reference math)
+  fast       the registered op ddpm_fast::residual_add as the fused UNet calls it (the Triton kernel on
+             CUDA, the C++ kernel csrc/residual_add_cpu.cpp on CPU)
+  cpp        CPU only: the C++ kernel alone (ddpm_fast::residual_add_out into a preallocated output): the
+             gap to `fast` is the wrapper's cost; skipped where the extension is not built
   fast-graph the op replayed from a CUDA graph (GPU only): kernel time without the eager launch cost,
              as the sampler runs it
   copy       a device copy of the same number of bytes: the bandwidth ceiling
 
 bytes = x and residual read + output written (biases are O(C)). Grid: shapes measured from the presets'
-UNets (ddpm_fast.testing.shapes.unet_residual_shapes). CPU: two small shapes, batch 1, fp32. GPU: four
+UNets (ddpm_fast.testing.shapes.unet_residual_shapes). CPU: a digits16 and a cifar35m shape, batch 1 and 16, fp32. GPU: four
 representative shapes at batch 1 and 64, fp32 and bf16, NCHW; DDPM_FAST_BENCH_FULL=1 adds batches 16/256,
 fp16 and channels_last. Knobs: DDPM_FAST_BENCH_BATCHES, _DTYPES, _LAYOUTS (nchw, cl), _PRESETS.
 """
@@ -43,9 +45,9 @@ if HAS_CUDA:
     _LAYOUTS = ["nchw", "cl"] if FULL else ["nchw"]
     _PROVIDERS = PROVIDERS + ["fast-graph", "copy"]
 else:
-    _SHAPES = [("tiny", 32, 16, 16, "identity"), ("digits16", 64, 8, 8, "conv")]
-    _BATCHES, _DTYPES, _LAYOUTS = ["1"], ["fp32"], ["nchw"]
-    _PROVIDERS = PROVIDERS
+    _SHAPES = [("digits16", 32, 16, 16, "identity"), ("cifar35m", 128, 32, 32, "conv")]
+    _BATCHES, _DTYPES, _LAYOUTS = ["1", "16"], ["fp32"], ["nchw"]
+    _PROVIDERS = PROVIDERS + ["cpp"]
 
 SHAPES, BATCHES, BENCH_DTYPES, LAYOUTS = op_grid(
     _SHAPES, {name: unet_residual_shapes(cfg.unet) for name, cfg in PRESETS.items()}, _BATCHES, _DTYPES,
@@ -90,6 +92,12 @@ def test_residual_add(benchmark, shape, batch, dtype, layout, provider):
         fn = lambda: M.residual_add(x, b, r, rb)  # noqa: E731
     elif provider == "fast-graph":
         fn = cuda_graphed(lambda: M.residual_add(x, b, r, rb))
+    elif provider == "cpp":
+        kernel = getattr(torch.ops.ddpm_fast, "residual_add_out", None)
+        if kernel is None:
+            pytest.skip("the C++ CPU kernel is not built (python setup.py build_ext --inplace)")
+        out = torch.empty_like(x)
+        fn = lambda: (kernel.default(x, b, r, rb, out), out)[1]  # noqa: E731
     else:  # copy: the same number of bytes, no arithmetic
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE)
         dst = torch.empty_like(src)

@@ -21,7 +21,11 @@ settings, so its timed rounds replay a kept graph (as a user's repeated sample()
 
 Grid, in the order it runs (bf16 first, the precision users sample in, so a run cut off by a deadline
 keeps the rows that matter most; all providers of a case run one after the other): CPU runs the tiny
-preset at batch 2 with 10 DDPM steps and 5 DDIM steps. GPU runs cifar35m in bf16, then fp32: 50-step DDIM
+preset at batch 2 with 10 DDPM steps and 5 DDIM steps, and the main job (`make sample`: the shipped
+digits16 model, `digits16-shipped`, 16 images, DDPM-1000) with providers reference, fast and fast-nhwc,
+in fp32 and, where the CPU does bf16 natively (ddpm_fast.devices.cpu_has_native_bf16), bf16; the main
+job takes CPU_LONG_ROUNDS timed rounds (median), and the CI smoke (--benchmark-disable) runs it for
+COMPILE_CALL_STEPS steps only. GPU runs cifar35m in bf16, then fp32: 50-step DDIM
 at batch 1, 1000-step DDPM at batch 1, 50-step DDIM at batch 64; DDPM_FAST_BENCH_FULL=1 runs tiny, cifar35m and
 labml-cifar32 at batches 1/16/64/256 with both samplers. DDPM_FAST_BENCH_PRESETS / _BATCHES / _DTYPES /
 _PROVIDERS and DDPM_FAST_BENCH_SAMPLERS (e.g. "ddim50,ddpm1000") pick any subset.
@@ -41,6 +45,8 @@ from bench_unet import build_unet, import_fast_ops
 from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, compile_mode, compiled_provider_name, count_cuda_kernels, count_flops,
                       env_cases, env_list, run_bench, timed_call_s)
 from ddpm_fast.config import PRESETS, ModelConfig
+from ddpm_fast.devices import cpu_has_native_bf16
+from ddpm_fast.io.checkpoint import default_checkpoint_path, load_checkpoint
 from ddpm_fast.sampling import sample
 
 
@@ -74,6 +80,15 @@ class Model:
 MODELS = {name: Model(lambda dtype, name=name: build_unet(name, dtype), cfg) for name, cfg in PRESETS.items()}
 
 
+def _shipped(dtype):
+    model, _ = load_checkpoint(default_checkpoint_path())
+    return model.eval().to(device=DEVICE, dtype=DTYPES[dtype])
+
+
+# The package's shipped default model (ddpm_fast/assets/digits16.safetensors): what `make sample` draws from.
+MODELS["digits16-shipped"] = Model(_shipped, PRESETS["digits16"])
+
+
 if HAS_CUDA:
     # What fits its share of scripts/gpu_check.sh's 480 s (benchmarks/PERF_NOTES.md has the plan); the
     # reference at 1000 steps and batch 64 alone would take minutes.
@@ -85,9 +100,9 @@ if HAS_CUDA:
     _DEFAULT_PROVIDERS = ["reference", "compiled", "fast", "fast-nhwc"] + (
         ["compiled-max-autotune"] if FULL and compile_mode() != "max-autotune" else [])
 else:
-    _DEFAULT_CASES = [("tiny", 2, "ddpm10"), ("tiny", 2, "ddim5")]
-    _DEFAULT_DTYPES = ["fp32"]
-    _DEFAULT_PROVIDERS = ["reference", "fast"]
+    _DEFAULT_CASES = [("tiny", 2, "ddpm10"), ("tiny", 2, "ddim5"), ("digits16-shipped", 16, "ddpm1000")]
+    _DEFAULT_DTYPES = ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])
+    _DEFAULT_PROVIDERS = ["reference", "fast", "fast-nhwc"]
 
 
 def _cases():
@@ -109,10 +124,17 @@ COMPILE_CALL_STEPS = 3
 # warm-up: DDPM-1000 at batch 1 and DDIM-50 at batch 64 take seconds per call on the GPU (H100: 5-13 s and
 # ~2 s), and several rounds of them would not fit scripts/gpu_check.sh's budget.
 _ONE_ROUND_IMAGE_STEPS = 1000
+# On CPU such a call (the main job: ~10-25 s on the 2-core dev VM) takes this many timed rounds, for a median.
+CPU_LONG_ROUNDS = 3
 SAMPLING_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", _DEFAULT_DTYPES)
 SAMPLING_PROVIDERS = [p for p in env_list("DDPM_FAST_BENCH_PROVIDERS", _DEFAULT_PROVIDERS) if p in PROVIDERS]
 # dtype outermost, then the case, then the provider: each case's providers run back to back.
 GRID = [(m, b, s, dt, prov) for dt in SAMPLING_DTYPES for m, b, s in _cases() for prov in SAMPLING_PROVIDERS]
+
+
+def spec_model_missing(model_name):
+    """True for the shipped-model row when the package was installed without its model file."""
+    return model_name == "digits16-shipped" and default_checkpoint_path() is None
 
 
 def parse_sampler(spec):
@@ -185,9 +207,14 @@ def _clean_after():
 @pytest.mark.parametrize("model_name,batch,sampler_spec,dtype,provider", GRID,
                          ids=[f"{p}-{m}-b{b}-{s}-{dt}" for m, b, s, dt, p in GRID])
 def test_sampling(benchmark, _clean_after, provider, model_name, batch, sampler_spec, dtype):
-    if dtype != "fp32" and not HAS_CUDA:
-        pytest.skip(f"{dtype} sampling benchmarks are GPU-only")
+    if dtype != "fp32" and not HAS_CUDA and not (dtype == "bf16" and cpu_has_native_bf16()):
+        pytest.skip(f"{dtype} sampling on this CPU is not native (no AVX512_BF16 / AMX): GPU-only")
     sampler, steps = parse_sampler(sampler_spec)
+    long_call = steps * batch >= _ONE_ROUND_IMAGE_STEPS
+    if long_call and benchmark.disabled and not HAS_CUDA:
+        steps = COMPILE_CALL_STEPS  # the CI smoke: the same code path, seconds instead of minutes
+    if spec_model_missing(model_name):
+        pytest.skip(f"{model_name}: the shipped model file is missing")
     spec, entry = PROVIDERS[provider], MODELS[model_name]
     if spec.compile_mode and not HAS_CUDA:
         pytest.skip("torch.compile providers run on GPU only (CPU inductor is not the target)")
@@ -211,9 +238,8 @@ def test_sampling(benchmark, _clean_after, provider, model_name, batch, sampler_
 
     benchmark.group = f"sampling[{model_name} b={batch} {sampler}{steps} {dtype}]"
     timed = HAS_CUDA and not benchmark.disabled
-    # A long call is timed once, after a short warm-up call that runs the same code (cuDNN's choices,
-    # Triton's JIT, inductor's graphs); a short one is warmed up by itself.
-    long_call = steps * batch >= _ONE_ROUND_IMAGE_STEPS
+    # A long call is timed once (CPU_LONG_ROUNDS times on CPU), after a short warm-up call that runs the
+    # same code (cuDNN's choices, Triton's JIT, inductor's graphs); a short one is warmed up by itself.
     warmup = (lambda: run(COMPILE_CALL_STEPS)) if long_call else run
     compile_call_s = None
     if spec.compile_mode and timed and compile_s is None:
@@ -229,7 +255,9 @@ def test_sampling(benchmark, _clean_after, provider, model_name, batch, sampler_
         uncached_ms = timed_call_s(run) * 1e3
         warmup = lambda: None  # noqa: E731 - the uncached call just left the kept graph warm
     extra = {"compile_mode": spec.compile_mode, "compile_reused": compile_s is not None} if spec.compile_mode else {}
-    images = run_bench(benchmark, run, flops=flops, memory=True, warmup=warmup, rounds=1 if long_call else None,
+    # CPU memory is read under the profiler, a call of its own: not for a main-job call of seconds.
+    images = run_bench(benchmark, run, flops=flops, memory=HAS_CUDA or not long_call, warmup=warmup,
+                       rounds=(1 if HAS_CUDA else CPU_LONG_ROUNDS) if long_call else None,
                        provider=compiled_provider_name(spec.compile_mode) if provider == "compiled" else provider,
                        preset=model_name, batch=batch, sampler=sampler, steps=steps, dtype=dtype, **extra)
     median_ms = benchmark.extra_info.get("median_ms")

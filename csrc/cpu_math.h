@@ -11,14 +11,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-// One build serves every x86-64 CPU: the hot loops are compiled twice, for the SSE2 baseline and
-// with AVX2 + FMA (CPU_AVX2_TARGET), and the kernels pick one at run time (cpu_use_avx2). Not
-// target_clones: GCC splits its "avx2,fma" into two separate clones and may run the FMA-only one.
+// One build serves every x86-64 CPU: the hot loops are compiled three times, for the SSE2 baseline,
+// with AVX2 + FMA (CPU_AVX2_TARGET) and with AVX-512 (CPU_AVX512_TARGET: F/BW/VL/DQ, 512-bit vectors
+// preferred, which GCC's generic tuning would otherwise cap at 256), and the kernels pick one at run
+// time (cpu_isa). Not target_clones: GCC splits its "avx2,fma" into two separate clones and may run
+// the FMA-only one.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define CPU_HAVE_AVX2_PATH 1
 #define CPU_AVX2_TARGET __attribute__((target("avx2,fma")))
+#define CPU_AVX512_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
 #else
 #define CPU_AVX2_TARGET
+#define CPU_AVX512_TARGET
 #endif
 #define CPU_INLINE inline __attribute__((always_inline))
 
@@ -28,28 +33,46 @@
 #define CPU_FOR_EACH_VARIANT(ENTRY)                                                              \
   ENTRY(float, f32, ) ENTRY(uint16_t, bf16, ) ENTRY(c10::Half, f16, )                               \
   ENTRY(float, f32_avx2, CPU_AVX2_TARGET) ENTRY(uint16_t, bf16_avx2, CPU_AVX2_TARGET)               \
-  ENTRY(c10::Half, f16_avx2, CPU_AVX2_TARGET)
+  ENTRY(c10::Half, f16_avx2, CPU_AVX2_TARGET) ENTRY(float, f32_avx512, CPU_AVX512_TARGET)             \
+  ENTRY(uint16_t, bf16_avx512, CPU_AVX512_TARGET) ENTRY(c10::Half, f16_avx512, CPU_AVX512_TARGET)
 #else
 #define CPU_FOR_EACH_VARIANT(ENTRY) ENTRY(float, f32, ) ENTRY(uint16_t, bf16, ) ENTRY(c10::Half, f16, )
 #endif
 
 namespace ddpm_fast {
 
-// True when the AVX2 + FMA variants may run: the CPU has both, and DDPM_FAST_CPU_ISA is not
-// "generic" (which forces the baseline variants, as for reverse_step, so tests can compare them).
-inline bool cpu_use_avx2() {
+// The kernels' loop variants, widest last.
+enum class CpuIsa : int32_t { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest variant this CPU runs, detected (__builtin_cpu_supports), never assumed. DDPM_FAST_CPU_ISA
+// caps it: "generic" forces the baseline (as for reverse_step), "avx2" the AVX2 + FMA variant, so tests
+// can compare the variants on one machine.
+inline CpuIsa cpu_isa() {
 #ifdef CPU_HAVE_AVX2_PATH
-  static const bool use = [] {
-    const char* isa = getenv("DDPM_FAST_CPU_ISA");
-    if (isa != nullptr && strcmp(isa, "generic") == 0) return false;
+  static const CpuIsa isa = [] {
+    const char* cap = getenv("DDPM_FAST_CPU_ISA");
+    if (cap != nullptr && strcmp(cap, "generic") == 0) return CpuIsa::kGeneric;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return CpuIsa::kGeneric;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (!avx512 || (cap != nullptr && strcmp(cap, "avx2") == 0)) return CpuIsa::kAvx2;
+    return CpuIsa::kAvx512;
   }();
-  return use;
+  return isa;
 #else
-  return false;
+  return CpuIsa::kGeneric;
 #endif
 }
+
+// Picks the entry point for cpu_isa() among a kernel's variants (NAME##_<suffix>, see CPU_FOR_EACH_VARIANT).
+#ifdef CPU_HAVE_AVX2_PATH
+#define CPU_PICK(NAME, SUFFIX)                                                         \
+  (cpu_isa() == CpuIsa::kAvx512 ? &NAME##_##SUFFIX##_avx512                            \
+   : cpu_isa() == CpuIsa::kAvx2 ? &NAME##_##SUFFIX##_avx2 : &NAME##_##SUFFIX)
+#else
+#define CPU_PICK(NAME, SUFFIX) (&NAME##_##SUFFIX)
+#endif
 
 // Element types of the tensors these kernels read and write.
 enum class ElemType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

@@ -266,19 +266,10 @@ struct Entry {
 };
 
 Entry entry_for(ElemType t) {
-#ifdef CPU_HAVE_AVX2_PATH
-  if (cpu_use_avx2()) {
-    switch (t) {
-      case ElemType::kBFloat16: return {&planar_bf16_avx2, &istats_bf16_avx2, &iapply_bf16_avx2};
-      case ElemType::kFloat16: return {&planar_f16_avx2, &istats_f16_avx2, &iapply_f16_avx2};
-      default: return {&planar_f32_avx2, &istats_f32_avx2, &iapply_f32_avx2};
-    }
-  }
-#endif
   switch (t) {
-    case ElemType::kBFloat16: return {&planar_bf16, &istats_bf16, &iapply_bf16};
-    case ElemType::kFloat16: return {&planar_f16, &istats_f16, &iapply_f16};
-    default: return {&planar_f32, &istats_f32, &iapply_f32};
+    case ElemType::kBFloat16: return {CPU_PICK(planar, bf16), CPU_PICK(istats, bf16), CPU_PICK(iapply, bf16)};
+    case ElemType::kFloat16: return {CPU_PICK(planar, f16), CPU_PICK(istats, f16), CPU_PICK(iapply, f16)};
+    default: return {CPU_PICK(planar, f32), CPU_PICK(istats, f32), CPU_PICK(iapply, f32)};
   }
 }
 

@@ -113,19 +113,10 @@ void run(const ResidualAddParams& p, void (*planes_fn)(const ResidualAddParams&,
 
 void residual_add_cpu(const ResidualAddParams& p) {
   if (p.batch == 0 || p.channels == 0 || p.hw == 0) return;
-#ifdef CPU_HAVE_AVX2_PATH
-  if (cpu_use_avx2()) {
-    switch (p.x_type) {
-      case ElemType::kBFloat16: return run<uint16_t>(p, &planes_bf16_avx2, &pixels_bf16_avx2);
-      case ElemType::kFloat16: return run<c10::Half>(p, &planes_f16_avx2, &pixels_f16_avx2);
-      default: return run<float>(p, &planes_f32_avx2, &pixels_f32_avx2);
-    }
-  }
-#endif
   switch (p.x_type) {
-    case ElemType::kBFloat16: return run<uint16_t>(p, &planes_bf16, &pixels_bf16);
-    case ElemType::kFloat16: return run<c10::Half>(p, &planes_f16, &pixels_f16);
-    default: return run<float>(p, &planes_f32, &pixels_f32);
+    case ElemType::kBFloat16: return run<uint16_t>(p, CPU_PICK(planes, bf16), CPU_PICK(pixels, bf16));
+    case ElemType::kFloat16: return run<c10::Half>(p, CPU_PICK(planes, f16), CPU_PICK(pixels, f16));
+    default: return run<float>(p, CPU_PICK(planes, f32), CPU_PICK(pixels, f32));
   }
 }
 

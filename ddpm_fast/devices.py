@@ -61,3 +61,25 @@ def parse_dtype(dtype, allowed=RUN_DTYPES, what: str = "dtype") -> torch.dtype:
         names = ", ".join(names[:-1]) + " or " + names[-1]
         raise ValueError(f"{what} must be one of {names}, got {dtype!r}")
     return dtype
+
+
+# CPU feature flags (Linux /proc/cpuinfo names) that give native bfloat16 arithmetic: AVX512_BF16's
+# dot-product and conversion instructions, or AMX's bf16 tile multiply, which oneDNN's bf16 convolutions
+# and matmuls use. Without them torch's CPU bf16 ops emulate it through fp32 (slower than fp32 itself).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple:
+    """The CPU_BF16_FLAGS this CPU reports, read from `cpuinfo` (detected, never assumed: () where the file
+    is missing, as on macOS or Windows, so bf16 counts as not native there)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when this CPU does bfloat16 natively (see CPU_BF16_FLAGS)."""
+    return bool(cpu_bf16_flags(cpuinfo))

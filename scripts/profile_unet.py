@@ -11,8 +11,9 @@ total time. Providers: reference; fast (fused ops, computed time path); fast+tab
 precomputed time table, as the sampler runs the UNet); with --channels-last, also fast+table+nhwc
 (activations and conv weights in channels_last, the sampler's channels_last=True). --json writes the
 same per case (rewritten after each, so a run stopped by a deadline keeps what it measured).
---device cpu profiles CPU ops (their self time) instead of kernels: a dry run of this script's plumbing
-(scripts/gpu_check.sh with GPU_CHECK_REQUIRE_CUDA=0), not a measurement of anything the GPU does.
+--device cpu profiles CPU ops (their self time) instead of kernels: the CPU profile (the C++ kernels
+ddpm_fast::groupnorm_swish_out / residual_add_out count as norm / elementwise), and the dry run of this
+script's plumbing (scripts/gpu_check.sh with GPU_CHECK_REQUIRE_CUDA=0), not a measurement of the GPU.
 This is the tool that decides what to optimise next; the numbers that get reported come from
 benchmarks/ (pytest-benchmark, CUDA events).
 """
@@ -45,11 +46,11 @@ KINDS = [
     ("layout", re.compile(r"nchwToNhwc|nhwcToNchw")),
     ("conv", re.compile(r"_conv_gemm|_upsample_gemm|_split_sum|fprop|dgrad|fft|pointwise_mult_and_sum_complex"
                         r"|flip_filter|gemv2T|cudnn|aten::.*conv")),
-    ("norm", re.compile(r"_gn_|RowwiseMoments|ComputeFusedParams|group_norm")),
+    ("norm", re.compile(r"_gn_|RowwiseMoments|ComputeFusedParams|group_norm|groupnorm_swish")),
     ("attention", re.compile(r"_flash|_out_proj|fmha|attention|softmax|aten::bmm|aten::baddbmm")),
     ("time", re.compile(r"_time_embedding")),
     ("gemm", re.compile(r"gemm|gemv|nvjet|sgemm|aten::(addmm|mm|linear)$")),
-    ("elementwise", re.compile(r"elementwise|_residual_add|reverse_step|Cat|copy|reduce"
+    ("elementwise", re.compile(r"elementwise|residual_add|reverse_step|Cat|copy|reduce"
                                r"|aten::(add|mul|sub|div|silu|sigmoid|cat|copy_|fill_)_?$")),
 ]
 

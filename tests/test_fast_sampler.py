@@ -59,6 +59,48 @@ def test_fast_loop_matches_reference_trajectory_with_injected_noise_cpu(sampler,
     assert all(p.is_contiguous() for p in model.parameters()), "fast_loop must not change the caller's layout"
 
 
+@pytest.mark.parametrize("dtype,batch,channels_last,fuses", [
+    ("fp32", 16, False, True), ("fp32", 16, True, True), ("fp32", 1, False, False), ("fp32", 4, True, False),
+    ("bf16", 1, True, True), ("bf16", 16, False, False), ("fp16", 16, True, False)])
+def test_cpu_default_fuses_where_it_measured_faster_cpu(dtype, batch, channels_last, fuses):
+    # The CPU default of `fuse` (fast_loop.cpu_fuses): what forward sees is the fused UNet exactly where
+    # the rule says, and the caller's model is left unfused either way.
+    from ddpm_fast.devices import DTYPE_NAMES, cpu_has_native_bf16
+    from ddpm_fast.ops.groupnorm_swish import HAS_CPP_KERNEL
+    from ddpm_fast.sampling.fast_loop import CPU_FUSE_MIN_BATCH, cpu_fuses
+
+    dt = DTYPE_NAMES[dtype]
+    assert HAS_CPP_KERNEL, "build ddpm_fast._C (python setup.py build_ext --inplace)"
+    if dtype == "bf16" and not cpu_has_native_bf16():
+        fuses = False  # bf16 fuses only where it is native (and was measured)
+    assert cpu_fuses(dt, batch, channels_last) is fuses and CPU_FUSE_MIN_BATCH == 16
+    seen = []
+    model = _model().to(dt)
+    model.register_forward_pre_hook(lambda m, args: seen.append(ddpm_fast.ops.is_fused(m)))
+    ts, coeffs = _table("ddpm", 2)
+    _run(fast_loop, model, _x_T(batch, "cpu"), ts, coeffs, seed=1, dtype=dt, channels_last=channels_last,
+         n_steps=CFG.diffusion.n_steps)
+    assert seen == [fuses, fuses]
+    assert not ddpm_fast.ops.is_fused(model)
+
+
+def test_cpu_default_without_the_cpp_kernel_runs_the_reference_unet_cpu(monkeypatch):
+    import ddpm_fast.sampling.fast_loop as fl
+
+    monkeypatch.setattr(fl, "_GN_CPP", False)
+    assert not fl.cpu_fuses(torch.float32, 64) and not fl.cpu_fuses(torch.bfloat16, 64, True)
+
+
+def test_cpu_default_bf16_fuses_only_where_bf16_is_native_cpu(monkeypatch):
+    import ddpm_fast.sampling.fast_loop as fl
+
+    monkeypatch.setattr(fl, "_GN_CPP", True)
+    monkeypatch.setattr(fl, "cpu_has_native_bf16", lambda: False)
+    assert not fl.cpu_fuses(torch.bfloat16, 16, True) and fl.cpu_fuses(torch.float32, 16)
+    monkeypatch.setattr(fl, "cpu_has_native_bf16", lambda: True)
+    assert fl.cpu_fuses(torch.bfloat16, 16, True) and not fl.cpu_fuses(torch.bfloat16, 16, False)
+
+
 @pytest.mark.parametrize("convert", ["dtype", "channels_last"])
 def test_converted_copy_inside_inference_mode_gets_a_time_table_cpu(convert):
     # Sampling inside torch.inference_mode with a model that fast_loop must copy (other dtype, or NHWC)

@@ -147,23 +147,25 @@ def test_out_variant_rejects_bad_arguments():
         op(flat[:-16].view(x.shape), w, b, 8, 1e-5, None, True, flat[16:].view(x.shape))
 
 
-def test_generic_and_avx2_variants_agree():
-    # DDPM_FAST_CPU_ISA=generic forces the SSE2 baseline build of the loops; the AVX2+FMA variant (when the
-    # CPU has it) rounds its fused multiply-adds differently, so the two agree to the truth tolerance.
+def test_generic_avx2_and_avx512_variants_agree():
+    # DDPM_FAST_CPU_ISA=generic forces the SSE2 baseline build of the loops, =avx2 caps them at AVX2+FMA,
+    # unset takes the widest the CPU has (AVX-512 where detected); FMA variants round their fused
+    # multiply-adds differently, so all agree to the truth tolerance.
     code = ("import torch, ddpm_fast.ops as ops; torch.manual_seed(0); "
             "x = torch.randn(2, 64, 8, 8); a = torch.randn(2, 64); w = torch.randn(64); b = torch.randn(64); "
             "torch.save([ops.groupnorm_swish(x, w, b, 8, add=a), "
             "ops.groupnorm_swish(x.to(memory_format=torch.channels_last), w, b, 8, add=a)], sys.argv[1])")
     outs = []
-    for isa in ("generic", "native"):
+    for isa in ("generic", "avx2", "native"):
         path = os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"gn_isa_{os.getpid()}_{isa}.pt")
         env = dict(os.environ, DDPM_FAST_CPU_ISA=isa)
         subprocess.run([sys.executable, "-c", "import sys; " + code, path], check=True, env=env, timeout=300)
         outs.append(torch.load(path))
         os.remove(path)
-    for g, n in zip(*outs):
+    for g, *others in zip(*outs):
         assert not g.isnan().any()
-        torch.testing.assert_close(g, n, **tol("groupnorm_swish_truth", torch.float32))
+        for n in others:
+            torch.testing.assert_close(g, n, **tol("groupnorm_swish_truth", torch.float32))
 
 
 def test_without_the_extension_the_op_runs_the_reference():

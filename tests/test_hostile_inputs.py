@@ -189,3 +189,26 @@ def test_bench_report_shows_huge_times_in_a_few_digits(tmp_path, capsys):
     assert cli.main(["bench-report", str(path), "--out-dir", str(tmp_path)]) == 0
     text = (tmp_path / "r.md").read_text()
     assert "1e+300 s" in text and max(len(w) for w in text.split()) < 60
+
+
+# --- native bf16 on CPU: detected from the flags the CPU reports, never assumed ---------------------------
+@pytest.mark.parametrize("flags,want", [
+    ("fpu avx2 fma avx512f avx512_bf16 avx512_vnni", ("avx512_bf16",)),
+    ("fpu avx2 amx_bf16 amx_tile avx512_bf16", ("avx512_bf16", "amx_bf16")),
+    ("fpu avx2 fma avx512f avx512bw", ()),          # AVX-512 without its bf16 extension
+    ("fpu avx2 fma", ())])
+def test_cpu_bf16_is_detected_from_the_cpu_flags(tmp_path, flags, want):
+    from ddpm_fast.devices import cpu_bf16_flags, cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert cpu_bf16_flags(str(info)) == want
+    assert cpu_has_native_bf16(str(info)) is bool(want)
+
+
+def test_cpu_bf16_without_cpuinfo_is_not_native(tmp_path):
+    from ddpm_fast.devices import cpu_bf16_flags, cpu_has_native_bf16
+
+    assert cpu_bf16_flags(str(tmp_path / "missing")) == () and not cpu_has_native_bf16(str(tmp_path / "missing"))
+    (tmp_path / "empty").write_text("")
+    assert not cpu_has_native_bf16(str(tmp_path / "empty"))

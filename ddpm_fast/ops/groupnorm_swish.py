@@ -37,7 +37,7 @@ from ._cpu_kernels import out_op
 from ._eager import plain_eager
 
 
-__all__ = ["groupnorm_swish", "groupnorm_swish_triton", "HAS_TRITON", "plan"]
+__all__ = ["HAS_CPP_KERNEL", "HAS_TRITON", "groupnorm_swish", "groupnorm_swish_triton", "plan"]
 
 _DTYPES = OP_DTYPES
 # Largest padded tile (elements) one program keeps in registers: 16 warps x 32 lanes x 32 fp32 values.
@@ -351,6 +351,8 @@ def _fake(x, weight, bias, num_groups, eps, add, swish):
 
 
 _CPP_OUT = out_op("groupnorm_swish")  # the C++ CPU kernel (csrc/groupnorm_swish_cpu.cpp), or None
+# Whether CPU tensors run the C++ kernel (else the reference): the CPU sampler fuses only with it.
+HAS_CPP_KERNEL = _CPP_OUT is not None
 
 
 def _cpu_kernel(x, weight, bias, num_groups, eps, add, swish):

@@ -6,10 +6,12 @@ device tensor that the graph itself increments, the UNet's time path is a row lo
 precomputed time-projection table, the reverse step gathers its coefficient row on the device and
 draws its noise in-kernel from Philox keyed by (seed, step, element). So one capture replays every step.
 
-On CPU there is no graph and no fused UNet: the fast ops' CPU kernels are the reference math, so
-routing the UNet through them would only add each wrapper's checks. The CPU loop runs the reference UNet
-with the C++ reverse step (in-kernel noise, no torch.randn) and the time table when it saves work, so
-the fast backend is on par with the reference on short CPU runs and faster on long ones.
+On CPU there is no graph. The loop runs the C++ reverse step (in-kernel noise, no torch.randn) and the
+time table when it saves work, and the fused UNet where that measured faster (`cpu_fuses`), with the
+C++ CPU kernels built: fp32 at model batches of CPU_FUSE_MIN_BATCH or more, bf16 in channels_last where
+the CPU has native bf16.
+Elsewhere the reference UNet: at batch 1 the fused ops' Python wrappers cost more than the C++ kernels
+save, and the fused bf16 UNet in NCHW measured slower (see benchmarks/PERF_NOTES.md).
 
 Any other nn.Module mapping (x, t) -> eps runs too, as sample() promises: without a time table (it
 needs the UNet's time path) and with only the UNet blocks it contains fused, but with the fused step.
@@ -23,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..devices import cpu_has_native_bf16
+from ..ops.groupnorm_swish import HAS_CPP_KERNEL as _GN_CPP
 from ..ops.reverse_step import EXTENSION_HAS_CUDA, seed_arg
 from ..reference.unet import UNet
 from .checks import model_forward, prepared, randn_images
@@ -32,6 +36,25 @@ from .time_table import attach_time_table, detach_time_table
 NOISE_MODES = ("philox", "generator")
 # Where fast_loop may capture a graph (the CPU tests add "cpu", with a stand-in for the capture).
 _GRAPH_DEVICE_TYPES = ("cuda",)
+# When the fused UNet beat the reference UNet on the dev CPU (2-core Xeon VM with AVX-512 + AMX, both
+# threads, medians of interleaved forwards, benchmarks/results/cpu-2026-12-02-unet.md). fp32, fused vs
+# reference in the same layout (NCHW / NHWC): at batch 16 digits16 1.03x / 1.01x, cifar35m 1.08x / 1.05x;
+# at batch 1 digits16 0.97x / 0.90x (the wrappers' Python costs more than the C++ kernels save), cifar35m
+# 1.02x / 1.00x. No batch in between was measured, so the threshold is the measured point. bf16: fused
+# NHWC 0.99x / 1.36x the reference NHWC at batch 1 / 16, fused NCHW 0.93x / 0.80x the reference NCHW.
+CPU_FUSE_MIN_BATCH = 16
+
+
+def cpu_fuses(dtype: torch.dtype, batch: int, channels_last: bool = False) -> bool:
+    """fast_loop's default `fuse` for a CPU run: only with the C++ groupnorm_swish kernel built, then fp32
+    at a model batch of at least CPU_FUSE_MIN_BATCH, or bf16 in channels_last on a CPU with native bf16
+    (where each measured faster)."""
+    if not _GN_CPP:
+        return False
+    if dtype == torch.float32:
+        return batch >= CPU_FUSE_MIN_BATCH
+    # Measured only where bf16 is native (AVX512_BF16 / AMX); elsewhere torch emulates it, unmeasured.
+    return dtype == torch.bfloat16 and channels_last and cpu_has_native_bf16()
 
 
 @contextmanager
@@ -75,8 +98,8 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     takes the batch's place in the CPU time-table rule, so the choice does not vary with the batch.
     cuda_graph: default True on CUDA when the C++ extension has its CUDA kernel (the reference
     fallback of reverse_step reads the step on the host, which a graph capture cannot do).
-    fuse: run the UNet on the fast ops (default: on CUDA only; on CPU their kernels are the reference
-    math, so fusing there only exercises the dispatch). x_t stays fp32 whatever the UNet's dtype.
+    fuse: run the UNet on the fast ops (default: always on CUDA; on CPU where `cpu_fuses` says it
+    measured faster). x_t stays fp32 whatever the UNet's dtype.
     channels_last: run the UNet's activations in NHWC (default False). An H100 profile of cifar35m
     bf16 at batch 64 spent ~0.95 ms of a 4.3 ms fused step in cuDNN's NCHW <-> NHWC transposes,
     which NHWC removes; it stays opt-in until a GPU run has checked and timed it (CPU-tested only).
@@ -110,7 +133,8 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     # Triton launches on the *current* CUDA device and the side stream / graph below are created
     # on it too, so make x_T's device current (a no-op on a single-GPU machine).
     device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
-    fuse = on_gpu if fuse is None else fuse
+    if fuse is None:
+        fuse = on_gpu or cpu_fuses(dtype, model_batch or x_T.shape[0], channels_last)
     draw = (lambda: randn_images(x_T.shape, generator)) if noise == "generator" else None
     key = cache_key(model, x_T, dtype, clip, noise, len(timesteps), n_steps, fuse, use_table, channels_last,
                      model_batch)
