@@ -29,7 +29,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..config import DiffusionConfig, ModelConfig, UNetConfig, check_int
+from ..config import DDPMUNetConfig, DiffusionConfig, ModelConfig, UNetConfig, check_int
 from ..devices import parse_device, parse_dtype
 from ..io.images import to_output
 from ..reference import functional
@@ -217,12 +217,12 @@ def _resolve_model(model_or_checkpoint, config, dev, run_dtype):
     model = model_or_checkpoint
     model_cfg = getattr(model, "config", None)
     if config is None:
-        if not isinstance(model_cfg, UNetConfig):
-            raise ValueError("the model has no UNetConfig in .config; pass config=ModelConfig(...)")
+        if not isinstance(model_cfg, (UNetConfig, DDPMUNetConfig)):
+            raise ValueError("the model has no UNetConfig or DDPMUNetConfig in .config; pass config=ModelConfig(...)")
         config = ModelConfig(unet=model_cfg, diffusion=DiffusionConfig())
     elif not isinstance(config, ModelConfig):
         raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
-    elif isinstance(model_cfg, UNetConfig) and model_cfg != config.unet:
+    elif isinstance(model_cfg, (UNetConfig, DDPMUNetConfig)) and model_cfg != config.unet:
         diff = [f"{k}: model {getattr(model_cfg, k)!r} vs config {getattr(config.unet, k)!r}"
                 for k in model_cfg.to_dict() if getattr(model_cfg, k) != getattr(config.unet, k)]
         raise ValueError("config.unet does not describe this model (" + "; ".join(diff) + ")")

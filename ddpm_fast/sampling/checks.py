@@ -9,7 +9,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..config import UNetConfig
 
 SAMPLERS = ("ddpm", "ddim")
 NOISE_MODES = ("generator", "philox")
@@ -74,17 +73,18 @@ def prepared(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, c
             m.training = True
 
 
-def image_hw(ucfg: UNetConfig, image_size) -> Tuple[int, int]:
-    """(H, W) to sample at: the config's size, or `image_size` (int or (H, W)) if it fits the UNet."""
+def image_hw(ucfg, image_size) -> Tuple[int, int]:
+    """(H, W) to sample at: the config's size, or `image_size` (int or (H, W)) if it fits the UNet (ucfg: a
+    UNetConfig or DDPMUNetConfig)."""
     if image_size is None:
         return ucfg.image_size, ucfg.image_size
     hw = (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)
     if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in hw):
         raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
-    down = 2 ** (len(ucfg.ch_mults) - 1)
+    down = ucfg.downsample_factor
     if hw[0] % down or hw[1] % down:
         raise ValueError(f"image_size {hw} does not fit the model: H and W must be divisible by {down} "
-                         f"({len(ucfg.ch_mults)} resolutions)")
+                         f"({down.bit_length()} resolutions)")
     return int(hw[0]), int(hw[1])
 
 

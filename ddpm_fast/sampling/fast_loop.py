@@ -28,7 +28,7 @@ from .. import ops
 from ..devices import cpu_has_native_bf16
 from ..ops.groupnorm_swish import HAS_CPP_KERNEL as _GN_CPP
 from ..ops.reverse_step import EXTENSION_HAS_CUDA, seed_arg
-from ..reference.unet import UNet
+from ..reference import DDPMUNet, UNet
 from .checks import model_forward, prepared, randn_images
 from .graphs import GRAPHS, cache_key, capture
 from .time_table import attach_time_table, detach_time_table
@@ -129,7 +129,7 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     # The table replaces S per-step time-path passes over B rows by one pass over T rows: on the GPU
     # always worth it (it also makes the step graph-capturable); on CPU when S * B >= T. Only a UNet
     # has the time path the table replaces.
-    use_table = isinstance(model, UNet) and (on_gpu or len(timesteps) * (model_batch or x_T.shape[0]) >= n_steps)
+    use_table = isinstance(model, (UNet, DDPMUNet)) and (on_gpu or len(timesteps) * (model_batch or x_T.shape[0]) >= n_steps)
     # Triton launches on the *current* CUDA device and the side stream / graph below are created
     # on it too, so make x_T's device current (a no-op on a single-GPU machine).
     device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
