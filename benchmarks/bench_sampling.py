@@ -5,8 +5,10 @@ One timed call = x_T -> S UNet forwards and reverse steps -> float32 images in [
 (backend="reference", eager UNet), `compiled` (GPU only: backend="reference" with the UNet compiled in
 place by nn.Module.compile in DDPM_FAST_COMPILE_MODE, default reduce-overhead = inductor + CUDA graphs;
 recorded as `compiled-<mode>`), in full runs also `compiled-max-autotune`, `fast` (backend="fast";
-skipped with a reason while ddpm_fast.ops or ddpm_fast.sampling.fast_loop is not written yet) and `fast-nhwc`
-(GPU: backend="fast", channels_last=True).
+skipped with a reason while ddpm_fast.ops or ddpm_fast.sampling.fast_loop is not written yet), `fast-nhwc`
+(backend="fast", channels_last=True), and for the DDPM-paper models (ddpm-cifar10, ddpm-256: DDPMUNet) `diffusers`
+/ `diffusers-compiled` (GPU): diffusers' DDPMPipeline / DDIMPipeline loop on UNet2DModel with the same
+weights, eager / compiled in DDPM_FAST_COMPILE_MODE (where diffusers is installed; see diffusers_pipeline).
 
 extra_info: images/s, FLOPs (S x the UNet forward's conv/linear/matmul FLOPs, counted on the
 reference) and TFLOP/s, peak memory of one call, sampler and steps; on the GPU, kernels_per_step:
@@ -41,10 +43,10 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from bench_unet import build_unet, import_fast_ops
+from bench_unet import build_ddpm_unet, build_unet, diffusers_unet, import_fast_ops
 from conftest import (DEVICE, DTYPES, FULL, HAS_CUDA, compile_mode, compiled_provider_name, count_cuda_kernels, count_flops,
                       env_cases, env_list, run_bench, timed_call_s)
-from ddpm_fast.config import PRESETS, ModelConfig
+from ddpm_fast.config import DDPM_PRESETS, PRESETS, ModelConfig
 from ddpm_fast.devices import cpu_has_native_bf16
 from ddpm_fast.io.checkpoint import default_checkpoint_path, load_checkpoint
 from ddpm_fast.sampling import sample
@@ -65,6 +67,9 @@ PROVIDERS = {
     "compiled-max-autotune": Provider("reference", compile_mode="max-autotune"),
     "fast": Provider("fast"),
     "fast-nhwc": Provider("fast", channels_last=True),  # the UNet's activations in NHWC
+    # diffusers' own pipelines (DDPMPipeline / DDIMPipeline) on UNet2DModel with the same weights: DDPM models only.
+    "diffusers": Provider("diffusers"),
+    "diffusers-compiled": Provider("diffusers", compile_mode=compile_mode()),
 }
 
 
@@ -87,6 +92,9 @@ def _shipped(dtype):
 
 # The package's shipped default model (ddpm_fast/assets/digits16.safetensors): what `make sample` draws from.
 MODELS["digits16-shipped"] = Model(_shipped, PRESETS["digits16"])
+# The DDPM paper's networks in diffusers' layout (google/ddpm-cifar10-32's, the 256x256 one), random weights.
+MODELS.update({name: Model(lambda dtype, name=name: build_ddpm_unet(name, dtype), cfg)
+               for name, cfg in DDPM_PRESETS.items()})
 
 
 if HAS_CUDA:
@@ -95,14 +103,16 @@ if HAS_CUDA:
     _DEFAULT_CASES = ([(p, b, s) for p in ("tiny", "cifar35m", "labml-cifar32") for b in (1, 16, 64, 256)
                        for s in ("ddim50", "ddpm1000")] if FULL else
                       # b1 DDPM-1000 right after b1 DDIM-50: it reuses that case's compiled UNet (_KEPT_COMPILE)
-                      [("cifar35m", 1, "ddim50"), ("cifar35m", 1, "ddpm1000"), ("cifar35m", 64, "ddim50")])
+                      [("cifar35m", 1, "ddim50"), ("cifar35m", 1, "ddpm1000"), ("cifar35m", 64, "ddim50"),
+                       ("ddpm-cifar10", 1, "ddim50"), ("ddpm-cifar10", 64, "ddim50")])
     _DEFAULT_DTYPES = ["bf16", "fp32"]
-    _DEFAULT_PROVIDERS = ["reference", "compiled", "fast", "fast-nhwc"] + (
+    _DEFAULT_PROVIDERS = ["reference", "compiled", "fast", "fast-nhwc", "diffusers", "diffusers-compiled"] + (
         ["compiled-max-autotune"] if FULL and compile_mode() != "max-autotune" else [])
 else:
-    _DEFAULT_CASES = [("tiny", 2, "ddpm10"), ("tiny", 2, "ddim5"), ("digits16-shipped", 16, "ddpm1000")]
+    _DEFAULT_CASES = [("tiny", 2, "ddpm10"), ("tiny", 2, "ddim5"), ("digits16-shipped", 16, "ddpm1000"),
+                      ("ddpm-cifar10", 1, "ddim10"), ("ddpm-256", 1, "ddim2")]
     _DEFAULT_DTYPES = ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])
-    _DEFAULT_PROVIDERS = ["reference", "fast", "fast-nhwc"]
+    _DEFAULT_PROVIDERS = ["reference", "fast", "fast-nhwc", "diffusers"]
 
 
 def _cases():
@@ -220,8 +230,10 @@ def test_sampling(benchmark, _clean_after, provider, model_name, batch, sampler_
         pytest.skip("torch.compile providers run on GPU only (CPU inductor is not the target)")
     if spec.backend == "fast":
         _require_fast_backend()
-    key, compile_s = (model_name, batch, dtype, spec.compile_mode), None
-    if spec.compile_mode:
+    if spec.backend == "diffusers" and model_name not in DDPM_PRESETS:
+        pytest.skip(f"diffusers has no pipeline for {model_name}'s network (a DDPM-paper model only)")
+    key, compile_s = (model_name, batch, dtype, spec.compile_mode, spec.backend), None
+    if spec.compile_mode and spec.backend != "diffusers":
         model, compile_s = _compiled_model(key, lambda: entry.build(dtype), spec.compile_mode)
     else:
         model = entry.build(dtype)
@@ -235,6 +247,9 @@ def test_sampling(benchmark, _clean_after, provider, model_name, batch, sampler_
         return sample(model, batch_size=batch, num_inference_steps=n_steps, sampler=sampler,
                       generator=torch.Generator().manual_seed(0), output_type="pt", progress=False,
                       device=DEVICE, backend=spec.backend, config=entry.config, channels_last=spec.channels_last)
+
+    if spec.backend == "diffusers":
+        run = diffusers_pipeline(model, entry.config, batch, sampler, steps, spec.compile_mode)
 
     benchmark.group = f"sampling[{model_name} b={batch} {sampler}{steps} {dtype}]"
     timed = HAS_CUDA and not benchmark.disabled
@@ -277,3 +292,40 @@ def test_sampling(benchmark, _clean_after, provider, model_name, batch, sampler_
     cfg = entry.config.unet
     assert images.shape == (batch, cfg.image_channels, cfg.image_size, cfg.image_size), images.shape
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+def diffusers_pipeline(model, config: ModelConfig, batch: int, sampler: str, steps: int, mode: Optional[str]):
+    """run(n_steps) -> [B, C, H, W] float images in [0, 1] on the CPU: DDPMPipeline's / DDIMPipeline's loop
+    (x_T from a CPU generator, UNet2DModel, scheduler.step) on a UNet2DModel holding `model`'s weights, with the
+    scheduler diffusers would read from the model's folder (io.diffusers' mapping, inverted); the UNet compiled
+    in `mode` when given. The loop is the pipelines' own, written out: their last step (a numpy conversion)
+    refuses bf16 images in diffusers 0.42.1."""
+    diffusers = pytest.importorskip("diffusers")
+    d = config.diffusion
+    kw = dict(num_train_timesteps=d.n_steps, beta_start=d.beta_start, beta_end=d.beta_end, beta_schedule=d.beta_schedule,
+              trained_betas=list(d.trained_betas) if d.trained_betas else None, clip_sample=d.clip_x0,
+              clip_sample_range=d.clip_range or 1.0)
+    unet = diffusers_unet(model)
+    if mode:
+        unet.compile(fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
+    if sampler == "ddim":
+        sched, extra = diffusers.DDIMScheduler(**kw), {"eta": 0.0}
+    else:
+        variance = {"paper": "fixed_large", "posterior": "fixed_small"}.get(d.variant)
+        if variance is None:
+            pytest.skip(f"diffusers' DDPMScheduler has no {d.variant!r} variance")
+        sched, extra = diffusers.DDPMScheduler(variance_type=variance, **kw), {}
+    p = next(unet.parameters())
+    u = config.unet
+    shape = (batch, u.image_channels, u.image_size, u.image_size)
+
+    def run(n_steps=steps):
+        sched.set_timesteps(n_steps)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g).to(device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                x = sched.step(unet(x, t).sample, t, x, generator=g, **extra).prev_sample
+        return (x.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    return run
