@@ -282,3 +282,21 @@ def test_python_dash_m(tmp_path):
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("ddpm-fast: error: ") and bad.stderr.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == ["grid.png"]
+
+
+@pytest.mark.parametrize("native, backend, device, want", [
+    (True, "fast", "cpu", ("bf16", True)), (False, "fast", "cpu", ("fp32", False)),
+    (True, "reference", "cpu", ("fp32", False)), (True, "fast", "cuda", ("fp32", False))])
+def test_auto_dtype_picks_bf16_nhwc_only_for_the_fast_backend_on_native_bf16_cpus(monkeypatch, native, backend,
+                                                                                  device, want):
+    import argparse
+
+    import ddpm_fast.devices
+    from ddpm_fast.cli import _auto_dtype
+
+    monkeypatch.setattr(ddpm_fast.devices, "cpu_has_native_bf16", lambda: native)
+    args = argparse.Namespace(dtype="auto", backend=backend, channels_last=False)
+    assert _auto_dtype(args, torch.device(device)) == want
+    # An explicit --dtype is kept as given.
+    assert _auto_dtype(argparse.Namespace(dtype="fp16", backend=backend, channels_last=False),
+                       torch.device(device)) == ("fp16", False)
