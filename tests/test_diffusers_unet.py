@@ -270,3 +270,13 @@ def test_config_conversions_keep_every_field():
     cfg = unet_config_from_diffusers(dict(HEADS, _class_name="UNet2DModel", _diffusers_version="0.42.1"))
     assert cfg == DDPMUNetConfig(**HEADS)
     assert ModelConfig.from_json(ModelConfig(cfg, DiffusionConfig(variant="paper")).to_json()).unet == cfg
+
+
+def test_a_run_folder_with_a_config_json_stays_a_run_folder(tmp_path):
+    # A training run folder is read as one even when a config.json happens to sit in it.
+    model = DDPMUNet(DDPMUNetConfig(**HEADS))
+    cfg = ModelConfig(model.config, DiffusionConfig())
+    save_checkpoint(tmp_path / "model.safetensors", model, cfg)
+    (tmp_path / "config.json").write_text("{not diffusers")
+    loaded, config = load_checkpoint(tmp_path)
+    assert config == cfg and isinstance(loaded, DDPMUNet)

@@ -116,7 +116,8 @@ def load_checkpoint(path: PathLike, device="cpu", dtype: Union[torch.dtype, str,
     device: cpu or cuda[:i]. dtype: the parameters' dtype (default float32, whatever the file stores):
     a torch dtype or a name sample() accepts ("fp32", "fp16", "bf16", ...).
     """
-    if isinstance(path, (str, os.PathLike)) and os.fspath(path) and is_diffusers_folder(path):
+    if (isinstance(path, (str, os.PathLike)) and os.fspath(path) and is_diffusers_folder(path)
+            and not any((Path(path) / name).is_file() for name in RUN_FILES)):  # a run folder stays one
         return load_diffusers(path, device=device, dtype=dtype)
     path = _existing_file(path, run_folder=True)
     dev, dtype = parse_load_device(path, device), parse_load_dtype(dtype)
