@@ -272,8 +272,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--data", required=True, help="a folder of PNG/JPEG images (searched recursively), or 'digits' "
       "(scikit-learn's handwritten digits, upscaled to 16x16)")
     a("--out", required=True, help="run folder: checkpoint, model, loss.csv, samples/")
-    a("--preset", default=None, choices=sorted(PRESETS),
-      help="model shape (default: digits16, or the checkpoint's with --resume)")
+    a("--preset", default=None, choices=sorted(PRESETS) + sorted(DDPM_PRESETS),
+      help="model shape: a labml UNet preset or a DDPM-paper one in diffusers' layout (ddpm-cifar10, ddpm-256) "
+           "(default: digits16, or the checkpoint's with --resume)")
     a("--image-size", type=number_arg(int, 1, MAX_IMAGE_SIZE, hi_open=False), default=None,
       help=f"override the preset's image size (at most {MAX_IMAGE_SIZE})")
     a("--channels", type=int, choices=(1, 3), default=None, help="override the preset's image channels")
@@ -300,12 +301,16 @@ def run_train_from_args(args: argparse.Namespace) -> int:
     """Validate parsed `train` arguments, run training, print where things went. Returns 0."""
     import dataclasses
 
-    from .config import ModelConfig
+    from .config import DDPMUNetConfig, ModelConfig
     from .devices import parse_device
     from .training import train
 
     over = {k: v for k, v in (("image_size", args.image_size), ("image_channels", args.channels)) if v is not None}
     config = None if args.preset is None and not over else get_preset(args.preset or "digits16")
+    if over and isinstance(config.unet, DDPMUNetConfig):  # diffusers' names for the same two fields
+        over = {"sample_size": over.get("image_size", config.unet.sample_size),
+                "in_channels": over.get("image_channels", config.unet.in_channels),
+                "out_channels": over.get("image_channels", config.unet.out_channels)}
     if over:
         config = ModelConfig(dataclasses.replace(config.unet, **over), config.diffusion)
     if args.device is not None:

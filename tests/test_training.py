@@ -510,3 +510,42 @@ def test_torchrun_two_processes_train_and_resume_cpu(tmp_path):
     assert state["step"] == 4 and state["hparams"]["world_size"] == 2
     assert launch(6, "--resume")["step"] == 6
     assert (out / "model.safetensors").exists()
+
+
+def test_the_ddpm_paper_network_trains_resumes_and_loads(tmp_path):
+    # train() builds whichever network the config names: a DDPMUNetConfig gives a DDPMUNet, resumable
+    # bitwise like the labml UNet, and its model file loads back as a DDPMUNet.
+    from ddpm_fast.config import DDPMUNetConfig
+    from ddpm_fast.io import load_checkpoint
+    from ddpm_fast.reference import DDPMUNet
+
+    cfg = ModelConfig(DDPMUNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                     down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                     up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                     norm_num_groups=4), DiffusionConfig(n_steps=100))
+    kw = dict(preset=cfg, steps=4, batch_size=8, lr=2e-3, checkpoint_every=2, log_every=1, device="cpu", **QUIET)
+    full = train(bars(32), tmp_path / "full", **kw)
+
+    def crash_at_3(step):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(bars(32), tmp_path / "cut", callback=crash_at_3, **kw)
+    res = train(bars(32), tmp_path / "cut", resume=True, **kw)
+    a, b = model_weights(full.checkpoint)[0], model_weights(res.checkpoint)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model, config = load_checkpoint(tmp_path / "full")
+    assert isinstance(model, DDPMUNet) and config == cfg
+
+
+def test_cli_trains_a_ddpm_preset_with_its_size_overridden(tmp_path):
+    # --image-size / --channels map onto diffusers' names (sample_size, in/out_channels) for a DDPM preset.
+    from ddpm_fast.io import load_checkpoint
+    from ddpm_fast.reference import DDPMUNet
+
+    assert main(["--data", "digits", "--preset", "ddpm-cifar10", "--image-size", "8", "--channels", "1", "--steps",
+                 "1", "--batch-size", "2", "--out", str(tmp_path / "r"), "--no-progress", "--sample-every", "0"]) == 0
+    model, config = load_checkpoint(tmp_path / "r")
+    assert isinstance(model, DDPMUNet)
+    assert (config.unet.sample_size, config.unet.in_channels, config.unet.out_channels) == (8, 1, 1)

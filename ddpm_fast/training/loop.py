@@ -51,7 +51,7 @@ import torch
 from ..config import ModelConfig, get_preset
 from ..devices import parse_device
 from ..io.atomic import write_atomic
-from ..reference import Schedule, UNet
+from ..reference import Schedule, build_unet
 from .checkpoint import (CheckpointError, export_model, load_train_checkpoint, read_train_config,
                          save_model_file, save_train_checkpoint)
 from .run_dir import RunLock, check_fresh_run, model_file_step, note, resumable
@@ -249,9 +249,9 @@ def train(data, out_dir, preset: Union[str, ModelConfig, None] = None, steps: in
     """Train a UNet for `steps` optimizer steps in total (a resumed run continues up to `steps`).
 
     data: an image folder, "digits", a tensor [N, C, H, W] in the data range, or a map-style Dataset.
-    preset: a name from config.PRESETS or a ModelConfig; None: the checkpoint's config when resuming,
-    "digits16" otherwise. lr: Adam's rate after a linear warm-up of `warmup_steps`. ema_decay: see
-    `ema_decay_at`. amp: False, True (bf16 if supported else fp16), "bf16" or "fp16" (CUDA only).
+    preset: a name from config.PRESETS or DDPM_PRESETS, or a ModelConfig (either network); None: the
+    checkpoint's config when resuming, "digits16" otherwise. lr: Adam's rate after a linear warm-up of
+    `warmup_steps`. ema_decay: see `ema_decay_at`. amp: False, True (bf16 if supported else fp16), "bf16" or "fp16" (CUDA only).
     resume: continue from out_dir/checkpoint.safetensors if there is one, else start a new run (with a
     note). Without it, a folder holding a checkpoint, a model file or a foreign loss.csv is refused
     rather than overwritten (see run_dir.py). callback(step) runs after every completed step (tests
@@ -360,7 +360,7 @@ def _open_run(data, out: Path, preset, resume: bool, cfg: _Settings, amp_dtype, 
                          "lower batch_size")
 
     torch.manual_seed(cfg.seed)
-    model = UNet(config.unet).to(device)
+    model = build_unet(config.unet).to(device)  # labml's UNet, or the DDPM paper's for a DDPMUNetConfig
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
