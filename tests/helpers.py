@@ -84,3 +84,11 @@ def install_stand_in_capture(monkeypatch) -> list:
     monkeypatch.setattr(fs, "_GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(fs, "EXTENSION_HAS_CUDA", True)
     return captured
+
+
+def use_namespace(model, namespace):
+    """Point every block's op namespace `F` at `namespace` (e.g. the raw Triton launchers); returns the model."""
+    for m in model.modules():
+        if hasattr(m, "F"):
+            m.F = namespace
+    return model

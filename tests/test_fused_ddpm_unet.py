@@ -19,8 +19,8 @@ from ddpm_fast.ops.residual_add import residual_add_triton
 from ddpm_fast.ops.time_embedding import time_embedding_triton
 from ddpm_fast.ops.upsample_conv2d import upsample_conv2d_folded
 from ddpm_fast.reference import DDPMUNet, functional
-from helpers import CL, HAS_CUDA
-from tolerances import assert_deep, tol
+from helpers import CL, HAS_CUDA, use_namespace
+from tolerances import assert_deep_forward, tol
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 
@@ -44,13 +44,6 @@ SMALL = {
 }
 
 
-def _use(model, namespace):
-    for m in model.modules():
-        if hasattr(m, "F"):
-            m.F = namespace
-    return model
-
-
 def _pair(cfg, device="cpu", seed=0):
     """(reference model, fast-path copy with the same weights): random weights everywhere, norm gains ~1."""
     torch.manual_seed(seed)
@@ -71,15 +64,6 @@ def _inputs(cfg, batch, device, seed=0):
     return x, torch.randint(0, 1000, (batch,), generator=g).to(device)
 
 
-def _check_against_fp64(ref, fast, x, t, dtype):
-    with torch.no_grad():
-        truth = ref.double()(x.double(), t).float()
-        ref.to(dtype)
-        same = ref(x.to(dtype), t).float()
-        out = fast(x.to(dtype), t).float()
-    return assert_deep(out, same, truth, dtype, "fast DDPM UNet")
-
-
 @needs_triton
 @pytest.mark.interpreter
 @pytest.mark.parametrize("name", list(SMALL))
@@ -87,7 +71,7 @@ def test_triton_kernels_inside_whole_ddpm_unet_match_reference_cpu(name):
     cfg = SMALL[name]
     ref, fast = _pair(cfg)
     x, t = _inputs(cfg, batch=2, device="cpu")
-    _check_against_fp64(ref, _use(fast, TRITON_NAMESPACE), x, t, torch.float32)
+    assert_deep_forward(ref, use_namespace(fast, TRITON_NAMESPACE), x, t, torch.float32, "fast DDPM UNet")
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -164,7 +148,7 @@ def test_fused_ddpm_unet_matches_reference_cuda(preset, dtype):
     ref, fast = _pair(cfg, device="cuda", seed=2)
     ops.fused(fast).to(dtype)
     x, t = _inputs(cfg, batch=2, device="cuda")
-    _check_against_fp64(ref, fast, x, t, dtype)
+    assert_deep_forward(ref, fast, x, t, dtype, "fast DDPM UNet")
 
 
 @pytest.mark.gpu

@@ -22,7 +22,8 @@ from ddpm_fast.ops.groupnorm_swish import HAS_TRITON, groupnorm_swish_triton
 from ddpm_fast.ops.residual_add import residual_add_triton
 from ddpm_fast.ops.time_embedding import time_embedding_triton
 from ddpm_fast.reference import UNet, functional
-from tolerances import assert_deep, tol
+from helpers import use_namespace
+from tolerances import assert_deep_forward, tol
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 
@@ -38,30 +39,12 @@ TRITON_NAMESPACE = types.SimpleNamespace(
 )
 
 
-def _use(model, namespace):
-    for m in model.modules():
-        if hasattr(m, "F"):
-            m.F = namespace
-    return model
-
-
-
 def _inputs(cfg, batch, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     s = cfg.unet.image_size
     x = torch.randn(batch, cfg.unet.image_channels, s, s, generator=g).to(device)
     t = torch.randint(0, cfg.diffusion.n_steps, (batch,), generator=g).to(device)
     return x, t
-
-
-def _check_against_fp64(model, fast_model, x, t, dtype):
-    """Assert the fast forward in `dtype` is within the deep-composition rule of the reference."""
-    with torch.no_grad():
-        ref64 = model.double()(x.double(), t).float()
-        model.to(dtype)
-        ref = model(x.to(dtype), t).float()
-        fast = fast_model(x.to(dtype), t).float()
-    return assert_deep(fast, ref, ref64, dtype, "fast UNet")
 
 
 @needs_triton
@@ -71,10 +54,10 @@ def test_triton_kernels_inside_whole_unet_match_reference_cpu():
     cfg = PRESETS["tiny"]
     torch.manual_seed(1)
     model = UNet(cfg.unet).eval()
-    fast = _use(UNet(cfg.unet).eval(), TRITON_NAMESPACE)
+    fast = use_namespace(UNet(cfg.unet).eval(), TRITON_NAMESPACE)
     fast.load_state_dict(model.state_dict())
     x, t = _inputs(cfg, batch=2, device="cpu")
-    _check_against_fp64(model, fast, x, t, torch.float32)
+    assert_deep_forward(model, fast, x, t, torch.float32)
 
 
 def test_time_table_inside_unet_matches_computed_time_path():
@@ -105,7 +88,7 @@ def test_fused_unet_matches_reference_cuda(preset, dtype):
     fast.load_state_dict(model.state_dict())
     fast.to(dtype)
     x, t = _inputs(cfg, batch=3, device="cuda")
-    _check_against_fp64(model, fast, x, t, dtype)
+    assert_deep_forward(model, fast, x, t, dtype)
 
 
 @pytest.mark.gpu

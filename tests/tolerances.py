@@ -229,3 +229,14 @@ def assert_deep(out: torch.Tensor, ref_same_dtype: torch.Tensor, truth64: torch.
     assert err_out <= 2 * err_ref + DEEP_FLOOR[dtype], \
         f"{what}: rel err {err_out:.3g} vs the same-dtype reference's {err_ref:.3g} ({dtype})"
     return err_out, err_ref
+
+
+def assert_deep_forward(model, fast_model, x, t, dtype, what: str = "fast UNet") -> tuple:
+    """assert_deep on one forward: `fast_model` in `dtype` against `model` (the reference, same weights) run in
+    float64 (the truth) and then converted to `dtype` (the same-dtype reference). Leaves `model` in `dtype`."""
+    with torch.no_grad():
+        truth = model.double()(x.double(), t).float()
+        model.to(dtype)
+        same = model(x.to(dtype), t).float()
+        out = fast_model(x.to(dtype), t).float()
+    return assert_deep(out, same, truth, dtype, what)
