@@ -19,12 +19,14 @@ split-K partials are extra traffic the kernel pays). CPU: two small shapes, batc
 cifar35m/labml-cifar32 shapes at batch 1 and 64, fp32 and bf16, NCHW; DDPM_FAST_BENCH_FULL=1 adds
 batches 16/256, fp16 and channels_last. Knobs: DDPM_FAST_BENCH_BATCHES, _DTYPES, _LAYOUTS, _PRESETS.
 """
+import contextlib
 import importlib
 
 import pytest
 import torch
 
 from conftest import DEVICE, DTYPES, FULL, HAS_CUDA, check_output, cuda_graphed, op_grid, run_bench
+from ddpm_fast import ops
 from ddpm_fast.config import PRESETS
 from ddpm_fast.reference import functional as ref
 from ddpm_fast.testing.shapes import unet_conv_shapes
@@ -48,8 +50,9 @@ if HAS_CUDA:
     _PROVIDERS = ["reference", "fast", "reference-graph", "triton-graph", "triton-clw-graph"]
 else:
     _SHAPES = [("tiny", 64, 8, 8, 64, 3, 1, False), ("digits16", 32, 16, 16, 32, 3, 2, True)]
-    _BATCHES, _DTYPES, _LAYOUTS = ["1"], ["fp32"], ["nchw"]
-    _PROVIDERS = ["reference", "fast"]
+    _BATCHES, _DTYPES, _LAYOUTS = ["1"], ["fp32"], ["nchw", "cl"]
+    # packed: the fast sampler's CPU convs (weights packed for oneDNN once per call, channels_last only).
+    _PROVIDERS = ["reference", "fast", "packed"]
 
 SHAPES, BATCHES, BENCH_DTYPES, LAYOUTS = op_grid(
     _SHAPES, {name: unet_conv_shapes(cfg.unet) for name, cfg in PRESETS.items()}, _BATCHES, _DTYPES, _LAYOUTS,
@@ -92,16 +95,19 @@ def test_conv2d(benchmark, shape, batch, dtype, layout, provider):
                 rule_picks_triton=M.use_triton(x, w, s, p))
     if provider == "reference":
         fn = lambda: ref.conv2d(x, w, b, s, p)  # noqa: E731
-    elif provider == "fast":
+    elif provider in ("fast", "packed"):
+        if provider == "packed" and layout != "cl":
+            pytest.skip("the packed CPU path takes channels_last inputs only")
         fn = lambda: M.conv2d(x, w, b, s, p)  # noqa: E731
     elif provider == "reference-graph":
         fn = cuda_graphed(lambda: ref.conv2d(x, w, b, s, p))
     else:
         wt = w.contiguous(memory_format=torch.channels_last) if provider == "triton-clw-graph" else w
         fn = cuda_graphed(lambda: M.conv2d_triton(x, wt, b, s, p))
-    run_bench(benchmark, fn, nbytes=nbytes, flops=flops, **info)
-    if provider != "reference":
-        check_output(fn, ref.conv2d(x, w, b, s, p), f"conv2d/{provider}")
+    with ops.cpu_conv_packing() if provider == "packed" else contextlib.nullcontext():
+        run_bench(benchmark, fn, nbytes=nbytes, flops=flops, **info)
+        if provider != "reference":
+            check_output(fn, ref.conv2d(x, w, b, s, p), f"conv2d/{provider}")
 
 
 # The DDPM (diffusers) UNet's Downsample: 3x3 stride 2, padding (0, 1, 0, 1) (right/bottom only; the Triton
@@ -110,7 +116,7 @@ DOWN_SHAPES = [(128, 32, 32), (256, 16, 16), (256, 8, 8)] if HAS_CUDA else [(256
 DOWN_PAD = (0, 1, 0, 1)
 
 
-@pytest.mark.parametrize("provider", [p for p in _PROVIDERS if p != "triton-clw-graph"])
+@pytest.mark.parametrize("provider", [p for p in _PROVIDERS if p not in ("triton-clw-graph", "packed")])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", BENCH_DTYPES)
 @pytest.mark.parametrize("batch", BATCHES)

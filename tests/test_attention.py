@@ -16,6 +16,7 @@ import torch
 
 from helpers import DTYPES, compile_recording, poison
 from ddpm_fast.config import PRESETS
+from ddpm_fast.ops._common import out_format
 from ddpm_fast.ops.attention import (HAS_TRITON, SDPA_CORE_SHAPES, attention, attention_triton, core_backend,
                                      flash_attention_triton)
 from ddpm_fast.reference import functional as ref
@@ -383,7 +384,7 @@ def test_core_bad_inputs_raise():
 
 
 def test_module_imports_and_falls_back_without_triton():
-    # A subprocess where `import triton` fails: the op must still exist and run the reference.
+    # A subprocess where `import triton` fails: the op must still exist and run its CPU kernel.
     code = (
         "import sys, torch; sys.modules['triton'] = None\n"
         "import importlib; m = importlib.import_module('ddpm_fast.ops.attention')\n"
@@ -391,7 +392,7 @@ def test_module_imports_and_falls_back_without_triton():
         "assert not m.HAS_TRITON\n"
         "a = [torch.randn(2, 32, 3, 3), torch.randn(96, 32), torch.randn(96), torch.randn(32, 32),\n"
         "     torch.randn(32)]\n"
-        "assert torch.equal(m.attention(*a, 1, 32), ref.attention(*a, 1, 32))\n"
+        "torch.testing.assert_close(m.attention(*a, 1, 32), ref.attention(*a, 1, 32), rtol=1e-5, atol=5e-5)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -457,3 +458,29 @@ def test_gpu_device_mismatch_raises():
     args = make_inputs(1, 32, 4, 4, 1, 32, torch.float32, device="cuda")
     with pytest.raises(RuntimeError, match="proj_weight is on cpu"):
         attention(args[0], args[1].cpu(), *args[2:], 1, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel (attention_cpu: one qkv GEMM, ATen's SDPA, one out GEMM with the residual): what the op
+# and the wrapper run for CPU tensors, at the presets' block shapes and odd ones, NCHW and channels_last.
+# ---------------------------------------------------------------------------------------------
+_CPU_CASES = ([(1, c, h, w, nh, dk) for _, c, h, w, nh, dk in PRESET_SHAPES] + ODD_SHAPES)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["x", "residual"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", _CPU_CASES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_kernel_matches_reference_and_keeps_layout(case, dtype, layout, residual, monkeypatch):
+    A = importlib.import_module("ddpm_fast.ops.attention")
+    real = A._new_output
+    monkeypatch.setattr(A, "_new_output", lambda x: poison(real(x)))  # NaN unless every element is written
+    b, c, h, w, nh, dk = case
+    args = make_inputs(b, c, h, w, nh, dk, dtype)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    args[0] = args[0].contiguous(memory_format=fmt)
+    res = torch.randn(b, c, h, w).to(dtype).contiguous(memory_format=fmt) if residual else None
+    want = ref.attention(*[a.double() for a in args], nh, dk, None if res is None else res.double())
+    for got in (attention(*args, nh, dk, res), torch.ops.ddpm_fast.attention(*args, nh, dk, res)):
+        assert got.is_contiguous(memory_format=out_format(args[0])), "the output keeps x's layout"
+        torch.testing.assert_close(got.double(), want, **tol("attention", dtype))

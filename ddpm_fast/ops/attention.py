@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import functional as ref
-from ._common import (HAS_TRITON, OP_DTYPES, define_op, dot, dot_flags, pow2_clamp, sm_count, tl, triton,
+from ._common import (HAS_TRITON, OP_DTYPES, define_op, dot, dot_flags, out_format, pow2_clamp, sm_count, tl, triton,
                       wrap_triton)
 from ._eager import autocast_hint, plain_eager
 
 
-__all__ = ["attention", "attention_triton", "flash_attention_triton", "core_backend", "SDPA_CORE_SHAPES",
+__all__ = ["attention", "attention_cpu", "attention_triton", "flash_attention_triton", "core_backend", "SDPA_CORE_SHAPES",
            "HAS_TRITON"]
 
 _DTYPES = OP_DTYPES
@@ -420,20 +420,53 @@ def attention_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torc
 # The torch.library op and its wrapper.
 # ---------------------------------------------------------------------------------------------
 def _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=None):
-    # The reference returns a channels_last-strided view of its permute; the op promises contiguous.
-    return ref.attention(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual).contiguous()
+    # The reference returns a channels_last-strided view of its permute; the op promises x's layout.
+    y = ref.attention(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual)
+    return y.contiguous(memory_format=out_format(x))
+
+
+def _new_output(x: torch.Tensor) -> torch.Tensor:
+    # x's layout (dense channels_last stays so, NCHW otherwise): a channels_last UNet keeps its layout
+    # through the attention blocks instead of switching back and forth around each.
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
 
 
 def _fake(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=None):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _new_output(x)
+
+
+def attention_cpu(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=None):
+    """The block on CPU: one GEMM for q, k, v (reading x in place), ATen's fused SDPA kernel (fp32
+    softmax statistics, no [N, N] score tensor in memory), one GEMM for the out projection, and the
+    residual added as it is written into the output (in x's layout). The reference runs two einsums and a
+    separate softmax in the input dtype: 180 vs ~100 us fp32, 354 vs ~100 us bf16 at digits16's block
+    (16 x 64 x 4 x 4) on the dev VM (benchmarks/bench_attention.py)."""
+    bsz, c, hgt, wid = x.shape
+    n = hgt * wid
+    x3 = x.reshape(bsz, c, n)
+    # One [B*N, C] GEMM: a view of channels_last x, one copy of NCHW x (oneDNN's bf16 GEMM beats the
+    # strided-batched one on the transposed view by more than the copy costs).
+    flat = x3.transpose(1, 2).reshape(bsz * n, c)
+    qkv = torch.addmm(proj_bias, flat, proj_weight.t()).view(bsz, n, n_heads, 3, d_k)
+    o = F.scaled_dot_product_attention(qkv[:, :, :, 0].transpose(1, 2), qkv[:, :, :, 1].transpose(1, 2),
+                                       qkv[:, :, :, 2].transpose(1, 2), scale=d_k ** -0.5)
+    o_flat = o.transpose(1, 2).reshape(bsz * n, n_heads * d_k)
+    y_tok = torch.addmm(out_bias, o_flat, out_weight.t()).view(bsz, n, c)
+    r_tok = (x3 if residual is None else residual.reshape(bsz, c, n)).transpose(1, 2)
+    out = _new_output(x)
+    torch.add(y_tok, r_tok, out=out.view(bsz, c, n).transpose(1, 2))
+    return out
 
 
 def _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=None):
-    """What the op runs: the fused Triton block for CUDA tensors, the reference math elsewhere (the
+    """What the op runs: the fused Triton block for CUDA tensors, `attention_cpu` for CPU tensors (the
     interpreter is for tests, not for use)."""
+    if x.device.type == "cpu":
+        return attention_cpu(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual)
     if x.device.type != "cuda":
         return _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual)
-    return attention_triton(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=residual)
+    return attention_triton(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=residual,
+                            out=_new_output(x))
 
 
 def _attention_body(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
@@ -443,7 +476,7 @@ def _attention_body(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch
     return _run(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual)
 
 
-_attention_op = define_op("attention", _attention_body, _reference_out, _fake)
+_attention_op = define_op("attention", _attention_body, attention_cpu, _fake)
 
 
 def _check_residual(x, residual) -> None:
@@ -500,8 +533,8 @@ def attention(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tenso
 
     x: [B, C, H, W] fp32/fp16/bf16 (NCHW or channels_last); proj_weight [3*n_heads*d_k, C],
     proj_bias [3*n_heads*d_k], out_weight [C, n_heads*d_k], out_bias [C], all in x's dtype and on
-    x's device. Returns a new contiguous [B, C, H, W] tensor. CUDA: the fused Triton path; CPU: the
-    reference math.
+    x's device. Returns a new [B, C, H, W] tensor in x's layout (channels_last for a dense channels_last
+    x, NCHW-contiguous otherwise). CUDA: the fused Triton path; CPU: `attention_cpu`.
     """
     _check(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k)
     _check_residual(x, residual)

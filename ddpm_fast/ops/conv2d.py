@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..reference import functional as _ref
-from . import _conv_gemm as G
+from . import _conv_gemm as G, _cpu_conv
 from ._common import HAS_TRITON, define_op, dot_flags, out_format, span, tl, triton, wrap_triton
 from ._conv_gemm import (check_conv_args, conv_out_size as out_size, new_workspace as _new_workspace, pad4,
                          pair as _pair, plan, prefers_triton)
@@ -187,7 +187,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     if not use_triton(x, weight, stride, padding):
         # cuDNN / oneDNN called directly: the op's own non-Triton branch, without the custom op's Python
         # dispatch (~10 us per call on the dev CPU, more on the GPU machine's host), as eager use of the
-        # fused UNet would otherwise pay it on every conv.
+        # fused UNet would otherwise pay it on every conv. Inside the fast sampler's packing scope a
+        # CPU conv runs oneDNN on a weight packed once for the run (ops/_cpu_conv.py).
+        left, right, top, bottom = pad4(padding)
+        if x.device.type == "cpu" and left == right and top == bottom:
+            y = _cpu_conv.conv2d_packed(x, weight, bias, stride, (top, left))
+            if y is not None:
+                return y
         return _reference_out(x, weight, bias, stride, padding)
     if plain_eager(x, weight, bias):  # see ops/_eager.py
         return conv2d_triton(x, weight, bias, stride, padding)

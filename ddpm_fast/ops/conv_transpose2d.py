@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..reference import functional as _ref
-from . import _conv_gemm as G
+from . import _conv_gemm as G, _cpu_conv
 from ._common import HAS_TRITON, define_op, dot_flags, out_format, span, tl, triton, wrap_triton
 from ._eager import plain_eager
 
@@ -189,7 +189,8 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     padding = G.pair("padding", padding)
     _check(x, weight, bias, stride, padding)
     if not use_triton(x, weight, stride, padding):  # direct call, as in conv2d
-        return _reference_out(x, weight, bias, stride, padding)
+        y = _cpu_conv.conv_transpose2d_packed(x, weight, bias, stride, padding) if x.device.type == "cpu" else None
+        return y if y is not None else _reference_out(x, weight, bias, stride, padding)
     if plain_eager(x, weight, bias):  # see ops/_eager.py
         return conv_transpose2d_triton(x, weight, bias, stride, padding)
     return torch.ops.ddpm_fast.conv_transpose2d(x, weight, bias, stride, padding)

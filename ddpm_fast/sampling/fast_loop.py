@@ -9,7 +9,8 @@ draws its noise in-kernel from Philox keyed by (seed, step, element). So one cap
 On CPU there is no graph. The loop runs the C++ reverse step (in-kernel noise, no torch.randn) and the
 time table when it saves work, and the fused UNet where that measured faster (`cpu_fuses`), with the
 C++ CPU kernels built: fp32 at model batches of CPU_FUSE_MIN_BATCH or more, bf16 in channels_last where
-the CPU has native bf16.
+the CPU has native bf16. A fused CPU run packs its channels_last conv weights for oneDNN once per call
+(ops/_cpu_conv.py) instead of on every conv.
 Elsewhere the reference UNet: at batch 1 the fused ops' Python wrappers cost more than the C++ kernels
 save, and the fused bf16 UNet in NCHW measured slower (see benchmarks/PERF_NOTES.md).
 
@@ -18,7 +19,7 @@ needs the UNet's time path) and with only the UNet blocks it contains fused, but
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -62,12 +63,14 @@ def _fast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
                 fuse: bool, table: bool, channels_last: bool = False):
     """`prepared(model)` (eval mode; a converted copy when dtype, device or layout differ), fused if
     `fuse`, with a fresh time table if `table`; restored afterwards."""
-    with prepared(model, dtype, device, channels_last) as model:
+    with prepared(model, dtype, device, channels_last) as model, ExitStack() as stack:
         # Each walk of the module tree costs ~0.1 ms on the tiny UNet, so skip those a call does not need.
         was_fused, old_table = (ops.is_fused(model) if fuse else False), (model.time_table if table else None)
         try:  # everything below is undone by the finally, even when building the table fails
             if fuse:
                 ops.fused(model)
+            if fuse and device.type == "cpu":  # conv weights packed once for this call (ops/_cpu_conv.py)
+                stack.enter_context(ops.cpu_conv_packing())
             if table:
                 # Rebuilt on every sampling call: it costs one batched time-MLP pass over T rows, and a fresh
                 # table can never be stale whatever happened to the weights since the last call.
