@@ -285,10 +285,10 @@ def test_python_dash_m(tmp_path):
 
 
 @pytest.mark.parametrize("native, backend, device, want", [
-    (True, "fast", "cpu", ("bf16", True)), (False, "fast", "cpu", ("fp32", False)),
+    (True, "fast", "cpu", ("bf16", True)), (False, "fast", "cpu", ("fp32", True)),
     (True, "reference", "cpu", ("fp32", False)), (True, "fast", "cuda", ("fp32", False))])
-def test_auto_dtype_picks_bf16_nhwc_only_for_the_fast_backend_on_native_bf16_cpus(monkeypatch, native, backend,
-                                                                                  device, want):
+def test_auto_dtype_picks_nhwc_for_the_fast_cpu_backend_and_bf16_where_native(monkeypatch, native, backend,
+                                                                            device, want):
     import argparse
 
     import ddpm_fast.devices

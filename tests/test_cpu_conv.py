@@ -62,8 +62,10 @@ def test_packed_conv2d_matches_reference(shape, dtype, batch):
     if batch == 16 and shape[1] * shape[2] * shape[0] * shape[3] > 2 ** 21:
         pytest.skip("cifar35m's largest convs at batch 16 take seconds in float64: batch 1 covers them")
     args = conv_inputs(batch, shape, dtype)
-    # A 1-channel or 1x1 map is NCHW-contiguous too, so the layout rule says NCHW: not packed.
-    packs = out_format(args[0]) == CL
+    # A 1-channel or 1x1 map is NCHW-contiguous too, so the layout rule says NCHW: not packed; nor is a
+    # small fp32 input (F.conv2d measured faster there).
+    small = dtype == torch.float32 and args[0].numel() < P.PACK_MIN_ELEMENTS_FP32
+    packs = out_format(args[0]) == CL and not small
     with ops.cpu_conv_packing():
         out = ops.conv2d(*args)
         assert _cache_size() == int(packs), "the packed path was not taken" if packs else "packed an NCHW input"
@@ -120,7 +122,7 @@ def test_disabled_onednn_and_grad_take_f_conv2d():
 
 
 def test_weight_changed_in_place_is_repacked():
-    x, weight, bias, stride, padding = conv_inputs(4, (16, 8, 8, 16, 3, 1, True), torch.float32)
+    x, weight, bias, stride, padding = conv_inputs(4, (16, 8, 8, 16, 3, 1, True), torch.bfloat16)  # bf16 packs any size
     with ops.cpu_conv_packing():
         first = ops.conv2d(x, weight, bias, stride, padding)
         with torch.no_grad():
@@ -136,7 +138,7 @@ def test_weight_changed_in_place_is_repacked():
 
 
 def test_scopes_nest_and_are_per_thread():
-    args = conv_inputs(2, (8, 4, 4, 8, 3, 1, False), torch.float32)
+    args = conv_inputs(2, (8, 4, 4, 8, 3, 1, False), torch.bfloat16)
     seen = []
     with ops.cpu_conv_packing():
         ops.conv2d(*args)
@@ -160,19 +162,19 @@ def test_fused_channels_last_unet_uses_packed_convs():
 
     torch.manual_seed(0)
     model = build_unet(PRESETS["digits16"].unet).eval()
-    x = torch.randn(4, 1, 16, 16)
-    t = torch.tensor([0, 10, 500, 999])
+    x = torch.randn(16, 1, 16, 16)  # every conv input >= PACK_MIN_ELEMENTS_FP32 (the 4 x 4 ones at batch 16)
+    t = torch.tensor([0, 10, 500, 999]).repeat(4)
     with torch.no_grad():
         want = model(x, t)
         fast = ops.fused(model.to(memory_format=CL))
         calls = []
-        real = P._packed_weight
-        P._packed_weight = lambda *a: calls.append(a[1]) or real(*a)
+        real = P._packed_call
+        P._packed_call = lambda *a: calls.append(a[1]) or real(*a)
         try:
             with ops.cpu_conv_packing():
                 got = fast(x, t)
         finally:
-            P._packed_weight = real
+            P._packed_call = real
     n_conv = len(unet_conv_shapes(PRESETS["digits16"].unet))
     assert calls.count(True) == 2 and calls.count(False) >= n_conv - 2
     torch.testing.assert_close(got, want, **tol("fused_unet_cpu", torch.float32))

@@ -60,8 +60,9 @@ def test_fast_loop_matches_reference_trajectory_with_injected_noise_cpu(sampler,
 
 
 @pytest.mark.parametrize("dtype,batch,channels_last,fuses", [
-    ("fp32", 16, False, True), ("fp32", 16, True, True), ("fp32", 1, False, False), ("fp32", 4, True, False),
-    ("bf16", 1, True, True), ("bf16", 16, False, False), ("fp16", 16, True, False)])
+    ("fp32", 16, False, True), ("fp32", 16, True, True), ("fp32", 1, False, False), ("fp32", 4, False, False),
+    ("fp32", 4, True, True), ("fp32", 1, True, False), ("bf16", 1, True, True), ("bf16", 16, False, False),
+    ("fp16", 16, True, False)])
 def test_cpu_default_fuses_where_it_measured_faster_cpu(dtype, batch, channels_last, fuses):
     # The CPU default of `fuse` (fast_loop.cpu_fuses): what forward sees is the fused UNet exactly where
     # the rule says, and the caller's model is left unfused either way.
@@ -73,7 +74,9 @@ def test_cpu_default_fuses_where_it_measured_faster_cpu(dtype, batch, channels_l
     assert HAS_CPP_KERNEL, "build ddpm_fast._C (python setup.py build_ext --inplace)"
     if dtype == "bf16" and not cpu_has_native_bf16():
         fuses = False  # bf16 fuses only where it is native (and was measured)
-    assert cpu_fuses(dt, batch, channels_last) is fuses and CPU_FUSE_MIN_BATCH == 16
+    if (dtype, batch, channels_last) == ("fp32", 4, True) and not ddpm_fast.ops.CPU_PACKED_CONVS:
+        fuses = False  # fp32 NHWC fuses from batch 4 only with the packed convs
+    assert cpu_fuses(dt, batch, channels_last, CFG.unet.image_size ** 2) is fuses and CPU_FUSE_MIN_BATCH == 16
     seen = []
     model = _model().to(dt)
     model.register_forward_pre_hook(lambda m, args: seen.append(ddpm_fast.ops.is_fused(m)))
@@ -82,6 +85,16 @@ def test_cpu_default_fuses_where_it_measured_faster_cpu(dtype, batch, channels_l
          n_steps=CFG.diffusion.n_steps)
     assert seen == [fuses, fuses]
     assert not ddpm_fast.ops.is_fused(model)
+
+
+def test_cpu_default_fp32_nhwc_fuses_by_pixels_per_batch_cpu(monkeypatch):
+    import ddpm_fast.sampling.fast_loop as fl
+
+    monkeypatch.setattr(fl, "_GN_CPP", True)
+    if not ddpm_fast.ops.CPU_PACKED_CONVS:
+        pytest.skip("this torch build lacks oneDNN's packed-conv ops")
+    assert fl.cpu_fuses(torch.float32, 1, True, 32 * 32) and not fl.cpu_fuses(torch.float32, 3, True, 16 * 16)
+    assert fl.cpu_fuses(torch.float32, 4, True, 16 * 16) and not fl.cpu_fuses(torch.float32, 1, False, 256 * 256)
 
 
 def test_cpu_default_without_the_cpp_kernel_runs_the_reference_unet_cpu(monkeypatch):

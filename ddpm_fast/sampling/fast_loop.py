@@ -8,8 +8,8 @@ draws its noise in-kernel from Philox keyed by (seed, step, element). So one cap
 
 On CPU there is no graph. The loop runs the C++ reverse step (in-kernel noise, no torch.randn) and the
 time table when it saves work, and the fused UNet where that measured faster (`cpu_fuses`), with the
-C++ CPU kernels built: fp32 at model batches of CPU_FUSE_MIN_BATCH or more, bf16 in channels_last where
-the CPU has native bf16. A fused CPU run packs its channels_last conv weights for oneDNN once per call
+C++ CPU kernels built: fp32 at model batches of CPU_FUSE_MIN_BATCH or more (in channels_last from
+CPU_FUSE_MIN_PIXELS_CL pixels per model batch), bf16 in channels_last where the CPU has native bf16. A fused CPU run packs its channels_last conv weights for oneDNN once per call
 (ops/_cpu_conv.py) instead of on every conv.
 Elsewhere the reference UNet: at batch 1 the fused ops' Python wrappers cost more than the C++ kernels
 save, and the fused bf16 UNet in NCHW measured slower (see benchmarks/PERF_NOTES.md).
@@ -43,16 +43,25 @@ _GRAPH_DEVICE_TYPES = ("cuda",)
 # at batch 1 digits16 0.97x / 0.90x (the wrappers' Python costs more than the C++ kernels save), cifar35m
 # 1.02x / 1.00x. No batch in between was measured, so the threshold is the measured point. bf16: fused
 # NHWC 0.99x / 1.36x the reference NHWC at batch 1 / 16, fused NCHW 0.93x / 0.80x the reference NCHW.
+# With the packed convs (ops/_cpu_conv.py, channels_last only; 2-core AMD EPYC VM with AVX-512 +
+# AVX512_BF16, medians of interleaved forwards): fp32 fused NHWC vs unfused NHWC, digits16 (16 x 16 images)
+# 0.90x at batch 1, 1.15x at batch 4, 1.10x at batch 16; ddpm-cifar10 (32 x 32) 1.05x at batch 1, 1.07x at 4;
+# ddpm-256 1.20x at batch 1. bf16 fused NHWC vs unfused NHWC (digits16) 1.40x at batch 1, 1.36x at 16
+# (benchmarks/PERF_NOTES.md). So fp32 in channels_last fuses from 1024 pixels per model batch (batch x H x W).
 CPU_FUSE_MIN_BATCH = 16
+CPU_FUSE_MIN_PIXELS_CL = 1024
 
 
-def cpu_fuses(dtype: torch.dtype, batch: int, channels_last: bool = False) -> bool:
+def cpu_fuses(dtype: torch.dtype, batch: int, channels_last: bool = False, image_pixels: int = 256) -> bool:
     """fast_loop's default `fuse` for a CPU run: only with the C++ groupnorm_swish kernel built, then fp32
-    at a model batch of at least CPU_FUSE_MIN_BATCH, or bf16 in channels_last on a CPU with native bf16
-    (where each measured faster)."""
+    at a model batch of at least CPU_FUSE_MIN_BATCH, or in channels_last (where the convs run packed) at
+    batch x image_pixels (H x W; default 256, a 16 x 16 image) >= CPU_FUSE_MIN_PIXELS_CL; bf16 in channels_last on a CPU with native
+    bf16. Each where it measured faster."""
     if not _GN_CPP:
         return False
     if dtype == torch.float32:
+        if channels_last and ops.CPU_PACKED_CONVS:
+            return batch * image_pixels >= CPU_FUSE_MIN_PIXELS_CL
         return batch >= CPU_FUSE_MIN_BATCH
     # Measured only where bf16 is native (AVX512_BF16 / AMX); elsewhere torch emulates it, unmeasured.
     return dtype == torch.bfloat16 and channels_last and cpu_has_native_bf16()
@@ -137,7 +146,7 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     # on it too, so make x_T's device current (a no-op on a single-GPU machine).
     device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
     if fuse is None:
-        fuse = on_gpu or cpu_fuses(dtype, model_batch or x_T.shape[0], channels_last)
+        fuse = on_gpu or cpu_fuses(dtype, model_batch or x_T.shape[0], channels_last, x_T.shape[-2] * x_T.shape[-1])
     draw = (lambda: randn_images(x_T.shape, generator)) if noise == "generator" else None
     key = cache_key(model, x_T, dtype, clip, noise, len(timesteps), n_steps, fuse, use_table, channels_last,
                      model_batch)
