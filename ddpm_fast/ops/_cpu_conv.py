@@ -24,7 +24,7 @@ import torch
 from ._common import out_format
 from ._eager import plain_eager
 
-__all__ = ["packing", "conv2d_packed", "conv_transpose2d_packed", "AVAILABLE", "is_packing"]
+__all__ = ["packing", "conv2d_packed", "conv_transpose2d_packed", "AVAILABLE"]
 
 
 def _available() -> bool:
@@ -56,10 +56,6 @@ def packing():
         yield
     finally:
         _LOCAL.cache = None
-
-
-def is_packing() -> bool:
-    return getattr(_LOCAL, "cache", None) is not None
 
 
 def _usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> bool:
