@@ -27,16 +27,19 @@
 #endif
 #define CPU_INLINE inline __attribute__((always_inline))
 
-// Instantiates ENTRY(element type, name suffix, target attribute) once per element type (fp32, bf16 as
-// its bits, fp16) and ISA variant: the one list every kernel's entry points come from.
+// Instantiates ENTRY(element type, name suffix, target attribute, CpuIsa) once per element type (fp32,
+// bf16 as its bits, fp16) and ISA variant: the one list every kernel's entry points come from.
 #ifdef CPU_HAVE_AVX2_PATH
-#define CPU_FOR_EACH_VARIANT(ENTRY)                                                              \
-  ENTRY(float, f32, ) ENTRY(uint16_t, bf16, ) ENTRY(c10::Half, f16, )                               \
-  ENTRY(float, f32_avx2, CPU_AVX2_TARGET) ENTRY(uint16_t, bf16_avx2, CPU_AVX2_TARGET)               \
-  ENTRY(c10::Half, f16_avx2, CPU_AVX2_TARGET) ENTRY(float, f32_avx512, CPU_AVX512_TARGET)             \
-  ENTRY(uint16_t, bf16_avx512, CPU_AVX512_TARGET) ENTRY(c10::Half, f16_avx512, CPU_AVX512_TARGET)
+#define CPU_FOR_EACH_VARIANT(ENTRY)                                                                          \
+  ENTRY(float, f32, , CpuIsa::kGeneric) ENTRY(uint16_t, bf16, , CpuIsa::kGeneric)                            \
+  ENTRY(c10::Half, f16, , CpuIsa::kGeneric) ENTRY(float, f32_avx2, CPU_AVX2_TARGET, CpuIsa::kAvx2)          \
+  ENTRY(uint16_t, bf16_avx2, CPU_AVX2_TARGET, CpuIsa::kAvx2) ENTRY(c10::Half, f16_avx2, CPU_AVX2_TARGET, CpuIsa::kAvx2) \
+  ENTRY(float, f32_avx512, CPU_AVX512_TARGET, CpuIsa::kAvx512)                                               \
+  ENTRY(uint16_t, bf16_avx512, CPU_AVX512_TARGET, CpuIsa::kAvx512)                                           \
+  ENTRY(c10::Half, f16_avx512, CPU_AVX512_TARGET, CpuIsa::kAvx512)
 #else
-#define CPU_FOR_EACH_VARIANT(ENTRY) ENTRY(float, f32, ) ENTRY(uint16_t, bf16, ) ENTRY(c10::Half, f16, )
+#define CPU_FOR_EACH_VARIANT(ENTRY) \
+  ENTRY(float, f32, , CpuIsa::kGeneric) ENTRY(uint16_t, bf16, , CpuIsa::kGeneric) ENTRY(c10::Half, f16, , CpuIsa::kGeneric)
 #endif
 
 namespace ddpm_fast {

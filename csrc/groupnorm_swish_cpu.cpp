@@ -16,13 +16,20 @@
 // per group afterwards). Work items and their merge order are fixed, so the result is the same
 // for any thread count.
 #include "groupnorm_swish.h"
+#include "cpu_vec512.h"
+
+// GCC 12 warns that the AVX-512 intrinsics' own _mm512_undefined_* placeholders "may be used
+// uninitialized" once inlined (GCC bug 105593, fixed in GCC 13): a false positive.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <memory>
 
 namespace ddpm_fast {
 namespace {
@@ -64,6 +71,16 @@ float add_value(const GroupNormSwishParams& p, int64_t b, int64_t c) {
   if (p.add == nullptr) return 0.0f;
   return Elem<T>::round(load_param(p.add, p.add_type, b * p.sa_b + c * p.sa_c));
 }
+
+// An uninitialised scratch array (std::vector would zero it: a 1 MB memset per call at 16x128x32x32).
+template <typename V>
+struct Scratch {
+  std::unique_ptr<V[]> buf;
+  explicit Scratch(int64_t n) : buf(new V[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
+  V* data() { return buf.get(); }
+  const V* data() const { return buf.get(); }
+  V& operator[](int64_t i) { return buf[static_cast<size_t>(i)]; }
+};
 
 // Running moments about the pivot (double: thousands of merges must not drift).
 struct Moments {
@@ -119,6 +136,39 @@ CPU_INLINE void normalize_row(const T* __restrict x, T* __restrict y, int64_t n,
   }
 }
 
+// normalize_row for one storage type and ISA variant (as InterleavedApply below): AVX-512 fp32 and
+// bf16 rows take cpu_vec512.h's Swish.
+template <typename T, CpuIsa ISA>
+struct RowNormalize {
+  template <bool ADD, bool SWISH>
+  static CPU_INLINE void run(const T* x, T* y, int64_t n, float a, float pivot, float mean, float scale, float shift) {
+    normalize_row<T, ADD, SWISH>(x, y, n, a, pivot, mean, scale, shift);
+  }
+};
+
+#ifdef CPU_HAVE_AVX2_PATH
+template <typename T>
+struct RowNormalizeAvx512 {
+  template <bool ADD, bool SWISH>
+  // Not always_inline: the planar loops that call it carry no target attribute themselves (GCC may still
+  // inline it once they are inlined into their AVX-512 entry point).
+  static CPU_AVX512_TARGET void run(const T* x, T* y, int64_t n, float a, float pivot, float mean, float scale,
+                                    float shift) {
+    const __m512 va = _mm512_set1_ps(a), vp = _mm512_set1_ps(pivot), vm = _mm512_set1_ps(mean);
+    const __m512 vs = _mm512_set1_ps(scale), vb = _mm512_set1_ps(shift);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = vec512_mask(n - i);
+      __m512 v = vec512_load(x + i, m);
+      if (ADD) v = vec512_round(_mm512_add_ps(v, va), x);
+      v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(v, vp), vm), vs, vb);
+      vec512_store(y + i, m, SWISH ? vec512_swish(v) : v);
+    }
+  }
+};
+template <> struct RowNormalize<float, CpuIsa::kAvx512> : RowNormalizeAvx512<float> {};
+template <> struct RowNormalize<uint16_t, CpuIsa::kAvx512> : RowNormalizeAvx512<uint16_t> {};
+#endif
+
 // The pivot of group g of sample b: (x + add) at its first channel, pixel 0, in x's dtype.
 template <typename T>
 float group_pivot(const GroupNormSwishParams& p, int64_t b, int64_t c0) {
@@ -128,7 +178,7 @@ float group_pivot(const GroupNormSwishParams& p, int64_t b, int64_t c0) {
 }
 
 // --- planar (NCHW): one work item = one (sample, group) ------------------------------------------
-template <typename T, bool ADD>
+template <typename T, CpuIsa ISA, bool ADD>
 CPU_INLINE void planar_item(const GroupNormSwishParams& p, int64_t b, int64_t g, float* stage) {
   const int64_t cg = p.channels / p.groups, c0 = g * cg, hw = p.hw;
   const T* xb = static_cast<const T*>(p.x) + b * p.sx_b;
@@ -159,22 +209,22 @@ CPU_INLINE void planar_item(const GroupNormSwishParams& p, int64_t b, int64_t g,
     const T* xr = xb + c * p.sx_c;
     T* yr = yb + c * p.sy_c;
     if (p.swish) {
-      normalize_row<T, ADD, true>(xr, yr, hw, a, pivot, mean, scale, shift);
+      RowNormalize<T, ISA>::template run<ADD, true>(xr, yr, hw, a, pivot, mean, scale, shift);
     } else {
-      normalize_row<T, ADD, false>(xr, yr, hw, a, pivot, mean, scale, shift);
+      RowNormalize<T, ISA>::template run<ADD, false>(xr, yr, hw, a, pivot, mean, scale, shift);
     }
   }
 }
 
-template <typename T>
+template <typename T, CpuIsa ISA>
 CPU_INLINE void planar_range(const GroupNormSwishParams& p, int64_t begin, int64_t end) {
-  std::vector<float> stage(kChunk);
+  Scratch<float> stage(kChunk);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t b = item / p.groups, g = item % p.groups;
     if (p.add != nullptr) {
-      planar_item<T, true>(p, b, g, stage.data());
+      planar_item<T, ISA, true>(p, b, g, stage.data());
     } else {
-      planar_item<T, false>(p, b, g, stage.data());
+      planar_item<T, ISA, false>(p, b, g, stage.data());
     }
   }
 }
@@ -183,7 +233,8 @@ CPU_INLINE void planar_range(const GroupNormSwishParams& p, int64_t begin, int64
 // Per sample, per channel (filled before the passes): the add, the pivot of the channel's group,
 // and after the statistics the group mean (about the pivot), scale and shift.
 struct ChannelTables {
-  std::vector<float> add, pivot, mean, scale, shift;  // [B * C] each
+  Scratch<float> add, pivot, mean, scale, shift;  // [B * C] each
+  explicit ChannelTables(int64_t n) : add(n), pivot(n), mean(n), scale(n), shift(n) {}
 };
 
 template <typename T, bool ADD>
@@ -235,10 +286,100 @@ CPU_INLINE void interleaved_apply_item(const GroupNormSwishParams& p, const Chan
   }
 }
 
+// The apply pass for one storage type and ISA variant: the autovectorized loop above, except where
+// AVX-512 has fp32 or bf16 rows (the same math with cpu_vec512.h's Swish, ~2 ulp from the division).
+template <typename T, CpuIsa ISA>
+struct InterleavedApply {
+  template <bool ADD, bool SWISH>
+  static CPU_INLINE void run(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,
+                             int64_t rows) {
+    interleaved_apply_item<T, ADD, SWISH>(p, t, b, r0, rows);
+  }
+};
+
+#ifdef CPU_HAVE_AVX2_PATH
+template <typename T>
+struct InterleavedApplyAvx512 {
+  template <bool ADD, bool SWISH>
+  static CPU_VEC512 void run(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,
+                             int64_t rows) {
+    const int64_t C = p.channels;
+    const float* a = t.add.data() + b * C;
+    const float* piv = t.pivot.data() + b * C;
+    const float* mean = t.mean.data() + b * C;
+    const float* scale = t.scale.data() + b * C;
+    const float* shift = t.shift.data() + b * C;
+    for (int64_t r = r0; r < r0 + rows; ++r) {
+      const T* xr = static_cast<const T*>(p.x) + b * p.sx_b + r * p.sx_hw;
+      T* yr = static_cast<T*>(p.out) + b * p.sy_b + r * p.sy_hw;
+      for (int64_t c = 0; c < C; c += 16) {
+        const __mmask16 m = vec512_mask(C - c);
+        __m512 v = vec512_load(xr + c, m);
+        if (ADD) v = vec512_round(_mm512_add_ps(v, _mm512_maskz_loadu_ps(m, a + c)), xr);
+        v = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, piv + c)), _mm512_maskz_loadu_ps(m, mean + c));
+        v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, shift + c));
+        vec512_store(yr + c, m, SWISH ? vec512_swish(v) : v);
+      }
+    }
+  }
+};
+template <> struct InterleavedApply<float, CpuIsa::kAvx512> : InterleavedApplyAvx512<float> {};
+template <> struct InterleavedApply<uint16_t, CpuIsa::kAvx512> : InterleavedApplyAvx512<uint16_t> {};
+#endif
+
+// The moments of every group of sample b from its per-(block, channel) parts (mean, M2 about the
+// pivot; index (b * nblk + blk) * C + c), into m[0..G). Every block but the last holds `rows` values per
+// channel, so those parts combine in closed form, as Chan's pairwise formula does for equal counts: the
+// mean of their means, and M2 = sum of (their M2 + rows * squared deviation of their mean). Both sums
+// run per channel across blocks (`acc`, 2 * C doubles: contiguous, so they vectorize; a serial chain over
+// a group's parts cost ~20 us per sample at 128x32x32), then over the group's channels. A shorter last
+// block's parts then merge one by one. Fixed order: the same for any thread count or schedule.
+CPU_INLINE void merge_sample_parts(const float* __restrict bmean, const float* __restrict bm2, int64_t b,
+                                   int64_t nblk, int64_t rows, int64_t hw, int64_t C, int64_t G,
+                                   double* __restrict acc, Moments* m) {
+  const int64_t cg = C / G, last = hw - (nblk - 1) * rows;  // values per channel in the last block
+  const int64_t nfull = last == rows ? nblk : nblk - 1;
+  const float* __restrict mb = bmean + b * nblk * C;
+  const float* __restrict qb = bm2 + b * nblk * C;
+  for (int64_t g = 0; g < G; ++g) m[g] = Moments();
+  if (nfull > 0) {
+    for (int64_t c = 0; c < C; ++c) acc[c] = 0.0;
+    for (int64_t blk = 0; blk < nfull; ++blk)
+      for (int64_t c = 0; c < C; ++c) acc[c] += mb[blk * C + c];
+    const double parts = static_cast<double>(nfull * cg);
+    for (int64_t g = 0; g < G; ++g) {
+      double sum = 0.0;
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) sum += acc[c];
+      m[g].n = parts * static_cast<double>(rows);
+      m[g].mean = sum / parts;
+    }
+    double* __restrict gmean = acc + C;  // per channel, its group's mean
+    for (int64_t c = 0; c < C; ++c) acc[c] = 0.0, gmean[c] = m[c / cg].mean;
+    const double r = static_cast<double>(rows);
+    for (int64_t blk = 0; blk < nfull; ++blk)
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = mb[blk * C + c] - gmean[c];
+        acc[c] += qb[blk * C + c] + r * (d * d);
+      }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) m[g].m2 += acc[c];
+  }
+  if (nfull < nblk)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = (nblk - 1) * C + c;
+      Moments& mg = m[c / cg];
+      if (mg.n == 0) {
+        mg.n = static_cast<double>(last), mg.mean = mb[i], mg.m2 = qb[i];
+      } else {
+        mg.merge(static_cast<double>(last), mb[i], qb[i]);
+      }
+    }
+}
+
 // The per-item loops, compiled for each storage type and each ISA variant (see cpu_math.h).
-#define DDPM_GN_ENTRY_POINTS(T, SUFFIX, TARGET)                                                              \
+#define DDPM_GN_ENTRY_POINTS(T, SUFFIX, TARGET, ISA)                                                             \
   TARGET void planar_##SUFFIX(const GroupNormSwishParams& p, int64_t begin, int64_t end) {                  \
-    planar_range<T>(p, begin, end);                                                                         \
+    planar_range<T, ISA>(p, begin, end);                                                                       \
   }                                                                                                          \
   TARGET void istats_##SUFFIX(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,  \
                               int64_t rows, float* stage, float* mean, float* m2) {                          \
@@ -251,10 +392,15 @@ CPU_INLINE void interleaved_apply_item(const GroupNormSwishParams& p, const Chan
   TARGET void iapply_##SUFFIX(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,  \
                               int64_t rows) {                                                                \
     const bool add = p.add != nullptr;                                                                       \
-    if (add && p.swish) interleaved_apply_item<T, true, true>(p, t, b, r0, rows);                           \
-    else if (add) interleaved_apply_item<T, true, false>(p, t, b, r0, rows);                                \
-    else if (p.swish) interleaved_apply_item<T, false, true>(p, t, b, r0, rows);                            \
-    else interleaved_apply_item<T, false, false>(p, t, b, r0, rows);                                        \
+    using A = InterleavedApply<T, ISA>;                                                                      \
+    if (add && p.swish) A::template run<true, true>(p, t, b, r0, rows);                                      \
+    else if (add) A::template run<true, false>(p, t, b, r0, rows);                                           \
+    else if (p.swish) A::template run<false, true>(p, t, b, r0, rows);                                       \
+    else A::template run<false, false>(p, t, b, r0, rows);                                                   \
+  }                                                                                                          \
+  TARGET void imerge_##SUFFIX(const float* bmean, const float* bm2, int64_t b, int64_t nblk, int64_t rows,      \
+                              int64_t hw, int64_t C, int64_t G, double* acc, Moments* m) {                   \
+    merge_sample_parts(bmean, bm2, b, nblk, rows, hw, C, G, acc, m);                                         \
   }
 
 CPU_FOR_EACH_VARIANT(DDPM_GN_ENTRY_POINTS)
@@ -264,106 +410,106 @@ struct Entry {
   void (*planar)(const GroupNormSwishParams&, int64_t, int64_t);
   void (*istats)(const GroupNormSwishParams&, const ChannelTables&, int64_t, int64_t, int64_t, float*, float*, float*);
   void (*iapply)(const GroupNormSwishParams&, const ChannelTables&, int64_t, int64_t, int64_t);
+  void (*imerge)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, Moments*);
 };
 
 Entry entry_for(ElemType t) {
   switch (t) {
-    case ElemType::kBFloat16: return {CPU_PICK(planar, bf16), CPU_PICK(istats, bf16), CPU_PICK(iapply, bf16)};
-    case ElemType::kFloat16: return {CPU_PICK(planar, f16), CPU_PICK(istats, f16), CPU_PICK(iapply, f16)};
-    default: return {CPU_PICK(planar, f32), CPU_PICK(istats, f32), CPU_PICK(iapply, f32)};
+    case ElemType::kBFloat16: return {CPU_PICK(planar, bf16), CPU_PICK(istats, bf16), CPU_PICK(iapply, bf16), CPU_PICK(imerge, bf16)};
+    case ElemType::kFloat16: return {CPU_PICK(planar, f16), CPU_PICK(istats, f16), CPU_PICK(iapply, f16), CPU_PICK(imerge, f16)};
+    default: return {CPU_PICK(planar, f32), CPU_PICK(istats, f32), CPU_PICK(iapply, f32), CPU_PICK(imerge, f32)};
   }
 }
 
 int64_t grain_for(int64_t elems_per_item) { return std::max<int64_t>(1, kParallelMin / std::max<int64_t>(1, elems_per_item)); }
 
 template <typename T>
-void fill_add_pivot(const GroupNormSwishParams& p, ChannelTables& t) {
+void fill_add_pivot(const GroupNormSwishParams& p, ChannelTables& t, int64_t b) {
   const int64_t C = p.channels, cg = C / p.groups;
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t c = 0; c < C; ++c) {
-      t.add[b * C + c] = add_value<T>(p, b, c);
-      t.pivot[b * C + c] = group_pivot<T>(p, b, c - c % cg);
-    }
-}
-
-// The moments of group g of sample b from its per-(block, channel) parts (mean, M2 about the pivot;
-// index (b * nblk + blk) * C + c). Every block but the last holds `rows` values per channel, so those
-// parts combine in closed form, as Chan's pairwise formula does for equal counts: the mean of their
-// means, and M2 = sum of their M2 + rows * sum of squared deviations of their means (two passes, no
-// division per part: a merge per part cost two double divisions, serially, ~1.5 ms at 16x128x32x32).
-// A shorter last block's parts then merge one by one. Fixed order: the same for any thread count.
-Moments merge_group_parts(const float* bmean, const float* bm2, int64_t b, int64_t g, int64_t nblk, int64_t rows,
-                          int64_t hw, int64_t C, int64_t cg) {
-  const int64_t last = hw - (nblk - 1) * rows;  // values per channel in the last block
-  const int64_t nfull = last == rows ? nblk : nblk - 1;
-  Moments m;
-  if (nfull > 0) {
-    double sum = 0.0, m2 = 0.0, dev = 0.0;
-    for (int64_t blk = 0; blk < nfull; ++blk)
-      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) sum += bmean[(b * nblk + blk) * C + c];
-    const double parts = static_cast<double>(nfull * cg), mean = sum / parts;
-    for (int64_t blk = 0; blk < nfull; ++blk)
-      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-        const int64_t i = (b * nblk + blk) * C + c;
-        const double d = bmean[i] - mean;
-        dev += d * d;
-        m2 += bm2[i];
-      }
-    m.n = parts * static_cast<double>(rows);
-    m.mean = mean;
-    m.m2 = m2 + static_cast<double>(rows) * dev;
+  for (int64_t c = 0; c < C; ++c) {
+    t.add[b * C + c] = add_value<T>(p, b, c);
+    t.pivot[b * C + c] = group_pivot<T>(p, b, c - c % cg);
   }
-  if (nfull < nblk)
-    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-      const int64_t i = (b * nblk + nblk - 1) * C + c;
-      if (m.n == 0) {
-        m.n = static_cast<double>(last), m.mean = bmean[i], m.m2 = bm2[i];
-      } else {
-        m.merge(static_cast<double>(last), bmean[i], bm2[i]);
-      }
-    }
-  return m;
 }
 
-void run_interleaved(const GroupNormSwishParams& p, const Entry& e) {
-  const int64_t B = p.batch, C = p.channels, G = p.groups, cg = C / G, hw = p.hw;
-  const int64_t rows = std::max<int64_t>(1, kChunk / C);  // pixel rows per item: ~kChunk values
-  const int64_t nblk = (hw + rows - 1) / rows;
+// The interleaved walk's shape: `rows` pixel rows per block (~kChunk values), nblk blocks per sample.
+struct Blocks {
+  int64_t rows, nblk;
+  explicit Blocks(const GroupNormSwishParams& p)
+      : rows(std::max<int64_t>(1, kChunk / p.channels)), nblk((p.hw + rows - 1) / rows) {}
+};
+
+// Per (sample, block, channel): the block's mean and M2 of the channel about its pivot, and the
+// tables the apply pass reads. Filled by the phases below, which every schedule runs in the same
+// per-item order, so each value is the same whichever schedule and thread count computed it.
+struct Interleaved {
+  const GroupNormSwishParams& p;
+  const Entry& e;
+  Blocks k;
   ChannelTables t;
-  for (auto* v : {&t.add, &t.pivot, &t.mean, &t.scale, &t.shift}) v->resize(static_cast<size_t>(B * C));
-  switch (p.x_type) {
-    case ElemType::kBFloat16: fill_add_pivot<uint16_t>(p, t); break;
-    case ElemType::kFloat16: fill_add_pivot<c10::Half>(p, t); break;
-    default: fill_add_pivot<float>(p, t); break;
-  }
-  // Per (sample, block, channel): the block's mean and M2 of the channel (about its pivot).
-  std::vector<float> bmean(static_cast<size_t>(B * nblk * C)), bm2(bmean.size());
-  at::parallel_for(0, B * nblk, grain_for(rows * C), [&](int64_t begin, int64_t end) {
-    std::vector<float> stage(static_cast<size_t>(rows * C));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / nblk, blk = item % nblk, r0 = blk * rows;
-      e.istats(p, t, b, r0, std::min(rows, hw - r0), stage.data(), &bmean[item * C], &bm2[item * C]);
+  Scratch<float> bmean, bm2;
+  Interleaved(const GroupNormSwishParams& p_, const Entry& e_)
+      : p(p_), e(e_), k(p_), t(p_.batch * p_.channels), bmean(p_.batch * k.nblk * p_.channels),
+        bm2(p_.batch * k.nblk * p_.channels) {}
+  void fill(int64_t b) {
+    switch (p.x_type) {
+      case ElemType::kBFloat16: fill_add_pivot<uint16_t>(p, t, b); break;
+      case ElemType::kFloat16: fill_add_pivot<c10::Half>(p, t, b); break;
+      default: fill_add_pivot<float>(p, t, b); break;
     }
-  });
-  // Merge per (sample, group), each independent (so in parallel, the same for any thread count).
-  at::parallel_for(0, B * G, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, nblk * cg)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / G, g = item % G;
-      const Moments m = merge_group_parts(bmean.data(), bm2.data(), b, g, nblk, rows, hw, C, cg);
-      const float rstd = static_cast<float>(1.0 / std::sqrt(m.m2 / m.n + static_cast<double>(p.eps)));
+  }
+  // Block item = b * nblk + blk: its per-channel moments.
+  void stats(int64_t item, float* stage) {
+    const int64_t b = item / k.nblk, r0 = (item % k.nblk) * k.rows, C = p.channels;
+    e.istats(p, t, b, r0, std::min(k.rows, p.hw - r0), stage, &bmean[item * C], &bm2[item * C]);
+  }
+  // Sample b's group moments -> its per-channel mean, scale and shift.
+  void merge(int64_t b) {
+    const int64_t G = p.groups, C = p.channels, cg = C / G;
+    Scratch<double> acc(2 * C);
+    Scratch<Moments> m(G);
+    e.imerge(bmean.data(), bm2.data(), b, k.nblk, k.rows, p.hw, C, G, acc.data(), m.data());
+    for (int64_t g = 0; g < G; ++g) {
+      const float rstd = static_cast<float>(1.0 / std::sqrt(m[g].m2 / m[g].n + static_cast<double>(p.eps)));
       for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-        t.mean[b * C + c] = static_cast<float>(m.mean);
+        t.mean[b * C + c] = static_cast<float>(m[g].mean);
         t.scale[b * C + c] = rstd * load_param(p.weight, p.param_type, c);
         t.shift[b * C + c] = load_param(p.bias, p.param_type, c);
       }
     }
+  }
+  void apply(int64_t item) {
+    const int64_t b = item / k.nblk, r0 = (item % k.nblk) * k.rows;
+    e.iapply(p, t, b, r0, std::min(k.rows, p.hw - r0));
+  }
+};
+
+// channels_last. With at least two samples per thread, one parallel region over samples runs every
+// phase of a sample back to back (its data is still in this core's cache for the second read, and
+// there is one fork/join instead of three). Fewer samples than that split each phase across threads.
+void run_interleaved(const GroupNormSwishParams& p, const Entry& e) {
+  Interleaved w(p, e);
+  const int64_t B = p.batch, nblk = w.k.nblk, per_block = w.k.rows * p.channels;
+  if (B >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, B, grain_for(nblk * per_block), [&](int64_t begin, int64_t end) {
+      Scratch<float> stage(per_block);
+      for (int64_t b = begin; b < end; ++b) {
+        w.fill(b);
+        for (int64_t item = b * nblk; item < (b + 1) * nblk; ++item) w.stats(item, stage.data());
+        w.merge(b);
+        for (int64_t item = b * nblk; item < (b + 1) * nblk; ++item) w.apply(item);
+      }
+    });
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b) w.fill(b);
+  at::parallel_for(0, B * nblk, grain_for(per_block), [&](int64_t begin, int64_t end) {
+    Scratch<float> stage(per_block);
+    for (int64_t item = begin; item < end; ++item) w.stats(item, stage.data());
   });
-  at::parallel_for(0, B * nblk, grain_for(rows * C), [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / nblk, r0 = (item % nblk) * rows;
-      e.iapply(p, t, b, r0, std::min(rows, hw - r0));
-    }
+  for (int64_t b = 0; b < B; ++b) w.merge(b);  // fewer samples than 2 per thread: not worth a fork
+  at::parallel_for(0, B * nblk, grain_for(per_block), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) w.apply(item);
   });
 }
 

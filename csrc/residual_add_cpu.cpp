@@ -76,7 +76,7 @@ CPU_INLINE void pixels(const ResidualAddParams& p, int64_t begin, int64_t end, c
   for (int64_t px = begin; px < end; ++px) add_row_vector<T>(x + px * C, r + px * C, y + px * C, C, b, rb);
 }
 
-#define DDPM_RA_ENTRY_POINTS(T, SUFFIX, TARGET)                                                      \
+#define DDPM_RA_ENTRY_POINTS(T, SUFFIX, TARGET, ISA)                                                     \
   TARGET void planes_##SUFFIX(const ResidualAddParams& p, int64_t begin, int64_t end) {             \
     planes<T>(p, begin, end);                                                                       \
   }                                                                                                  \

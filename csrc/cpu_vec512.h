@@ -1,0 +1,80 @@
+// AVX-512 forms of cpu_math.h's per-element math, 16 fp32 lanes at a time, for the loops where GCC's
+// vectorizer leaves speed behind: it widens cpu_math.h's Swish well, but keeps its exact vdivps (the
+// largest single cost of groupnorm_swish's apply loop in a perf annotation), and cannot use scalef
+// for the exponent. Here 1 / (1 + e) is rcp14 + one Newton step (within ~2 ulp of the division) and
+// 2^n comes from vscalefps. Compiled only into functions with CPU_AVX512_TARGET (their callers pick them
+// at run time through cpu_isa()), so one build still runs on any x86-64 CPU.
+#pragma once
+
+#include "cpu_math.h"
+
+#ifdef CPU_HAVE_AVX2_PATH
+#include <immintrin.h>
+
+#define CPU_VEC512 CPU_AVX512_TARGET inline __attribute__((always_inline))
+
+namespace ddpm_fast {
+
+// Lanes [0, n) of a 16-lane group: the mask of a row's tail.
+CPU_VEC512 __mmask16 vec512_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// fp32 and bfloat16 (as bits) rows: widen to fp32, round fp32 to the type, narrow for the store, with
+// cpu_math.h's rounding (to nearest even on the bit pattern; NaN stays NaN).
+CPU_VEC512 __m512 vec512_load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+CPU_VEC512 __m512 vec512_load(const uint16_t* p, __mmask16 m) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// The bf16 bits of v (rounded to nearest even) in the high half of each 32-bit lane.
+CPU_VEC512 __m512i vec512_bf16_high(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+}
+
+CPU_VEC512 __m512 vec512_round(__m512 v, const float*) { return v; }
+CPU_VEC512 __m512 vec512_round(__m512 v, const uint16_t*) {
+  return _mm512_castsi512_ps(_mm512_and_si512(vec512_bf16_high(v), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+CPU_VEC512 void vec512_store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+CPU_VEC512 void vec512_store(uint16_t* p, __mmask16 m, __m512 v) {
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(vec512_bf16_high(v), 16));
+  _mm256_mask_storeu_epi16(p, m, h);
+}
+
+// exp(t) for t <= 0 (t >= -87 after the clamp, as exp_nonpositive): the same reduction and degree-6
+// polynomial, with 2^n applied by vscalefps.
+CPU_VEC512 __m512 vec512_exp_nonpositive(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), t);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Swish(y) as cpu_math.h's swish: e = exp(-|y|), sigmoid = 1 / (1 + e) (y >= 0) or e / (1 + e).
+CPU_VEC512 __m512 vec512_swish(__m512 y) {
+  const __m512 neg_abs = _mm512_or_ps(y, _mm512_set1_ps(-0.0f));
+  const __m512 e = vec512_exp_nonpositive(neg_abs);
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), e);
+  __m512 r = _mm512_rcp14_ps(d);
+  r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0f)), r);  // Newton: ~2^-28 relative
+  const __mmask16 below = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mul_ps(y, _mm512_mask_mul_ps(r, below, e, r));
+}
+
+}  // namespace ddpm_fast
+
+#endif  // CPU_HAVE_AVX2_PATH
