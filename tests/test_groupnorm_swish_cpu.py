@@ -131,8 +131,18 @@ def test_thread_count_does_not_change_the_result(dtype, layout):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_out_variant_rejects_bad_arguments():
-    op = torch.ops.ddpm_fast.groupnorm_swish_out
+def _out_binding(name):
+    """The kernel's out-variant through the dispatcher, or its direct _C binding (plain eager calls)."""
+    if name == "dispatcher":
+        return torch.ops.ddpm_fast.groupnorm_swish_out
+    if M._CPP_DIRECT is None:
+        pytest.fail("ddpm_fast._C predates the direct bindings: rebuild it (python setup.py build_ext --inplace)")
+    return M._CPP_DIRECT
+
+
+@pytest.mark.parametrize("binding", ["dispatcher", "direct"])
+def test_out_variant_rejects_bad_arguments(binding):
+    op = _out_binding(binding)
     x, w, b = torch.randn(2, 32, 4, 4), torch.randn(32), torch.randn(32)
     with pytest.raises(ValueError, match="out shape"):
         op(x, w, b, 8, 1e-5, None, True, torch.empty(2, 32, 4, 5))
@@ -145,6 +155,21 @@ def test_out_variant_rejects_bad_arguments():
     flat = torch.randn(x.numel() + 16)  # out shifted 16 elements into x's storage
     with pytest.raises(RuntimeError, match="single memory location"):
         op(flat[:-16].view(x.shape), w, b, 8, 1e-5, None, True, flat[16:].view(x.shape))
+
+
+def test_plain_eager_cpu_calls_take_the_direct_binding(monkeypatch):
+    # The eager wrapper skips the dispatcher twice over on CPU: no torch.ops call, and the kernel through
+    # its _C binding. Same kernel, so the same bits as through the op.
+    if M._CPP_DIRECT is None:
+        pytest.fail("ddpm_fast._C predates the direct bindings: rebuild it (python setup.py build_ext --inplace)")
+    calls = []
+    real = M._CPP_DIRECT
+    monkeypatch.setattr(M, "_CPP_DIRECT", lambda *a: calls.append(1) or real(*a))
+    x, w, b, add = torch.randn(2, 32, 4, 4).to(memory_format=CL), torch.randn(32), torch.randn(32), torch.randn(2, 32)
+    direct = M.groupnorm_swish(x, w, b, 8, add=add)
+    assert calls == [1]
+    via_op = torch.ops.ddpm_fast.groupnorm_swish(x, w, b, 8, 1e-5, add, True)
+    assert calls == [1] and torch.equal(direct, via_op) and direct.stride() == via_op.stride()
 
 
 def test_generic_avx2_and_avx512_variants_agree():

@@ -81,8 +81,12 @@ def test_unfusable_layouts_take_the_reference():
     assert torch.equal(M.residual_add(x_cl, b, r, rb), R.residual_add(x_cl, b, r, rb).contiguous(memory_format=CL))
 
 
-def test_out_variant_rejects_bad_arguments():
-    op = torch.ops.ddpm_fast.residual_add_out
+@pytest.mark.parametrize("binding", ["dispatcher", "direct"])
+def test_out_variant_rejects_bad_arguments(binding):
+    # Through the dispatcher, or the direct _C binding that plain eager calls take.
+    op = torch.ops.ddpm_fast.residual_add_out if binding == "dispatcher" else M._CPP_DIRECT
+    if op is None:
+        pytest.fail("ddpm_fast._C predates the direct bindings: rebuild it (python setup.py build_ext --inplace)")
     x, r = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
     with pytest.raises(ValueError, match="one dense NCHW or channels_last layout"):
         op(x, None, r.to(memory_format=CL), None, torch.empty_like(x))

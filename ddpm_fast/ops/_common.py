@@ -20,7 +20,7 @@ except Exception:  # pragma: no cover - exercised only on machines without a wor
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "triton", "tl", "wrap_triton", "define_op", "sm_count", "pow2_clamp", "next_pow2", "span",
-           "out_format", "INT32_MAX", "dot_flags", "dot", "round_to"]
+           "out_format", "new_output", "INT32_MAX", "dot_flags", "dot", "round_to"]
 
 INT32_MAX = 2 ** 31 - 1
 # The floating dtypes every fused op takes (statistics and accumulation are fp32 whatever they are).
@@ -75,6 +75,14 @@ def out_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def new_output(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor like x in `out_format(x)`. empty_like for the dense layouts, where it keeps
+    exactly that format: ~1.5 us, against ~4.5 us for torch.empty(..., memory_format=...) (CPU, per call)."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
 
 
 def dot_flags(dtype: torch.dtype, device: torch.device, allow_tf32: Optional[bool] = None) -> dict:

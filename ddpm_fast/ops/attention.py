@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import functional as ref
-from ._common import (HAS_TRITON, OP_DTYPES, define_op, dot, dot_flags, out_format, pow2_clamp, sm_count, tl, triton,
+from ._common import (HAS_TRITON, OP_DTYPES, define_op, dot, dot_flags, new_output, out_format, pow2_clamp, sm_count, tl, triton,
                       wrap_triton)
 from ._eager import autocast_hint, plain_eager
 
@@ -428,7 +428,7 @@ def _reference_out(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k
 def _new_output(x: torch.Tensor) -> torch.Tensor:
     # x's layout (dense channels_last stays so, NCHW otherwise): a channels_last UNet keeps its layout
     # through the attention blocks instead of switching back and forth around each.
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
+    return new_output(x)
 
 
 def _fake(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=None):

@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 
 from ..reference import functional as _ref
-from ._common import HAS_TRITON, INT32_MAX, OP_DTYPES, define_op, next_pow2, out_format, round_to, sm_count, span, tl, triton, wrap_triton
-from ._cpu_kernels import out_op
+from ._common import HAS_TRITON, INT32_MAX, OP_DTYPES, define_op, new_output, next_pow2, out_format, round_to, sm_count, span, tl, triton, wrap_triton
+from ._cpu_kernels import direct_op, out_op
 from ._eager import plain_eager
 
 
@@ -64,7 +64,7 @@ def _num_warps(tile: int) -> int:
 
 
 def _new_output(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
+    return new_output(x)
 
 
 def _hw_stride(t: torch.Tensor) -> Optional[int]:
@@ -351,6 +351,7 @@ def _fake(x, weight, bias, num_groups, eps, add, swish):
 
 
 _CPP_OUT = out_op("groupnorm_swish")  # the C++ CPU kernel (csrc/groupnorm_swish_cpu.cpp), or None
+_CPP_DIRECT = direct_op("groupnorm_swish")  # the same kernel without the dispatcher (plain eager calls)
 # Whether CPU tensors run the C++ kernel (else the reference): the CPU sampler fuses only with it.
 HAS_CPP_KERNEL = _CPP_OUT is not None
 
@@ -358,18 +359,23 @@ HAS_CPP_KERNEL = _CPP_OUT is not None
 def _cpu_kernel(x, weight, bias, num_groups, eps, add, swish):
     """The op on CPU tensors: the C++ kernel (fp32 statistics, one fused normalise-Swish pass, any
     group width), or the reference where the extension is not available."""
-    if _CPP_OUT is None:
+    return _cpp_call(_CPP_OUT, x, weight, bias, num_groups, eps, add, swish)
+
+
+def _cpp_call(kernel, x, weight, bias, num_groups, eps, add, swish):
+    if kernel is None:
         return _reference_out(x, weight, bias, num_groups, eps, add, swish)
     out = _new_output(x)
-    _CPP_OUT(x, weight, bias, num_groups, eps, add, swish, out)
+    kernel(x, weight, bias, num_groups, eps, add, swish, out)
     return out
 
 
-def _run(x, weight, bias, num_groups, eps, add, swish):
+def _run(x, weight, bias, num_groups, eps, add, swish, cpu_direct=None):
     """What the op runs for x's device: the C++ kernel on CPU; on CUDA the Triton kernel, or the reference
-    for groups wider than it takes. torch.compile traces it as the op's body."""
+    for groups wider than it takes. torch.compile traces it as the op's body. cpu_direct: the kernel's
+    dispatcher-free binding, which only the plain eager path passes (it takes real tensors only)."""
     if x.device.type == "cpu":
-        return _cpu_kernel(x, weight, bias, num_groups, eps, add, swish)
+        return _cpp_call(cpu_direct or _CPP_OUT, x, weight, bias, num_groups, eps, add, swish)
     # The kernel offsets within a sample in int32 (samples in int64): a sample beyond that takes the reference.
     if x.shape[1] // num_groups > MAX_GROUP_CHANNELS or span(x, (1, 2, 3)) > INT32_MAX:
         return _reference_out(x, weight, bias, num_groups, eps, add, swish)
@@ -426,5 +432,5 @@ def groupnorm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     """
     _check(x, weight, bias, num_groups, eps, add, swish)
     if (HAS_TRITON or x.device.type == "cpu") and plain_eager(x, weight, bias, add):  # see ops/_eager.py
-        return _run(x, weight, bias, num_groups, float(eps), add, swish)
+        return _run(x, weight, bias, num_groups, float(eps), add, swish, _CPP_DIRECT)
     return torch.ops.ddpm_fast.groupnorm_swish(x, weight, bias, num_groups, float(eps), add, swish)

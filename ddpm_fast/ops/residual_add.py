@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from ..reference import functional as _ref
-from ._common import HAS_TRITON, OP_DTYPES, define_op, out_format, round_to, tl, triton, wrap_triton
-from ._cpu_kernels import out_op
+from ._common import HAS_TRITON, OP_DTYPES, define_op, new_output, out_format, round_to, tl, triton, wrap_triton
+from ._cpu_kernels import direct_op, out_op
 from ._eager import autocast_hint, plain_eager
 
 
@@ -52,7 +52,7 @@ def fusable_layout(x: torch.Tensor, residual: torch.Tensor) -> Optional[bool]:
 
 def _new_output(x: torch.Tensor) -> torch.Tensor:
     # x's layout when it is dense channels_last, NCHW otherwise (tests wrap this to poison the buffer).
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
+    return new_output(x)
 
 
 if HAS_TRITON:
@@ -126,27 +126,33 @@ def _fake(x, bias, residual, residual_bias):
 
 
 _CPP_OUT = out_op("residual_add")  # the C++ CPU kernel (csrc/residual_add_cpu.cpp), or None
+_CPP_DIRECT = direct_op("residual_add")  # the same kernel without the dispatcher (plain eager calls)
 
 
 def _cpu_kernel(x, bias, residual, residual_bias):
     """The op on CPU tensors: the C++ kernel for layouts it walks (as the Triton kernel: x and residual
     dense in one NCHW or channels_last layout), the reference otherwise or without the extension."""
-    if _CPP_OUT is None or fusable_layout(x, residual) is None:
+    return _cpp_call(_CPP_OUT, x, bias, residual, residual_bias)
+
+
+def _cpp_call(kernel, x, bias, residual, residual_bias):
+    if kernel is None or fusable_layout(x, residual) is None:
         return _reference_out(x, bias, residual, residual_bias)
     out = _new_output(x)
     if out.stride() != x.stride():
         # H*W = 1 with channels_last strides: dense in both formats, so an output with x's own strides
         # is both too, and the kernel walks all three alike.
         out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-    _CPP_OUT(x, bias, residual, residual_bias, out)
+    kernel(x, bias, residual, residual_bias, out)
     return out
 
 
-def _run(x, bias, residual, residual_bias):
+def _run(x, bias, residual, residual_bias, cpu_direct=None):
     """What the op runs (torch.compile traces it as the op's body): the C++ kernel on CPU; on CUDA the
-    Triton kernel, or the reference for layouts the kernel cannot walk."""
+    Triton kernel, or the reference for layouts the kernel cannot walk. cpu_direct: the kernel's
+    dispatcher-free binding, which only the plain eager path passes (it takes real tensors only)."""
     if x.device.type == "cpu":
-        return _cpu_kernel(x, bias, residual, residual_bias)
+        return _cpp_call(cpu_direct or _CPP_OUT, x, bias, residual, residual_bias)
     cl = fusable_layout(x, residual)
     if cl is None:
         return _reference_out(x, bias, residual, residual_bias)
@@ -200,5 +206,5 @@ def residual_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.
     """
     _check(x, bias, residual, residual_bias)
     if (HAS_TRITON or x.device.type == "cpu") and plain_eager(x, bias, residual, residual_bias):  # ops/_eager.py
-        return _run(x, bias, residual, residual_bias)
+        return _run(x, bias, residual, residual_bias, _CPP_DIRECT)
     return torch.ops.ddpm_fast.residual_add(x, bias, residual, residual_bias)
