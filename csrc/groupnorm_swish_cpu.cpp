@@ -13,8 +13,10 @@
 // Layouts: planar (NCHW: a work item is one (sample, group), its channels' pixel rows contiguous)
 // and interleaved (channels_last: a work item is a block of pixel rows of one sample, all channels,
 // so the inner loops run along contiguous channels; per-channel moments of each block are merged
-// per group afterwards). Work items and their merge order are fixed, so the result is the same
-// for any thread count.
+// per group afterwards; with >= 2 samples per thread, each thread runs whole samples, one fork per
+// call). Work items and their merge order are fixed, so the result is the same for any thread count.
+// The AVX-512 variant's apply loops for fp32 and bf16 are written with intrinsics (cpu_vec512.h: the
+// Swish without a division); everything else is autovectorized from the scalar code here.
 #include "groupnorm_swish.h"
 #include "cpu_vec512.h"
 
