@@ -149,6 +149,17 @@ struct RowNormalize {
 };
 
 #ifdef CPU_HAVE_AVX2_PATH
+// The AVX-512 form of one normalize step for lanes m: y = act(((round_T(x + a) - pivot) - mean) * scale
+// + shift), as normalize_row and interleaved_apply_item compute it per value.
+template <typename T, bool ADD, bool SWISH>
+CPU_VEC512 void vec512_normalize(const T* x, T* y, __mmask16 m, __m512 a, __m512 pivot, __m512 mean, __m512 scale,
+                                 __m512 shift) {
+  __m512 v = vec512_load(x, m);
+  if (ADD) v = vec512_round(_mm512_add_ps(v, a), x);
+  v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(v, pivot), mean), scale, shift);
+  vec512_store(y, m, SWISH ? vec512_swish(v) : v);
+}
+
 template <typename T>
 struct RowNormalizeAvx512 {
   template <bool ADD, bool SWISH>
@@ -158,13 +169,8 @@ struct RowNormalizeAvx512 {
                                     float shift) {
     const __m512 va = _mm512_set1_ps(a), vp = _mm512_set1_ps(pivot), vm = _mm512_set1_ps(mean);
     const __m512 vs = _mm512_set1_ps(scale), vb = _mm512_set1_ps(shift);
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 m = vec512_mask(n - i);
-      __m512 v = vec512_load(x + i, m);
-      if (ADD) v = vec512_round(_mm512_add_ps(v, va), x);
-      v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(v, vp), vm), vs, vb);
-      vec512_store(y + i, m, SWISH ? vec512_swish(v) : v);
-    }
+    for (int64_t i = 0; i < n; i += 16)
+      vec512_normalize<T, ADD, SWISH>(x + i, y + i, vec512_mask(n - i), va, vp, vm, vs, vb);
   }
 };
 template <> struct RowNormalize<float, CpuIsa::kAvx512> : RowNormalizeAvx512<float> {};
@@ -316,11 +322,9 @@ struct InterleavedApplyAvx512 {
       T* yr = static_cast<T*>(p.out) + b * p.sy_b + r * p.sy_hw;
       for (int64_t c = 0; c < C; c += 16) {
         const __mmask16 m = vec512_mask(C - c);
-        __m512 v = vec512_load(xr + c, m);
-        if (ADD) v = vec512_round(_mm512_add_ps(v, _mm512_maskz_loadu_ps(m, a + c)), xr);
-        v = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, piv + c)), _mm512_maskz_loadu_ps(m, mean + c));
-        v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, shift + c));
-        vec512_store(yr + c, m, SWISH ? vec512_swish(v) : v);
+        vec512_normalize<T, ADD, SWISH>(xr + c, yr + c, m, ADD ? _mm512_maskz_loadu_ps(m, a + c) : _mm512_setzero_ps(),
+                                        _mm512_maskz_loadu_ps(m, piv + c), _mm512_maskz_loadu_ps(m, mean + c),
+                                        _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, shift + c));
       }
     }
   }
