@@ -178,3 +178,16 @@ def test_fused_channels_last_unet_uses_packed_convs():
     n_conv = len(unet_conv_shapes(PRESETS["digits16"].unet))
     assert calls.count(True) == 2 and calls.count(False) >= n_conv - 2
     torch.testing.assert_close(got, want, **tol("fused_unet_cpu", torch.float32))
+
+
+def test_inference_tensor_weights_are_not_packed():
+    # Made under inference_mode, a weight has no version counter to check staleness by: F.conv2d runs.
+    with torch.inference_mode():
+        args = conv_inputs(2, (16, 8, 8, 16, 3, 1, True), torch.bfloat16)
+        with ops.cpu_conv_packing():
+            out = ops.conv2d(*args)
+            assert _cache_size() == 0
+            up_weight = (torch.randn(16, 16, 4, 4) / 8).to(torch.bfloat16)
+            up = ops.conv_transpose2d(args[0], up_weight, None, (2, 2), (1, 1))
+            assert _cache_size() == 0 and up.shape == (2, 16, 16, 16)
+        check_conv(out, *args)

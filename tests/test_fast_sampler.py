@@ -81,8 +81,9 @@ def test_cpu_default_fuses_where_it_measured_faster_cpu(dtype, batch, channels_l
     model = _model().to(dt)
     model.register_forward_pre_hook(lambda m, args: seen.append(ddpm_fast.ops.is_fused(m)))
     ts, coeffs = _table("ddpm", 2)
+    # cpu_split=False: one forward per step whatever the thread count (tests/test_cpu_split.py has the split).
     _run(fast_loop, model, _x_T(batch, "cpu"), ts, coeffs, seed=1, dtype=dt, channels_last=channels_last,
-         n_steps=CFG.diffusion.n_steps)
+         n_steps=CFG.diffusion.n_steps, cpu_split=False)
     assert seen == [fuses, fuses]
     assert not ddpm_fast.ops.is_fused(model)
 

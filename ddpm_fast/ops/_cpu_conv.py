@@ -12,6 +12,7 @@ Packing is scoped (`packing()`): only inside one (the fast loop opens it around 
 weight's data pointer and version counter, checked on every call, and is dropped when the scope ends. A
 weight changed in place inside a scope (an optimizer step, load_state_dict) bumps its version and is
 repacked; outside a scope nothing is cached, so a model trained between sampling calls is never stale.
+An inference tensor (made under torch.inference_mode) has no version counter: never packed.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from ._common import out_format
 from ._eager import plain_eager
 
-__all__ = ["packing", "conv2d_packed", "conv_transpose2d_packed", "AVAILABLE"]
+__all__ = ["packing", "open_cache", "conv2d_packed", "conv_transpose2d_packed", "AVAILABLE"]
 
 
 def _available() -> bool:
@@ -45,22 +46,30 @@ _LOCAL = threading.local()  # the open scope's cache, per thread (a scope belong
 
 
 @contextmanager
-def packing():
-    """Pack conv weights once while the block runs (nested scopes share the outer cache)."""
+def packing(share: Optional[Dict] = None):
+    """Pack conv weights once while the block runs (nested scopes share the outer cache). share: another
+    thread's open cache (`open_cache()` there) to use in this one for the block, as the CPU batch split's
+    workers do (sampling/cpu_split.py): the packed weights are read-only, and a dict insert is atomic."""
     outer = getattr(_LOCAL, "cache", None)
     if outer is not None:
         yield
         return
-    _LOCAL.cache = {}
+    _LOCAL.cache = {} if share is None else share
     try:
         yield
     finally:
         _LOCAL.cache = None
 
 
+def open_cache() -> Optional[Dict]:
+    """This thread's open packing cache, or None outside a scope."""
+    return getattr(_LOCAL, "cache", None)
+
+
 def _usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> bool:
-    # Plain eager tensors only (no dispatch mode, tracing, subclass or autograd: see ops/_eager.py).
-    if not plain_eager(x, weight, bias):
+    # Plain eager tensors only (no dispatch mode, tracing, subclass or autograd: see ops/_eager.py), and
+    # weights with a version counter (not inference tensors, made under inference_mode) to check.
+    if not plain_eager(x, weight, bias) or weight.is_inference():
         return False
     if not (AVAILABLE and torch.backends.mkldnn.enabled) or x.device.type != "cpu" or x.numel() == 0:
         return False

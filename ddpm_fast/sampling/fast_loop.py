@@ -9,9 +9,10 @@ draws its noise in-kernel from Philox keyed by (seed, step, element). So one cap
 On CPU there is no graph. The loop runs the C++ reverse step (in-kernel noise, no torch.randn) and the
 time table when it saves work, and the fused UNet where that measured faster (`cpu_fuses`), with the
 C++ CPU kernels built: fp32 at model batches of CPU_FUSE_MIN_BATCH or more (in channels_last from
-CPU_FUSE_MIN_PIXELS_CL pixels per model batch), bf16 in channels_last where the CPU has native bf16. A fused CPU run packs its channels_last conv weights for oneDNN once per call
-(ops/_cpu_conv.py) instead of on every conv.
-Elsewhere the reference UNet: at batch 1 the fused ops' Python wrappers cost more than the C++ kernels
+CPU_FUSE_MIN_PIXELS_CL pixels per model batch), bf16 in channels_last where the CPU has native bf16.
+A fused CPU run packs its channels_last conv weights for oneDNN once per call (ops/_cpu_conv.py)
+instead of on every conv, and the fused fp32 UNet on two threads runs each batch of 16 or more as two
+halves side by side, one per core (sampling/cpu_split.py). Elsewhere the reference UNet: at batch 1 the fused ops' Python wrappers cost more than the C++ kernels
 save, and the fused bf16 UNet in NCHW measured slower (see benchmarks/PERF_NOTES.md).
 
 Any other nn.Module mapping (x, t) -> eps runs too, as sample() promises: without a time table (it
@@ -31,6 +32,7 @@ from ..ops.groupnorm_swish import HAS_CPP_KERNEL as _GN_CPP
 from ..ops.reverse_step import EXTENSION_HAS_CUDA, seed_arg
 from ..reference import DDPMUNet, UNet
 from .checks import model_forward, prepared, randn_images
+from .cpu_split import SplitForward, split_parts
 from .graphs import GRAPHS, cache_key, capture
 from .time_table import attach_time_table, detach_time_table
 
@@ -98,7 +100,8 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
               dtype: Optional[torch.dtype] = None, progress: bool = True, noise: str = "philox",
               seed: Optional[int] = None, cuda_graph: Optional[bool] = None, n_steps: int = 1000,
               fuse: Optional[bool] = None, channels_last: bool = False, reuse_graph: bool = True,
-              image_offset: int = 0, model_batch: Optional[int] = None) -> torch.Tensor:
+              image_offset: int = 0, model_batch: Optional[int] = None,
+              cpu_split: Optional[bool] = None) -> torch.Tensor:
     """Run the reverse process from x_T over `timesteps` with coefficient rows `coeffs`; returns x_0 (fp32).
 
     noise="philox": z drawn inside the fused step (seed from `seed`, else drawn from `generator`);
@@ -115,6 +118,8 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     channels_last: run the UNet's activations in NHWC (default False). An H100 profile of cifar35m
     bf16 at batch 64 spent ~0.95 ms of a 4.3 ms fused step in cuDNN's NCHW <-> NHWC transposes,
     which NHWC removes; it stays opt-in until a GPU run has checked and timed it (CPU-tested only).
+    cpu_split: on CPU, run each model batch as two halves side by side, one per core, each on one
+    intra-op thread (sampling/cpu_split.py; default: where `split_parts` says it measured faster).
     reuse_graph: keep the captured graph for the next call with the same model (unchanged weights),
     shapes and settings, which then skips the warm-up, the time table and the capture (see
     `clear_graph_cache`); False captures afresh and keeps nothing.
@@ -128,15 +133,7 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
         raise ValueError(f"coeffs has {coeffs.shape[0]} rows for {timesteps.numel()} timesteps")
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator)) if noise == "philox" else 0
-    graph_ok = EXTENSION_HAS_CUDA
-    if cuda_graph is None:
-        cuda_graph = device.type == "cuda" and graph_ok
-    if cuda_graph and device.type not in _GRAPH_DEVICE_TYPES:
-        raise ValueError("cuda_graph=True needs CUDA tensors")
-    if cuda_graph and not graph_ok:
-        raise RuntimeError("cuda_graph=True needs ddpm_fast._C built with CUDA: the reference fallback of "
-                           "reverse_step syncs on the step index, which is illegal during graph capture")
-
+    cuda_graph = _graph_choice(cuda_graph, device)
     on_gpu = device.type == "cuda"
     # The table replaces S per-step time-path passes over B rows by one pass over T rows: on the GPU
     # always worth it (it also makes the step graph-capturable); on CPU when S * B >= T. Only a UNet
@@ -147,6 +144,10 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
     if fuse is None:
         fuse = on_gpu or cpu_fuses(dtype, model_batch or x_T.shape[0], channels_last, x_T.shape[-2] * x_T.shape[-1])
+    if cpu_split is None:
+        cpu_split = device.type == "cpu" and split_parts(dtype, model_batch or x_T.shape[0], fuse, channels_last) > 1
+    if cpu_split and device.type != "cpu":
+        raise ValueError(f"cpu_split=True applies to CPU tensors only, got x_T on {device}")
     draw = (lambda: randn_images(x_T.shape, generator)) if noise == "generator" else None
     key = cache_key(model, x_T, dtype, clip, noise, len(timesteps), n_steps, fuse, use_table, channels_last,
                      model_batch)
@@ -158,7 +159,8 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
             return _run_steps(state, replay, draw, progress)
         with _fast_model(model, dtype, device, n_steps, fuse=fuse, table=use_table,
                          channels_last=channels_last) as net:
-            state = _StepState(net, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator", image_offset,
+            runner = SplitForward(net) if cpu_split else net
+            state = _StepState(runner, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator", image_offset,
                                model_batch)
             run = capture(state) if cuda_graph else state.step
             if cuda_graph and reuse_graph:
@@ -170,6 +172,19 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
                                                        getattr(net, "time_table", None)))
                 state.net = None
             return _run_steps(state, run, draw, progress)
+
+
+def _graph_choice(cuda_graph: Optional[bool], device: torch.device) -> bool:
+    """fast_loop's `cuda_graph`, defaulted and checked."""
+    graph_ok = EXTENSION_HAS_CUDA
+    if cuda_graph is None:
+        return device.type == "cuda" and graph_ok
+    if cuda_graph and device.type not in _GRAPH_DEVICE_TYPES:
+        raise ValueError("cuda_graph=True needs CUDA tensors")
+    if cuda_graph and not graph_ok:
+        raise RuntimeError("cuda_graph=True needs ddpm_fast._C built with CUDA: the reference fallback of "
+                           "reverse_step syncs on the step index, which is illegal during graph capture")
+    return bool(cuda_graph)
 
 
 def _run_steps(state: "_StepState", run: Callable[[], None], draw, progress: bool) -> torch.Tensor:
