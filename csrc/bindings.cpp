@@ -478,6 +478,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The same out-variant kernels as the ops below, callable without the dispatcher: the op wrappers'
   // plain-eager path (ops/_eager.py) takes these, saving ~4 us of Python dispatch per call.
   // RECORD_FUNCTION keeps them visible to torch.profiler under the op's name (a no-op when it is off).
+  // Both release the GIL while the kernel runs, as torch's own bindings do, so that a caller's other
+  // Python threads run meanwhile; the arguments are tensors the caller holds, alive for the call.
   m.def(
       "groupnorm_swish_out",
       [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t g, double eps,
@@ -485,7 +487,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         RECORD_FUNCTION("ddpm_fast::groupnorm_swish_out", std::vector<c10::IValue>());
         ddpm_fast::groupnorm_swish_out(x, w, b, g, eps, add, swish, out);
       },
-      "groupnorm_swish_out without the dispatcher");
+      "groupnorm_swish_out without the dispatcher", pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def(
       "residual_add_out",
       [](const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& r,
@@ -493,5 +495,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         RECORD_FUNCTION("ddpm_fast::residual_add_out", std::vector<c10::IValue>());
         ddpm_fast::residual_add_out(x, bias, r, rbias, out);
       },
-      "residual_add_out without the dispatcher");
+      "residual_add_out without the dispatcher", pybind11::call_guard<pybind11::gil_scoped_release>());
 }

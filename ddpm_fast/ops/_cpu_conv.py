@@ -25,7 +25,7 @@ import torch
 from ._common import out_format
 from ._eager import plain_eager
 
-__all__ = ["packing", "open_cache", "conv2d_packed", "conv_transpose2d_packed", "AVAILABLE"]
+__all__ = ["packing", "conv2d_packed", "conv_transpose2d_packed", "AVAILABLE"]
 
 
 def _available() -> bool:
@@ -46,24 +46,17 @@ _LOCAL = threading.local()  # the open scope's cache, per thread (a scope belong
 
 
 @contextmanager
-def packing(share: Optional[Dict] = None):
-    """Pack conv weights once while the block runs (nested scopes share the outer cache). share: another
-    thread's open cache (`open_cache()` there) to use in this one for the block, as the CPU batch split's
-    workers do (sampling/cpu_split.py): the packed weights are read-only, and a dict insert is atomic."""
+def packing():
+    """Pack conv weights once while the block runs (nested scopes share the outer cache)."""
     outer = getattr(_LOCAL, "cache", None)
     if outer is not None:
         yield
         return
-    _LOCAL.cache = {} if share is None else share
+    _LOCAL.cache = {}
     try:
         yield
     finally:
         _LOCAL.cache = None
-
-
-def open_cache() -> Optional[Dict]:
-    """This thread's open packing cache, or None outside a scope."""
-    return getattr(_LOCAL, "cache", None)
 
 
 def _usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> bool:

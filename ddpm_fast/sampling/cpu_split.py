@@ -1,97 +1,167 @@
-"""The CPU batch split: the fast sampler's UNet batch as one half per core, each half single-threaded.
+"""The CPU batch split: a fast sampling run's images as two independent halves, one forked process per core.
 
-Why: on the 2-core dev VM the fused fp32 UNet at batch 16 ran faster as two batch-8 forwards side by
-side, one per core with one intra-op thread each, than as one batch-16 forward on two OpenMP threads
-(the main job, 200-step runs, paired medians: 1.17x and 1.26x; the forward alone 1.05-1.12x;
-benchmarks/PERF_NOTES.md, CPU session 5). A forward is ~110 ops, many too small to split well over two
-threads (GroupNorm and attention at 4 x 4, the convs on 256 output pixels); side by side, each core
-runs whole ops with no fork/join between them, and the Python between ops of one half overlaps the
-other half's kernels (torch releases the GIL inside an op).
+Why processes, not threads: every image's trajectory depends on its own row only, and with in-kernel
+Philox noise keyed by each image's global index (`image_offset`) a half sampled on its own is the same
+run. On the 2-core dev VM a batch-16 run on two OpenMP threads lost to two batch-8 runs side by side
+with one thread each: every op's fork/join waits for the slower vCPU. Two Python threads for the
+halves got a little of that back (fp32 forward 1.11x) but lost most of it to GIL hand-offs between
+ops (a half forward alone 24 ms, beside the other 36 ms); two processes share nothing per step:
+benchmarks/PERF_NOTES.md, CPU session 5.
 
-Every image's eps depends on its own row only, so the split changes no result beyond what the convs'
-batch-size-dependent blocking may round differently (measured: identical on the dev VM).
+The parent forks after the model is prepared (converted, fused, time table, packed weights), so each
+child starts at once on copy-on-write memory; each runs its half with one intra-op thread, writes its
+x_0 into a shared buffer and counts its steps into a shared counter (the parent's progress bar), then
+leaves with os._exit. A child's exception is re-raised in the parent (its own type where it pickles);
+a child dies with its parent (PR_SET_PDEATHSIG), and an interrupted parent kills its children.
 Where it applies is `split_parts` (measured configurations only); fast_loop's `cpu_split` overrides it.
 """
 from __future__ import annotations
 
+import ctypes
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import nullcontext
-from typing import Callable, Optional
+import pickle
+import signal
+import sys
+import time
+import traceback
+from typing import Callable, List, Tuple
 
 import torch
-
-from .. import ops
+from tqdm.auto import tqdm
 
 SPLIT_MIN_BATCH = 16  # the measured batch (the main job's); smaller batches were not measured
-_POOL_LOCK = threading.Lock()
-_POOL: Optional[ThreadPoolExecutor] = None
+SPLIT_DTYPES = (torch.float32, torch.bfloat16)
+# fork() from a process that may hold OpenMP threads: Linux only, where the children set one thread.
+CAN_FORK = sys.platform.startswith("linux") and hasattr(os, "fork")
+_POLL_S = 0.05  # how often the waiting parent looks at its children
+_PR_SET_PDEATHSIG = 1
+
+RunHalf = Callable[[int, int, Callable[[], None]], torch.Tensor]
 
 
 def split_parts(dtype: torch.dtype, batch: int, fused: bool, channels_last: bool) -> int:
-    """How many side-by-side parts fast_loop runs a CPU model batch in by default: 2 for the fused fp32
-    UNet in channels_last at batch >= SPLIT_MIN_BATCH with exactly 2 intra-op threads (where it measured
-    faster), else 1. bf16 measured 0.89x-1.09x (not a clear gain); more threads were not measured."""
-    if not (fused and channels_last and dtype == torch.float32):
+    """How many processes fast_loop splits a CPU run into by default: 2 for the fused UNet in
+    channels_last, fp32 or bf16, at batch >= SPLIT_MIN_BATCH with exactly 2 intra-op threads, on Linux
+    (where it measured faster), else 1. Other thread counts and batches were not measured."""
+    if not (CAN_FORK and fused and channels_last and dtype in SPLIT_DTYPES):
         return 1
     return 2 if batch >= SPLIT_MIN_BATCH and torch.get_num_threads() == 2 else 1
 
 
-def _single_threaded() -> None:
-    # A worker's own OpenMP/MKL thread count (per-thread state), set after torch's lazy per-thread
-    # initialisation (which the first get_num_threads runs): that would otherwise later reset it to the
-    # process default, which _pool() puts back to the caller's count.
-    torch.get_num_threads()
-    torch.set_num_threads(1)
+def halves(batch: int) -> List[Tuple[int, int]]:
+    """The image ranges [lo, hi) of the two parts (the second takes the odd image)."""
+    mid = batch // 2
+    return [(0, mid), (mid, batch)]
 
 
-def _forget_pool() -> None:
-    # A forked child has none of the parent's threads: a pool inherited by it would never run a task.
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
+def run_split(run_half: RunHalf, shape: torch.Size, n_steps: int, progress: bool = True) -> torch.Tensor:
+    """x_0 [B, ...] fp32 of a run of `n_steps` steps over `shape`'s B images, as two forked children:
+    child k returns run_half(lo, hi, tick) (its images' x_0, calling tick() after each step)."""
+    if not CAN_FORK:
+        raise RuntimeError("the CPU batch split needs os.fork on Linux")
+    out = torch.empty(shape, dtype=torch.float32).share_memory_()
+    counts = torch.zeros(2, dtype=torch.int64).share_memory_()
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
+        stream.flush()
+    children = []
+    for k, (lo, hi) in enumerate(halves(shape[0])):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            _child(run_half, lo, hi, out, counts, k, write_fd)  # never returns
+        os.close(write_fd)
+        children.append((pid, read_fd))
+    try:
+        codes = _wait(children, counts, n_steps, progress)
+    except BaseException:  # KeyboardInterrupt included: no child outlives the call
+        _kill(children)
+        raise
+    finally:
+        reports = [_read_all(fd) for _, fd in children]
+    for (lo, hi), code, report in zip(halves(shape[0]), codes, reports):
+        if code != 0:
+            _raise_child_error(lo, hi, code, report)
+    return out
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+def _child(run_half: RunHalf, lo: int, hi: int, out: torch.Tensor, counts: torch.Tensor, k: int,
+           write_fd: int) -> None:
+    code = 1
+    try:
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent handles Ctrl-C and kills the children
+        torch.set_num_threads(1)
+
+        def tick() -> None:
+            counts[k] += 1
+
+        out[lo:hi].copy_(run_half(lo, hi, tick))
+        code = 0
+    except BaseException as exc:  # reported to the parent, which raises it
+        text = traceback.format_exc()
+        try:
+            payload = pickle.dumps((exc, text))
+        except Exception:  # an exception that does not pickle: its traceback as text
+            payload = pickle.dumps((None, text))
+        os.write(write_fd, payload[:60000])
+    finally:
+        os._exit(code)
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            threads = torch.get_num_threads()
-            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ddpm_fast-cpu-split",
-                                       initializer=_single_threaded)
-            # torch.set_num_threads in a worker also stores its count as the default for threads torch
-            # starts later (autograd, inter-op): put the caller's back once both workers are up.
-            barrier = threading.Barrier(2)
-            list(_POOL.map(lambda _: barrier.wait(), range(2)))
-            torch.set_num_threads(threads)
-        return _POOL
+def _die_with_parent() -> None:
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # pragma: no cover - no prctl: the child still ends with its run
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
-class SplitForward:
-    """model(x, t) run as two halves of the batch on the two worker threads, concatenated; batches of
-    one image run whole. Each worker uses the caller's conv-packing cache, grad and inference mode."""
+def _wait(children, counts: torch.Tensor, n_steps: int, progress: bool) -> List[int]:
+    codes = [None] * len(children)
+    alive = {pid: k for k, (pid, _) in enumerate(children)}
+    with tqdm(total=n_steps, desc="sampling (fast, 2 processes)", disable=not progress, leave=False) as bar:
+        while alive:
+            for pid in list(alive):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[alive.pop(pid)] = os.waitstatus_to_exitcode(status)
+            bar.update(int(counts.min()) - bar.n)
+            if alive:
+                time.sleep(_POLL_S)
+    return codes
 
-    def __init__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.model = model
-        self.cache = ops.cpu_conv_cache()  # the sampling call's open scope (None: nothing packed)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] < 2:
-            return self.model(x, t)
-        half = x.shape[0] // 2
-        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-        # Slicing the batch dim of a dense channels_last x keeps it dense channels_last.
-        parts = ((x[:half], t[:half]), (x[half:], t[half:]))
+def _kill(children) -> None:
+    for pid, _ in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
-        def run(part):
-            packing = nullcontext() if self.cache is None else ops.cpu_conv_packing(self.cache)
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad), packing:
-                return self.model(*part)
 
-        futures = [_pool().submit(run, part) for part in parts]
-        wait(futures)  # both finish before either's error propagates: no half still running afterwards
-        return torch.cat([f.result() for f in futures])
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def _raise_child_error(lo: int, hi: int, code: int, report: bytes) -> None:
+    where = f"the CPU batch split's process for images [{lo}, {hi})"
+    exc, text = None, ""
+    if report:
+        try:
+            exc, text = pickle.loads(report)  # our own child's report
+        except Exception:
+            text = report.decode(errors="replace")
+    if isinstance(exc, BaseException):
+        raise exc from RuntimeError(f"in {where}:\n{text}")
+    raise RuntimeError(f"{where} ended with exit status {code}" + (f":\n{text}" if text else ""))

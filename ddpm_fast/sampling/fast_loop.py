@@ -11,8 +11,8 @@ time table when it saves work, and the fused UNet where that measured faster (`c
 C++ CPU kernels built: fp32 at model batches of CPU_FUSE_MIN_BATCH or more (in channels_last from
 CPU_FUSE_MIN_PIXELS_CL pixels per model batch), bf16 in channels_last where the CPU has native bf16.
 A fused CPU run packs its channels_last conv weights for oneDNN once per call (ops/_cpu_conv.py)
-instead of on every conv, and the fused fp32 UNet on two threads runs each batch of 16 or more as two
-halves side by side, one per core (sampling/cpu_split.py). Elsewhere the reference UNet: at batch 1 the fused ops' Python wrappers cost more than the C++ kernels
+instead of on every conv, and with two threads a fused run of 16 or more images samples them as two
+halves side by side, one process per core (sampling/cpu_split.py). Elsewhere the reference UNet: at batch 1 the fused ops' Python wrappers cost more than the C++ kernels
 save, and the fused bf16 UNet in NCHW measured slower (see benchmarks/PERF_NOTES.md).
 
 Any other nn.Module mapping (x, t) -> eps runs too, as sample() promises: without a time table (it
@@ -32,7 +32,7 @@ from ..ops.groupnorm_swish import HAS_CPP_KERNEL as _GN_CPP
 from ..ops.reverse_step import EXTENSION_HAS_CUDA, seed_arg
 from ..reference import DDPMUNet, UNet
 from .checks import model_forward, prepared, randn_images
-from .cpu_split import SplitForward, split_parts
+from .cpu_split import run_split, split_parts
 from .graphs import GRAPHS, cache_key, capture
 from .time_table import attach_time_table, detach_time_table
 
@@ -118,8 +118,9 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     channels_last: run the UNet's activations in NHWC (default False). An H100 profile of cifar35m
     bf16 at batch 64 spent ~0.95 ms of a 4.3 ms fused step in cuDNN's NCHW <-> NHWC transposes,
     which NHWC removes; it stays opt-in until a GPU run has checked and timed it (CPU-tested only).
-    cpu_split: on CPU, run each model batch as two halves side by side, one per core, each on one
-    intra-op thread (sampling/cpu_split.py; default: where `split_parts` says it measured faster).
+    cpu_split: on CPU, sample the images as two halves side by side, one forked process per core,
+    each on one intra-op thread (sampling/cpu_split.py; default: where `split_parts` says it measured
+    faster; noise="philox" only).
     reuse_graph: keep the captured graph for the next call with the same model (unchanged weights),
     shapes and settings, which then skips the warm-up, the time table and the capture (see
     `clear_graph_cache`); False captures afresh and keeps nothing.
@@ -144,10 +145,7 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
     device_ctx = torch.cuda.device(device) if on_gpu else nullcontext()
     if fuse is None:
         fuse = on_gpu or cpu_fuses(dtype, model_batch or x_T.shape[0], channels_last, x_T.shape[-2] * x_T.shape[-1])
-    if cpu_split is None:
-        cpu_split = device.type == "cpu" and split_parts(dtype, model_batch or x_T.shape[0], fuse, channels_last) > 1
-    if cpu_split and device.type != "cpu":
-        raise ValueError(f"cpu_split=True applies to CPU tensors only, got x_T on {device}")
+    cpu_split = _split_choice(cpu_split, x_T, noise, dtype, model_batch, fuse, channels_last)
     draw = (lambda: randn_images(x_T.shape, generator)) if noise == "generator" else None
     key = cache_key(model, x_T, dtype, clip, noise, len(timesteps), n_steps, fuse, use_table, channels_last,
                      model_batch)
@@ -159,8 +157,13 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
             return _run_steps(state, replay, draw, progress)
         with _fast_model(model, dtype, device, n_steps, fuse=fuse, table=use_table,
                          channels_last=channels_last) as net:
-            runner = SplitForward(net) if cpu_split else net
-            state = _StepState(runner, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator", image_offset,
+            if cpu_split:  # each half is the same run over its own images (their Philox keys by image_offset)
+                def run_half(lo: int, hi: int, tick: Callable[[], None]) -> torch.Tensor:
+                    half = _StepState(net, x_T[lo:hi], timesteps, coeffs, dtype, clip, seed, False,
+                                      image_offset + lo, model_batch)
+                    return _run_steps(half, half.step, None, False, tick)
+                return run_split(run_half, x_T.shape, len(timesteps), progress)
+            state = _StepState(net, x_T, timesteps, coeffs, dtype, clip, seed, noise == "generator", image_offset,
                                model_batch)
             run = capture(state) if cuda_graph else state.step
             if cuda_graph and reuse_graph:
@@ -172,6 +175,19 @@ def fast_loop(model: torch.nn.Module, x_T: torch.Tensor, timesteps: torch.Tensor
                                                        getattr(net, "time_table", None)))
                 state.net = None
             return _run_steps(state, run, draw, progress)
+
+
+def _split_choice(cpu_split: Optional[bool], x_T: torch.Tensor, noise: str, dtype: torch.dtype,
+                  model_batch: Optional[int], fuse: bool, channels_last: bool) -> bool:
+    """fast_loop's `cpu_split`, defaulted (`split_parts`) and checked."""
+    device = x_T.device
+    if cpu_split is None:
+        return (device.type == "cpu" and noise == "philox"
+                and split_parts(dtype, model_batch or x_T.shape[0], fuse, channels_last) > 1)
+    if cpu_split and (device.type != "cpu" or noise != "philox" or x_T.shape[0] < 2):
+        raise ValueError("cpu_split=True needs CPU tensors, noise='philox' (each half draws its own images' "
+                         f"noise) and 2 or more images, got x_T {tuple(x_T.shape)} on {device}, noise={noise!r}")
+    return bool(cpu_split)
 
 
 def _graph_choice(cuda_graph: Optional[bool], device: torch.device) -> bool:
@@ -187,7 +203,8 @@ def _graph_choice(cuda_graph: Optional[bool], device: torch.device) -> bool:
     return bool(cuda_graph)
 
 
-def _run_steps(state: "_StepState", run: Callable[[], None], draw, progress: bool) -> torch.Tensor:
+def _run_steps(state: "_StepState", run: Callable[[], None], draw, progress: bool,
+               tick: Optional[Callable[[], None]] = None) -> torch.Tensor:
     n = len(state.timesteps)
     bar = tqdm(total=n, desc="sampling (fast)", disable=not progress, leave=False)
     with torch.inference_mode(), bar:
@@ -196,6 +213,8 @@ def _run_steps(state: "_StepState", run: Callable[[], None], draw, progress: boo
                 state.z.copy_(draw(), non_blocking=True)
             run()
             bar.update(1)
+            if tick is not None:
+                tick()
     return state.x.clone()
 
 
