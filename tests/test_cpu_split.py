@@ -149,3 +149,12 @@ def test_fast_loop_splits_by_default_where_the_rule_says_cpu(monkeypatch):
         _sample(model, 6, cpu_split=True, noise="generator", generator=torch.Generator())
     with pytest.raises(ValueError, match="2 or more images"):
         _sample(model, 1, cpu_split=True)
+
+
+def test_an_oversized_child_report_comes_back_as_its_traceback():
+    def half(lo, hi, tick):
+        raise ValueError("x" * 100_000)  # pickled, far over what a child may write into its pipe
+
+    with pytest.raises(RuntimeError, match=r"images \[0, 1\) ended with exit status 1:\nx{1000}") as info:
+        run_split(half, torch.Size([2, 1]), 1, progress=False)
+    assert len(str(info.value)) < cpu_split._REPORT_MAX  # the traceback's end, not a cut pickle

@@ -35,6 +35,7 @@ SPLIT_DTYPES = (torch.float32, torch.bfloat16)
 CAN_FORK = sys.platform.startswith("linux") and hasattr(os, "fork")
 _POLL_S = 0.05  # how often the waiting parent looks at its children
 _PR_SET_PDEATHSIG = 1
+_REPORT_MAX = 60000  # bytes a child reports: under a pipe's 64 KiB buffer, so its write never blocks
 
 RunHalf = Callable[[int, int, Callable[[], None]], torch.Tensor]
 
@@ -103,8 +104,10 @@ def _child(run_half: RunHalf, lo: int, hi: int, out: torch.Tensor, counts: torch
         try:
             payload = pickle.dumps((exc, text))
         except Exception:  # an exception that does not pickle: its traceback as text
-            payload = pickle.dumps((None, text))
-        os.write(write_fd, payload[:60000])
+            payload = b""
+        if not payload or len(payload) > _REPORT_MAX:  # a cut pickle would not load: the traceback's end
+            payload = pickle.dumps((None, text[-(_REPORT_MAX // 2):]))
+        os.write(write_fd, payload)
     finally:
         os._exit(code)
 

@@ -12,8 +12,9 @@ C++ CPU kernels built: fp32 at model batches of CPU_FUSE_MIN_BATCH or more (in c
 CPU_FUSE_MIN_PIXELS_CL pixels per model batch), bf16 in channels_last where the CPU has native bf16.
 A fused CPU run packs its channels_last conv weights for oneDNN once per call (ops/_cpu_conv.py)
 instead of on every conv, and with two threads a fused run of 16 or more images samples them as two
-halves side by side, one process per core (sampling/cpu_split.py). Elsewhere the reference UNet: at batch 1 the fused ops' Python wrappers cost more than the C++ kernels
-save, and the fused bf16 UNet in NCHW measured slower (see benchmarks/PERF_NOTES.md).
+halves side by side, one process per core (sampling/cpu_split.py). Elsewhere the reference UNet: at
+batch 1 the fused ops' Python wrappers cost more than the C++ kernels save, and the fused bf16 UNet in
+NCHW measured slower (see benchmarks/PERF_NOTES.md).
 
 Any other nn.Module mapping (x, t) -> eps runs too, as sample() promises: without a time table (it
 needs the UNet's time path) and with only the UNet blocks it contains fused, but with the fused step.
