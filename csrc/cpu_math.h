@@ -21,6 +21,14 @@
 #define CPU_AVX2_TARGET __attribute__((target("avx2,fma")))
 #define CPU_AVX512_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
+// AVX-512 plus AVX512_BF16 (vcvtneps2bf16: fp32 -> bf16 with round to nearest even in one instruction), for
+// the bf16 loops that have a variant with it (cpu_vec512.h); picked when cpu_avx512_bf16() says so. Only
+// compilers that know the extension (GCC 10, clang 9 and later) build that variant.
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define CPU_HAVE_AVX512_BF16 1
+#define CPU_AVX512_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,prefer-vector-width=512")))
+#endif
 #else
 #define CPU_AVX2_TARGET
 #define CPU_AVX512_TARGET
@@ -45,11 +53,13 @@
 namespace ddpm_fast {
 
 // The kernels' loop variants, widest last.
-enum class CpuIsa : int32_t { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx512Bf16 tags the AVX-512 loops that also use AVX512_BF16 (built for bf16 only, see cpu_avx512_bf16);
+// cpu_isa() itself never returns it.
+enum class CpuIsa : int32_t { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 // The widest variant this CPU runs, detected (__builtin_cpu_supports), never assumed. DDPM_FAST_CPU_ISA
-// caps it: "generic" forces the baseline (as for reverse_step), "avx2" the AVX2 + FMA variant, so tests
-// can compare the variants on one machine.
+// caps it: "generic" forces the baseline (as for reverse_step), "avx2" the AVX2 + FMA variant, "avx512"
+// AVX-512 without AVX512_BF16 (cpu_avx512_bf16), so tests can compare the variants on one machine.
 inline CpuIsa cpu_isa() {
 #ifdef CPU_HAVE_AVX2_PATH
   static const CpuIsa isa = [] {
@@ -65,6 +75,22 @@ inline CpuIsa cpu_isa() {
   return isa;
 #else
   return CpuIsa::kGeneric;
+#endif
+}
+
+// Whether the AVX-512 variant may also use AVX512_BF16 instructions: detected, never assumed;
+// DDPM_FAST_CPU_ISA=avx512 (or any lower cap) turns them off, so tests can compare the two on one machine.
+inline bool cpu_avx512_bf16() {
+#ifdef CPU_HAVE_AVX512_BF16
+  static const bool yes = [] {
+    const char* cap = getenv("DDPM_FAST_CPU_ISA");
+    if (cpu_isa() != CpuIsa::kAvx512 || (cap != nullptr && strcmp(cap, "avx512") == 0)) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return yes;
+#else
+  return false;
 #endif
 }
 

@@ -38,7 +38,9 @@ namespace {
 
 constexpr int64_t kChunk = 2048;          // values staged per chunk (8 KiB of fp32: L1-resident)
 constexpr int64_t kLanes = 16;            // independent accumulators: a 16-wide fp32 SIMD register
-constexpr int64_t kParallelMin = 1 << 15; // fewer elements per thread than this: fork/join costs more
+// Fewer elements per thread than this: fork/join costs more. 2^15 kept 16 x 128 x 4 x 4 (2048 values a
+// sample) on one thread; from 2^13 it splits: 32 -> 18 us in bf16 on the 2-core dev VM.
+constexpr int64_t kParallelMin = 1 << 13;
 
 // Element access for one storage type: widen to fp32, round fp32 to the type (as a tensor op would
 // store it), narrow for the store. bf16 is handled on its 16-bit pattern so the loops vectorize.
@@ -150,31 +152,60 @@ struct RowNormalize {
 
 #ifdef CPU_HAVE_AVX2_PATH
 // The AVX-512 form of one normalize step for lanes m: y = act(((round_T(x + a) - pivot) - mean) * scale
-// + shift), as normalize_row and interleaved_apply_item compute it per value.
-template <typename T, bool ADD, bool SWISH>
-CPU_VEC512 void vec512_normalize(const T* x, T* y, __mmask16 m, __m512 a, __m512 pivot, __m512 mean, __m512 scale,
-                                 __m512 shift) {
-  __m512 v = vec512_load(x, m);
-  if (ADD) v = vec512_round(_mm512_add_ps(v, a), x);
-  v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(v, pivot), mean), scale, shift);
-  vec512_store(y, m, SWISH ? vec512_swish(v) : v);
-}
-
-template <typename T>
-struct RowNormalizeAvx512 {
-  template <bool ADD, bool SWISH>
-  // Not always_inline: the planar loops that call it carry no target attribute themselves (GCC may still
-  // inline it once they are inlined into their AVX-512 entry point).
-  static CPU_AVX512_TARGET void run(const T* x, T* y, int64_t n, float a, float pivot, float mean, float scale,
-                                    float shift) {
-    const __m512 va = _mm512_set1_ps(a), vp = _mm512_set1_ps(pivot), vm = _mm512_set1_ps(mean);
-    const __m512 vs = _mm512_set1_ps(scale), vb = _mm512_set1_ps(shift);
-    for (int64_t i = 0; i < n; i += 16)
-      vec512_normalize<T, ADD, SWISH>(x + i, y + i, vec512_mask(n - i), va, vp, vm, vs, vb);
+// + shift), as normalize_row and interleaved_apply_item compute it per value. Stamped out twice: with
+// the integer bf16 rounding (any AVX-512 CPU) and with vcvtneps2bf16 (bf16 rows where the CPU has it).
+#define DDPM_GN_VEC512_NORMALIZE(NAME, ATTR, ROUND, STORE)                                                        \
+  template <typename T, bool ADD, bool SWISH>                                                                  \
+  ATTR void NAME(const T* x, T* y, __mmask16 m, __m512 a, __m512 pivot, __m512 mean, __m512 scale, __m512 shift) { \
+    __m512 v = vec512_load(x, m);                                                                              \
+    if (ADD) v = ROUND(_mm512_add_ps(v, a), x);                                                                \
+    v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(v, pivot), mean), scale, shift);                           \
+    STORE(y, m, SWISH ? vec512_swish(v, y) : v);                                                               \
   }
-};
-template <> struct RowNormalize<float, CpuIsa::kAvx512> : RowNormalizeAvx512<float> {};
-template <> struct RowNormalize<uint16_t, CpuIsa::kAvx512> : RowNormalizeAvx512<uint16_t> {};
+DDPM_GN_VEC512_NORMALIZE(vec512_normalize, CPU_VEC512, vec512_round, vec512_store)
+#ifdef CPU_HAVE_AVX512_BF16
+DDPM_GN_VEC512_NORMALIZE(vec512_normalize_bf16n, CPU_VEC512_BF16, vec512_round_native, vec512_store_native)
+#endif
+#undef DDPM_GN_VEC512_NORMALIZE
+
+// The AVX-512 row normalize (planar) and apply pass (interleaved) around one NORMALIZE of the two
+// above, compiled with its target ATTR.
+#define DDPM_GN_AVX512_LOOPS(ROW, APPLY, ATTR, NORMALIZE)                                                         \
+  template <typename T>                                                                                        \
+  struct ROW {                                                                                                 \
+    /* Not always_inline: the planar loops that call it carry no target attribute themselves (GCC may */      \
+    /* still inline it once they are inlined into their AVX-512 entry point). */                              \
+    template <bool ADD, bool SWISH>                                                                            \
+    static ATTR void run(const T* x, T* y, int64_t n, float a, float pivot, float mean, float scale, float shift) { \
+      const __m512 va = _mm512_set1_ps(a), vp = _mm512_set1_ps(pivot), vm = _mm512_set1_ps(mean);             \
+      const __m512 vs = _mm512_set1_ps(scale), vb = _mm512_set1_ps(shift);                                    \
+      for (int64_t i = 0; i < n; i += 16)                                                                      \
+        NORMALIZE<T, ADD, SWISH>(x + i, y + i, vec512_mask(n - i), va, vp, vm, vs, vb);                        \
+    }                                                                                                          \
+  };                                                                                                           \
+  template <typename T>                                                                                        \
+  struct APPLY {                                                                                               \
+    template <bool ADD, bool SWISH>                                                                            \
+    static ATTR inline __attribute__((always_inline)) void run(const GroupNormSwishParams& p, const ChannelTables& t, \
+                                                               int64_t b, int64_t r0, int64_t rows) {          \
+      const int64_t C = p.channels;                                                                            \
+      const float* a = t.add.data() + b * C;                                                                   \
+      const float* piv = t.pivot.data() + b * C;                                                               \
+      const float* mean = t.mean.data() + b * C;                                                               \
+      const float* scale = t.scale.data() + b * C;                                                             \
+      const float* shift = t.shift.data() + b * C;                                                             \
+      for (int64_t r = r0; r < r0 + rows; ++r) {                                                               \
+        const T* xr = static_cast<const T*>(p.x) + b * p.sx_b + r * p.sx_hw;                                   \
+        T* yr = static_cast<T*>(p.out) + b * p.sy_b + r * p.sy_hw;                                             \
+        for (int64_t c = 0; c < C; c += 16) {                                                                  \
+          const __mmask16 m = vec512_mask(C - c);                                                              \
+          NORMALIZE<T, ADD, SWISH>(xr + c, yr + c, m, ADD ? _mm512_maskz_loadu_ps(m, a + c) : _mm512_setzero_ps(), \
+                                   _mm512_maskz_loadu_ps(m, piv + c), _mm512_maskz_loadu_ps(m, mean + c),      \
+                                   _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, shift + c));  \
+        }                                                                                                      \
+      }                                                                                                        \
+    }                                                                                                          \
+  };
 #endif
 
 // The pivot of group g of sample b: (x + add) at its first channel, pixel 0, in x's dtype.
@@ -295,7 +326,8 @@ CPU_INLINE void interleaved_apply_item(const GroupNormSwishParams& p, const Chan
 }
 
 // The apply pass for one storage type and ISA variant: the autovectorized loop above, except where
-// AVX-512 has fp32 or bf16 rows (the same math with cpu_vec512.h's Swish, ~2 ulp from the division).
+// AVX-512 has fp32 or bf16 rows (the same math with cpu_vec512.h's Swish: ~2 ulp from the division in fp32,
+// ~1.1e-4 relative for bf16 outputs).
 template <typename T, CpuIsa ISA>
 struct InterleavedApply {
   template <bool ADD, bool SWISH>
@@ -306,31 +338,18 @@ struct InterleavedApply {
 };
 
 #ifdef CPU_HAVE_AVX2_PATH
-template <typename T>
-struct InterleavedApplyAvx512 {
-  template <bool ADD, bool SWISH>
-  static CPU_VEC512 void run(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,
-                             int64_t rows) {
-    const int64_t C = p.channels;
-    const float* a = t.add.data() + b * C;
-    const float* piv = t.pivot.data() + b * C;
-    const float* mean = t.mean.data() + b * C;
-    const float* scale = t.scale.data() + b * C;
-    const float* shift = t.shift.data() + b * C;
-    for (int64_t r = r0; r < r0 + rows; ++r) {
-      const T* xr = static_cast<const T*>(p.x) + b * p.sx_b + r * p.sx_hw;
-      T* yr = static_cast<T*>(p.out) + b * p.sy_b + r * p.sy_hw;
-      for (int64_t c = 0; c < C; c += 16) {
-        const __mmask16 m = vec512_mask(C - c);
-        vec512_normalize<T, ADD, SWISH>(xr + c, yr + c, m, ADD ? _mm512_maskz_loadu_ps(m, a + c) : _mm512_setzero_ps(),
-                                        _mm512_maskz_loadu_ps(m, piv + c), _mm512_maskz_loadu_ps(m, mean + c),
-                                        _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, shift + c));
-      }
-    }
-  }
-};
+DDPM_GN_AVX512_LOOPS(RowNormalizeAvx512, InterleavedApplyAvx512, CPU_AVX512_TARGET, vec512_normalize)
+template <> struct RowNormalize<float, CpuIsa::kAvx512> : RowNormalizeAvx512<float> {};
+template <> struct RowNormalize<uint16_t, CpuIsa::kAvx512> : RowNormalizeAvx512<uint16_t> {};
 template <> struct InterleavedApply<float, CpuIsa::kAvx512> : InterleavedApplyAvx512<float> {};
 template <> struct InterleavedApply<uint16_t, CpuIsa::kAvx512> : InterleavedApplyAvx512<uint16_t> {};
+#ifdef CPU_HAVE_AVX512_BF16
+// The bf16 rows of the AVX512_BF16 variant (its own ISA tag: only bf16 entry points are built for it).
+DDPM_GN_AVX512_LOOPS(RowNormalizeAvx512Bf16, InterleavedApplyAvx512Bf16, CPU_AVX512_BF16_TARGET, vec512_normalize_bf16n)
+template <> struct RowNormalize<uint16_t, CpuIsa::kAvx512Bf16> : RowNormalizeAvx512Bf16<uint16_t> {};
+template <> struct InterleavedApply<uint16_t, CpuIsa::kAvx512Bf16> : InterleavedApplyAvx512Bf16<uint16_t> {};
+#endif
+#undef DDPM_GN_AVX512_LOOPS
 #endif
 
 // The moments of every group of sample b from its per-(block, channel) parts (mean, M2 about the
@@ -410,6 +429,9 @@ CPU_INLINE void merge_sample_parts(const float* __restrict bmean, const float* _
   }
 
 CPU_FOR_EACH_VARIANT(DDPM_GN_ENTRY_POINTS)
+#ifdef CPU_HAVE_AVX512_BF16
+DDPM_GN_ENTRY_POINTS(uint16_t, bf16_avx512bf16, CPU_AVX512_BF16_TARGET, CpuIsa::kAvx512Bf16)
+#endif
 #undef DDPM_GN_ENTRY_POINTS
 
 struct Entry {
@@ -421,7 +443,12 @@ struct Entry {
 
 Entry entry_for(ElemType t) {
   switch (t) {
-    case ElemType::kBFloat16: return {CPU_PICK(planar, bf16), CPU_PICK(istats, bf16), CPU_PICK(iapply, bf16), CPU_PICK(imerge, bf16)};
+    case ElemType::kBFloat16:
+#ifdef CPU_HAVE_AVX512_BF16
+      if (cpu_avx512_bf16())
+        return {&planar_bf16_avx512bf16, &istats_bf16_avx512bf16, &iapply_bf16_avx512bf16, &imerge_bf16_avx512bf16};
+#endif
+      return {CPU_PICK(planar, bf16), CPU_PICK(istats, bf16), CPU_PICK(iapply, bf16), CPU_PICK(imerge, bf16)};
     case ElemType::kFloat16: return {CPU_PICK(planar, f16), CPU_PICK(istats, f16), CPU_PICK(iapply, f16), CPU_PICK(imerge, f16)};
     default: return {CPU_PICK(planar, f32), CPU_PICK(istats, f32), CPU_PICK(iapply, f32), CPU_PICK(imerge, f32)};
   }
