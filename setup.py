@@ -20,7 +20,8 @@ from setuptools import setup
 
 HERE = Path(__file__).parent
 CSRC = HERE / "csrc"
-CPU_SOURCES = ("bindings.cpp", "reverse_step_cpu.cpp", "groupnorm_swish_cpu.cpp", "residual_add_cpu.cpp")
+CPU_SOURCES = ("bindings.cpp", "reverse_step_cpu.cpp", "groupnorm_swish_cpu.cpp", "residual_add_cpu.cpp",
+               "attention_core_cpu.cpp")
 _OMP_PROBE = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
 
 

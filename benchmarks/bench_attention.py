@@ -9,8 +9,8 @@ test_attention_block: the whole block (qkv projection, attention, output project
   `sdpa-graph` and `fast-graph`, the same calls captured in a CUDA graph and replayed, as the
   sampler runs them (the kernels' time without the per-call launch and Python cost).
 test_attention_core: the core alone, softmax(q k^T * d^-0.5) v over the block's strided q/k/v
-  views, at each preset (tokens N, d_k, dtype). Providers: `triton` (flash_attention_triton) and
-  `sdpa`. This is the measurement behind ddpm_fast.ops.attention.SDPA_CORE_SHAPES: add a row
+  views, at each preset (tokens N, d_k, dtype). Providers: `triton` (flash_attention_triton),
+  `sdpa`, and on CPU `cpp` (the C++ short-sequence core, ops.attention._cpp_core). This is the measurement behind ddpm_fast.ops.attention.SDPA_CORE_SHAPES: add a row
   (N, d_k, dtype) there, with these numbers, only where `sdpa` beats `triton` at every batch.
   On CPU, `triton` runs the Triton *interpreter* (a smoke test of the plumbing, not a timing).
 
@@ -46,7 +46,8 @@ else:
     _BATCHES = ["1"]
     _DTYPES = ["fp32"]
     BLOCK_PROVIDERS = ["reference", "sdpa", "fast"]
-CORE_PROVIDERS = ["triton", "sdpa"]
+# cpp: the C++ short-sequence core that attention_cpu runs up to CORE_MAX_TOKENS tokens (CPU only).
+CORE_PROVIDERS = ["triton", "sdpa"] + ([] if HAS_CUDA else ["cpp"])
 
 BATCHES = [int(b) for b in env_list("DDPM_FAST_BENCH_BATCHES", _BATCHES)]
 BENCH_DTYPES = env_list("DDPM_FAST_BENCH_DTYPES", _DTYPES)
@@ -150,6 +151,15 @@ def test_attention_core(benchmark, core, batch, dtype, provider):
 
         def call():
             return attn_ops.flash_attention_triton(q, k, v, scale, out=out_buf)
+    elif provider == "cpp":
+        if attn_ops._CORE_OUT is None:
+            pytest.skip("the C++ extension is not built")
+        rows = qkv.view(batch * n, nh * 3 * dk)
+        o_rows = torch.empty(batch * n, nh * dk, dtype=qkv.dtype)
+
+        def call():  # at every N (also above CORE_MAX_TOKENS: the measurement behind that limit)
+            attn_ops._CORE_DIRECT(rows, batch, nh, dk, scale, o_rows)
+            return o_rows.view(batch, n, nh, dk).transpose(1, 2)  # token-major rows, compared as [B, H, N, d]
     else:
         def call():
             return F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -45,6 +45,7 @@
 
 #include "groupnorm_swish.h"
 #include "residual_add.h"
+#include "attention_core.h"
 #include "reverse_step.h"
 
 namespace ddpm_fast {
@@ -311,12 +312,13 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// CPU kernels of the fused UNet ops (groupnorm_swish_cpu.cpp, residual_add_cpu.cpp). Their ops
-// (groupnorm_swish, residual_add) are defined in Python (Triton on CUDA); these out-variants are
+// CPU kernels of the fused UNet ops (groupnorm_swish_cpu.cpp, residual_add_cpu.cpp, attention_core_cpu.cpp).
+// Their ops (groupnorm_swish, residual_add, attention) are defined in Python (Triton on CUDA); these out-variants are
 // what those ops' CPU kernels call, writing into a buffer the caller allocated in the op's output
 // format (so tests can poison it):
 //   groupnorm_swish_out(x, weight, bias, num_groups, eps, add?, swish, out!) -> ()
 //   residual_add_out(x, bias?, residual, residual_bias?, out!) -> ()
+//   attention_core_out(qkv, batch, n_heads, d_k, scale, out!) -> ()   (the core inside attention_cpu)
 // The Python wrappers validate arguments first; the checks here keep a direct call from crashing.
 namespace ddpm_fast {
 namespace {
@@ -452,6 +454,34 @@ void residual_add_out(const at::Tensor& x, const std::optional<at::Tensor>& bias
   residual_add_cpu(p);
 }
 
+void attention_core_out(const at::Tensor& qkv, int64_t batch, int64_t n_heads, int64_t d_k, double scale,
+                        const at::Tensor& out) {
+  constexpr const char* op = "ddpm_fast::attention_core_out";
+  TORCH_CHECK(qkv.device().is_cpu() && out.device().is_cpu(), op, ": qkv and out must be CPU tensors");
+  TORCH_CHECK_TYPE(is_kernel_dtype(qkv.scalar_type()) && out.scalar_type() == qkv.scalar_type(), op,
+                   ": qkv and out must share one dtype of float32, float16 or bfloat16, got ",
+                   str_of(qkv.scalar_type()), " and ", str_of(out.scalar_type()));
+  TORCH_CHECK_VALUE(batch > 0 && n_heads > 0 && d_k > 0, op, ": batch, n_heads and d_k must be positive");
+  TORCH_CHECK_VALUE(qkv.dim() == 2 && qkv.size(0) % batch == 0 && qkv.size(1) == 3 * n_heads * d_k &&
+                        qkv.stride(1) == 1 && qkv.stride(0) >= qkv.size(1),
+                    op, ": qkv must be [batch * tokens, 3 * n_heads * d_k] with unit column stride, got shape ",
+                    str_of(qkv.sizes()), " strides ", str_of(qkv.strides()));
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == qkv.size(0) && out.size(1) == n_heads * d_k && out.is_contiguous(),
+                    op, ": out must be a contiguous [", str_of(qkv.size(0)), ", ", str_of(n_heads * d_k), "], got shape ",
+                    str_of(out.sizes()), " strides ", str_of(out.strides()));
+  const at::MemOverlapStatus overlap = at::get_overlap_status(out, qkv);  // TooHard: strided, as ATen allows
+  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+                    ": out must not overlap qkv (the core reads every row of qkv while writing out)");
+  AttentionCoreParams p;
+  p.qkv = qkv.const_data_ptr();
+  p.out = out.data_ptr();
+  p.batch = batch, p.tokens = qkv.size(0) / batch, p.heads = n_heads, p.d_k = d_k;
+  p.qkv_row = qkv.stride(0);
+  p.scale = static_cast<float>(scale);
+  p.type = elem_type(qkv.scalar_type());
+  attention_core_cpu(p);
+}
+
 }  // namespace
 }  // namespace ddpm_fast
 
@@ -459,11 +489,13 @@ TORCH_LIBRARY_FRAGMENT(ddpm_fast, m) {
   m.def("groupnorm_swish_out(Tensor x, Tensor weight, Tensor bias, int num_groups, float eps, Tensor? add, "
         "bool swish, Tensor(a!) out) -> ()");
   m.def("residual_add_out(Tensor x, Tensor? bias, Tensor residual, Tensor? residual_bias, Tensor(a!) out) -> ()");
+  m.def("attention_core_out(Tensor qkv, int batch, int n_heads, int d_k, float scale, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
   m.impl("groupnorm_swish_out", &ddpm_fast::groupnorm_swish_out);
   m.impl("residual_add_out", &ddpm_fast::residual_add_out);
+  m.impl("attention_core_out", &ddpm_fast::attention_core_out);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -496,4 +528,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         ddpm_fast::residual_add_out(x, bias, r, rbias, out);
       },
       "residual_add_out without the dispatcher", pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def(
+      "attention_core_out",
+      [](const at::Tensor& qkv, int64_t batch, int64_t n_heads, int64_t d_k, double scale, const at::Tensor& out) {
+        RECORD_FUNCTION("ddpm_fast::attention_core_out", std::vector<c10::IValue>());
+        ddpm_fast::attention_core_out(qkv, batch, n_heads, d_k, scale, out);
+      },
+      "attention_core_out without the dispatcher", pybind11::call_guard<pybind11::gil_scoped_release>());
 }

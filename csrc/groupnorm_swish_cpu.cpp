@@ -18,6 +18,7 @@
 // The AVX-512 variant's apply loops for fp32 and bf16 are written with intrinsics (cpu_vec512.h: the
 // Swish without a division); everything else is autovectorized from the scalar code here.
 #include "groupnorm_swish.h"
+#include "cpu_elem.h"
 #include "cpu_vec512.h"
 
 // GCC 12 warns that the AVX-512 intrinsics' own _mm512_undefined_* placeholders "may be used
@@ -41,25 +42,6 @@ constexpr int64_t kLanes = 16;            // independent accumulators: a 16-wide
 // Fewer elements per thread than this: fork/join costs more. 2^15 kept 16 x 128 x 4 x 4 (2048 values a
 // sample) on one thread; from 2^13 it splits: 32 -> 18 us in bf16 on the 2-core dev VM.
 constexpr int64_t kParallelMin = 1 << 13;
-
-// Element access for one storage type: widen to fp32, round fp32 to the type (as a tensor op would
-// store it), narrow for the store. bf16 is handled on its 16-bit pattern so the loops vectorize.
-template <typename T> struct Elem;
-template <> struct Elem<float> {
-  static CPU_INLINE float load(float v) { return v; }
-  static CPU_INLINE float round(float v) { return v; }
-  static CPU_INLINE float store(float v) { return v; }
-};
-template <> struct Elem<uint16_t> {  // bfloat16 bits
-  static CPU_INLINE float load(uint16_t v) { return bf16_bits_to_float(v); }
-  static CPU_INLINE float round(float v) { return round_bf16(v); }
-  static CPU_INLINE uint16_t store(float v) { return float_to_bf16_bits(v); }
-};
-template <> struct Elem<c10::Half> {  // c10::Half rounds to nearest even, as Tensor.to does
-  static CPU_INLINE float load(c10::Half v) { return static_cast<float>(v); }
-  static CPU_INLINE float round(float v) { return static_cast<float>(c10::Half(v)); }
-  static CPU_INLINE c10::Half store(float v) { return c10::Half(v); }
-};
 
 float load_param(const void* ptr, ElemType t, int64_t i) {
   switch (t) {

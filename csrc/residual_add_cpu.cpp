@@ -2,6 +2,8 @@
 // the spec's three elementwise passes (bias, residual, residual bias).
 #include "residual_add.h"
 
+#include "cpu_elem.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
@@ -12,20 +14,6 @@ namespace ddpm_fast {
 namespace {
 
 constexpr int64_t kParallelMin = 1 << 15;  // fewer elements per thread than this: fork/join costs more
-
-template <typename T> struct Elem;
-template <> struct Elem<float> {
-  static CPU_INLINE float load(float v) { return v; }
-  static CPU_INLINE float store(float v) { return v; }
-};
-template <> struct Elem<uint16_t> {  // bfloat16 bits
-  static CPU_INLINE float load(uint16_t v) { return bf16_bits_to_float(v); }
-  static CPU_INLINE uint16_t store(float v) { return float_to_bf16_bits(v); }
-};
-template <> struct Elem<c10::Half> {
-  static CPU_INLINE float load(c10::Half v) { return static_cast<float>(v); }
-  static CPU_INLINE c10::Half store(float v) { return c10::Half(v); }
-};
 
 // bias[c] cast to T (the spec's `.to(x.dtype)`), as fp32; 0 without a bias.
 template <typename T>

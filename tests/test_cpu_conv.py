@@ -191,3 +191,52 @@ def test_inference_tensor_weights_are_not_packed():
             up = ops.conv_transpose2d(args[0], up_weight, None, (2, 2), (1, 1))
             assert _cache_size() == 0 and up.shape == (2, 16, 16, 16)
         check_conv(out, *args)
+
+
+def _count_full_checks(monkeypatch) -> list:
+    """Counts ops.conv2d's full argument checks (the path a repeated call skips)."""
+    C = importlib.import_module("ddpm_fast.ops.conv2d")
+    calls, real = [], C._check
+    monkeypatch.setattr(C, "_check", lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
+def test_a_repeated_call_skips_the_checks_and_gives_the_same_bits(monkeypatch):
+    checks = _count_full_checks(monkeypatch)
+    x, weight, bias, stride, padding = conv_inputs(4, (16, 8, 8, 24, 3, 1, True), torch.bfloat16)
+    with ops.cpu_conv_packing():
+        first = ops.conv2d(x, weight, bias, stride, padding)
+        for _ in range(3):
+            assert torch.equal(ops.conv2d(x, weight, bias, stride, padding), first)
+        assert checks == [1], "repeated calls ran the full path"
+        ops.conv2d(x, weight, bias, list(stride), padding)  # a list, not the tuple that was recorded
+        ops.conv2d(x.contiguous(), weight, bias, stride, padding)  # other strides (NCHW)
+        ops.conv2d(x[:2], weight, bias, stride, padding)  # another shape
+        assert checks == [1, 1, 1, 1]
+    check_conv(first, x, weight, bias, stride, padding)
+    ops.conv2d(x, weight, bias, stride, padding)  # the scope closed: its record went with it
+    assert len(checks) == 5
+
+
+def test_a_repeated_call_follows_changed_weights_and_biases(monkeypatch):
+    checks = _count_full_checks(monkeypatch)
+    x, weight, bias, stride, padding = conv_inputs(2, (16, 6, 6, 16, 3, 1, True), torch.bfloat16)
+    with ops.cpu_conv_packing():
+        ops.conv2d(x, weight, bias, stride, padding)
+        with torch.no_grad():
+            weight.mul_(-2.0)  # version bump: not a repeat
+        check_conv(ops.conv2d(x, weight, bias, stride, padding), x, weight, bias, stride, padding)
+        with torch.no_grad():
+            bias.add_(1.0)  # the bias is read on every call: a repeat, with the new values
+        check_conv(ops.conv2d(x, weight, bias, stride, padding), x, weight, bias, stride, padding)
+        assert len(checks) == 2
+        bias.data = bias.data.float()  # same object, another storage and dtype: the full checks refuse it
+        with pytest.raises(TypeError, match="bias dtype"):
+            ops.conv2d(x, weight, bias, stride, padding)
+        bias.data = bias.data.to(torch.bfloat16)  # back to a bf16 bias (new storage): checked, run, recorded
+        ops.conv2d(x, weight, bias, stride, padding)
+        ops.conv2d(x, weight, bias, stride, padding)
+        assert len(checks) == 4
+        x.requires_grad_()  # autograd would record: the full path (F.conv2d), with the same objects
+        ops.conv2d(x, weight, bias, stride, padding)
+        assert len(checks) == 5

@@ -25,7 +25,7 @@ import torch
 from ._common import out_format
 from ._eager import plain_eager
 
-__all__ = ["packing", "conv2d_packed", "conv_transpose2d_packed", "AVAILABLE"]
+__all__ = ["packing", "conv2d_packed", "conv2d_repeat", "remember_conv2d", "conv_transpose2d_packed", "AVAILABLE"]
 
 
 def _available() -> bool:
@@ -42,7 +42,9 @@ def _available() -> bool:
 AVAILABLE = _available()
 _DTYPES = (torch.float32, torch.bfloat16)
 PACK_MIN_ELEMENTS_FP32 = 16384  # see _usable
-_LOCAL = threading.local()  # the open scope's cache, per thread (a scope belongs to the loop that opened it)
+# The open scope's caches, per thread (a scope belongs to the loop that opened it): `cache`, packed weights;
+# `repeats`, the ops.conv2d calls already checked and run (conv2d_repeat).
+_LOCAL = threading.local()
 
 
 @contextmanager
@@ -52,11 +54,11 @@ def packing():
     if outer is not None:
         yield
         return
-    _LOCAL.cache = {}
+    _LOCAL.cache, _LOCAL.repeats = {}, {}
     try:
         yield
     finally:
-        _LOCAL.cache = None
+        _LOCAL.cache = _LOCAL.repeats = None
 
 
 def _usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> bool:
@@ -109,6 +111,39 @@ def conv2d_packed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         return None
     packed, pad, st = _packed_call(cache, False, weight, x, stride, padding)
     return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, st, [1, 1], 1, "none", [], "")
+
+
+def conv2d_repeat(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: tuple,
+                  padding: tuple) -> Optional[torch.Tensor]:
+    """A call this scope has run before through `conv2d_packed` (ops.conv2d's checks passed): the same
+    weight and bias objects (each with the storage and dtype it had; the weight also unchanged, by its
+    version counter), the same x shape, strides, dtype and device, the same stride and padding tuples,
+    and a plain eager call again. Then the packed conv runs without the wrapper's checks (~4 us a call);
+    otherwise None, and the caller takes its full path. The key holds the very objects that were checked."""
+    repeats = getattr(_LOCAL, "repeats", None)
+    if repeats is None or type(stride) is not tuple or type(padding) is not tuple:
+        return None
+    hit = repeats.get((id(weight), id(bias), x.shape, x.stride(), x.dtype, x.device, stride, padding))
+    if hit is None:
+        return None
+    _, _, version, ptr, bias_ptr, call = hit
+    if (weight._version != version or weight.data_ptr() != ptr or weight.dtype != x.dtype
+            or (bias is not None and (bias.data_ptr() != bias_ptr or bias.dtype != x.dtype))
+            or not (torch.backends.mkldnn.enabled and plain_eager(x, weight, bias))):
+        return None
+    packed, pad, st = call
+    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, st, [1, 1], 1, "none", [], "")
+
+
+def remember_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
+                    packed_stride: Sequence[int], packed_padding: Sequence[int]) -> None:
+    """Record a call that ops.conv2d checked and `conv2d_packed` ran, for `conv2d_repeat` (tuples only)."""
+    cache, repeats = getattr(_LOCAL, "cache", None), getattr(_LOCAL, "repeats", None)
+    if cache is None or repeats is None or type(stride) is not tuple or type(padding) is not tuple:
+        return
+    call = _packed_call(cache, False, weight, x, packed_stride, packed_padding)
+    repeats[(id(weight), id(bias), x.shape, x.stride(), x.dtype, x.device, stride, padding)] = (
+        weight, bias, weight._version, weight.data_ptr(), None if bias is None else bias.data_ptr(), call)
 
 
 def conv_transpose2d_packed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

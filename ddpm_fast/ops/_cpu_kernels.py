@@ -36,7 +36,8 @@ def out_op(name: str) -> Optional[torch._ops.OpOverload]:
     """`torch.ops.ddpm_fast.<name>_out.default` when the C++ kernel is available, else None."""
     if not HAS_CPU_KERNELS:
         return None
-    return getattr(torch.ops.ddpm_fast, name + "_out").default
+    packet = getattr(torch.ops.ddpm_fast, name + "_out", None)  # None from a build that predates the kernel
+    return None if packet is None else packet.default
 
 
 def direct_op(name: str) -> Optional[Callable]:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..reference import functional as ref
 from ._common import (HAS_TRITON, OP_DTYPES, define_op, dot, dot_flags, new_output, out_format, pow2_clamp, sm_count, tl, triton,
                       wrap_triton)
+from ._cpu_kernels import direct_op, out_op
 from ._eager import autocast_hint, plain_eager
 
 
@@ -435,10 +436,30 @@ def _fake(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residua
     return _new_output(x)
 
 
+_CORE_OUT = out_op("attention_core")  # the C++ short-sequence core (csrc/attention_core_cpu.cpp), or None
+_CORE_DIRECT = direct_op("attention_core")
+# Up to this many tokens the C++ core beats ATen's SDPA plus the transposing copy after it (2-core dev VM,
+# fp32 / bf16: 16 tokens x d_k 128, batch 16: 18 / 17 us vs 30 / 37 us; 64 x 64: 94 / 111 vs 141 / 153 us;
+# 4 heads of 64 x 32: 76 / 91 vs 74 / 103 us); at 256 tokens it is 1.4-1.8x slower (no flash tiling).
+CORE_MAX_TOKENS = 64
+
+
+def _cpp_core(qkv: torch.Tensor, bsz: int, n: int, n_heads: int, d_k: int) -> Optional[torch.Tensor]:
+    """softmax(q k^T / sqrt(d_k)) v from the qkv GEMM's [B*N, 3*heads*d_k] rows, token-major [B*N, heads*d_k]
+    (the out projection's input), or None where the C++ core does not apply (no extension, long sequences)."""
+    if _CORE_OUT is None or n > CORE_MAX_TOKENS:
+        return None
+    o = torch.empty((bsz * n, n_heads * d_k), dtype=qkv.dtype)
+    (_CORE_DIRECT if plain_eager(qkv) else _CORE_OUT)(qkv, bsz, n_heads, d_k, d_k ** -0.5, o)
+    return o
+
+
 def attention_cpu(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=None):
-    """The block on CPU: one GEMM for q, k, v (reading x in place), ATen's fused SDPA kernel (fp32
-    softmax statistics, no [N, N] score tensor in memory), one GEMM for the out projection, and the
-    residual added as it is written into the output (in x's layout). The reference runs two einsums and a
+    """The block on CPU: one GEMM for q, k, v (reading x in place), the core (up to CORE_MAX_TOKENS
+    tokens the C++ kernel, which writes the out projection's token-major input directly; longer
+    sequences ATen's fused SDPA: fp32 softmax statistics, no [N, N] score tensor in memory, then a
+    transposing copy), one GEMM for the out projection, and the residual added as it is written into
+    the output (in x's layout). The reference runs two einsums and a
     separate softmax in the input dtype: 180 vs ~100 us fp32, 354 vs ~100 us bf16 at digits16's block
     (16 x 64 x 4 x 4) on the dev VM (benchmarks/bench_attention.py)."""
     bsz, c, hgt, wid = x.shape
@@ -447,10 +468,13 @@ def attention_cpu(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k,
     # One [B*N, C] GEMM: a view of channels_last x, one copy of NCHW x (oneDNN's bf16 GEMM beats the
     # strided-batched one on the transposed view by more than the copy costs).
     flat = x3.transpose(1, 2).reshape(bsz * n, c)
-    qkv = torch.addmm(proj_bias, flat, proj_weight.t()).view(bsz, n, n_heads, 3, d_k)
-    o = F.scaled_dot_product_attention(qkv[:, :, :, 0].transpose(1, 2), qkv[:, :, :, 1].transpose(1, 2),
-                                       qkv[:, :, :, 2].transpose(1, 2), scale=d_k ** -0.5)
-    o_flat = o.transpose(1, 2).reshape(bsz * n, n_heads * d_k)
+    qkv2 = torch.addmm(proj_bias, flat, proj_weight.t())
+    o_flat = _cpp_core(qkv2, bsz, n, n_heads, d_k)
+    if o_flat is None:
+        qkv = qkv2.view(bsz, n, n_heads, 3, d_k)
+        o = F.scaled_dot_product_attention(qkv[:, :, :, 0].transpose(1, 2), qkv[:, :, :, 1].transpose(1, 2),
+                                           qkv[:, :, :, 2].transpose(1, 2), scale=d_k ** -0.5)
+        o_flat = o.transpose(1, 2).reshape(bsz * n, n_heads * d_k)
     y_tok = torch.addmm(out_bias, o_flat, out_weight.t()).view(bsz, n, c)
     r_tok = (x3 if residual is None else residual.reshape(bsz, c, n)).transpose(1, 2)
     out = _new_output(x)
