@@ -117,3 +117,35 @@ def test_attention_cpu_takes_the_core_up_to_its_token_limit(monkeypatch):
         assert bool(calls) == used and (side * side <= A.CORE_MAX_TOKENS) == used
         want = A._reference_out(x.double(), *[t.double() for t in w], 1, c)
         torch.testing.assert_close(got.double(), want, **tol("attention", torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_projections_run_on_packed_weights_inside_a_packing_scope(dtype, monkeypatch):
+    # In the fast sampler's scope (ops.cpu_conv_packing) a channels_last block's two projections are
+    # 1x1 convs on weights packed once (ops/_cpu_conv.py linear_packed). An NCHW block keeps the qkv GEMM
+    # (its x is not channels_last); its out projection reads the core's token-major rows either way.
+    from ddpm_fast import ops
+    P = importlib.import_module("ddpm_fast.ops._cpu_conv")
+    if not P.AVAILABLE:
+        pytest.skip("this torch build lacks the oneDNN packed-conv ops")
+    taken, real = [], P.linear_packed
+    monkeypatch.setattr(P, "linear_packed", lambda *a: (lambda r: (taken.append(r is not None), r)[1])(real(*a)))
+    torch.manual_seed(3)
+    c = 64
+    x = torch.randn(16, c, 4, 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = [(torch.randn(3 * c, c) * c ** -0.5).to(dtype), torch.randn(3 * c).to(dtype),
+         (torch.randn(c, c) * c ** -0.5).to(dtype), torch.randn(c).to(dtype)]
+    with ops.cpu_conv_packing():
+        got = A.attention(x, *w, 1, c)
+        assert taken == [True, True]
+        with torch.no_grad():
+            w[2].mul_(-1.0)  # the out projection changed in place: repacked, not stale
+        changed = A.attention(x, *w, 1, c)
+        taken.clear()
+        nchw = A.attention(x.contiguous(), *w, 1, c)
+        assert nchw.is_contiguous()
+        assert taken == [False, True], "an NCHW x took the packed qkv projection"
+    for out, weights in ((got, [w[0], w[1], -w[2], w[3]]), (changed, w), (nchw, w)):
+        want = A._reference_out(x.double(), *[t.double() for t in weights], 1, c)
+        torch.testing.assert_close(out.double(), want, **tol("attention", dtype))
+    assert got.is_contiguous(memory_format=torch.channels_last)

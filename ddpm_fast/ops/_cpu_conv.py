@@ -13,6 +13,8 @@ weight's data pointer and version counter, checked on every call, and is dropped
 weight changed in place inside a scope (an optimizer step, load_state_dict) bumps its version and is
 repacked; outside a scope nothing is cached, so a model trained between sampling calls is never stale.
 An inference tensor (made under torch.inference_mode) has no version counter: never packed.
+The attention block's two projections (Linear weights) run here too, as 1x1 convs (`linear_packed`), and
+`conv2d_repeat` lets ops.conv2d skip its argument checks for a call it has already checked in the scope.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 from ._common import out_format
 from ._eager import plain_eager
 
-__all__ = ["packing", "conv2d_packed", "conv2d_repeat", "remember_conv2d", "conv_transpose2d_packed", "AVAILABLE"]
+__all__ = ["packing", "conv2d_packed", "conv2d_repeat", "remember_conv2d", "linear_packed", "conv_transpose2d_packed", "AVAILABLE"]
 
 
 def _available() -> bool:
@@ -91,6 +93,8 @@ def _packed_call(cache: Dict, transposed: bool, weight: torch.Tensor, x: torch.T
         return hit[4]
     pad, st = [int(padding[0]), int(padding[1])], [int(stride[0]), int(stride[1])]
     w = weight.detach().contiguous()
+    if w.dim() == 2:  # a Linear's [C_out, C_in] weight, run as a 1x1 conv (linear_packed)
+        w = w.view(w.shape[0], w.shape[1], 1, 1)
     if transposed:
         packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(w, pad, [0, 0], st, [1, 1], 1, list(x.shape))
     else:
@@ -144,6 +148,17 @@ def remember_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     call = _packed_call(cache, False, weight, x, packed_stride, packed_padding)
     repeats[(id(weight), id(bias), x.shape, x.stride(), x.dtype, x.device, stride, padding)] = (
         weight, bias, weight._version, weight.data_ptr(), None if bias is None else bias.data_ptr(), call)
+
+
+def linear_packed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The Linear `weight` [C_out, C_in] (+ bias) applied to every pixel of x [B, C_in, H, W], as a 1x1 conv on
+    the weight packed once per scope: channels_last in and out, so x's pixel rows are the GEMM's rows. None
+    where `conv2d_packed` would not apply. The attention block's projections on CPU (ops/attention.py)."""
+    cache = getattr(_LOCAL, "cache", None)
+    if cache is None or weight.dim() != 2 or not _usable(x, weight, bias, False):
+        return None
+    packed, pad, st = _packed_call(cache, False, weight, x, (1, 1), (0, 0))
+    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, st, [1, 1], 1, "none", [], "")
 
 
 def conv_transpose2d_packed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

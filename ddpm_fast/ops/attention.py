@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..reference import functional as ref
 from ._common import (HAS_TRITON, OP_DTYPES, define_op, dot, dot_flags, new_output, out_format, pow2_clamp, sm_count, tl, triton,
                       wrap_triton)
+from . import _cpu_conv
 from ._cpu_kernels import direct_op, out_op
 from ._eager import autocast_hint, plain_eager
 
@@ -455,7 +456,9 @@ def _cpp_core(qkv: torch.Tensor, bsz: int, n: int, n_heads: int, d_k: int) -> Op
 
 
 def attention_cpu(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k, residual=None):
-    """The block on CPU: one GEMM for q, k, v (reading x in place), the core (up to CORE_MAX_TOKENS
+    """The block on CPU: one GEMM for q, k, v (reading x in place; inside the fast sampler's packing
+    scope, for channels_last x, a 1x1 conv on the weight packed once, as is the out projection: ~2% of
+    an fp32 digits16 forward on the dev VM, within the noise in bf16), the core (up to CORE_MAX_TOKENS
     tokens the C++ kernel, which writes the out projection's token-major input directly; longer
     sequences ATen's fused SDPA: fp32 softmax statistics, no [N, N] score tensor in memory, then a
     transposing copy), one GEMM for the out projection, and the residual added as it is written into
@@ -467,15 +470,24 @@ def attention_cpu(x, proj_weight, proj_bias, out_weight, out_bias, n_heads, d_k,
     x3 = x.reshape(bsz, c, n)
     # One [B*N, C] GEMM: a view of channels_last x, one copy of NCHW x (oneDNN's bf16 GEMM beats the
     # strided-batched one on the transposed view by more than the copy costs).
-    flat = x3.transpose(1, 2).reshape(bsz * n, c)
-    qkv2 = torch.addmm(proj_bias, flat, proj_weight.t())
+    hd = n_heads * d_k
+    qkv4 = _cpu_conv.linear_packed(x, proj_weight, proj_bias)  # inside the sampler's packing scope
+    if qkv4 is not None:
+        qkv2 = qkv4.permute(0, 2, 3, 1).reshape(bsz * n, 3 * hd)  # channels_last: a view
+    else:
+        flat = x3.transpose(1, 2).reshape(bsz * n, c)
+        qkv2 = torch.addmm(proj_bias, flat, proj_weight.t())
     o_flat = _cpp_core(qkv2, bsz, n, n_heads, d_k)
     if o_flat is None:
         qkv = qkv2.view(bsz, n, n_heads, 3, d_k)
         o = F.scaled_dot_product_attention(qkv[:, :, :, 0].transpose(1, 2), qkv[:, :, :, 1].transpose(1, 2),
                                            qkv[:, :, :, 2].transpose(1, 2), scale=d_k ** -0.5)
         o_flat = o.transpose(1, 2).reshape(bsz * n, n_heads * d_k)
-    y_tok = torch.addmm(out_bias, o_flat, out_weight.t()).view(bsz, n, c)
+    y4 = _cpu_conv.linear_packed(o_flat.view(bsz, hgt, wid, hd).permute(0, 3, 1, 2), out_weight, out_bias)
+    if y4 is not None:
+        y_tok = y4.permute(0, 2, 3, 1).reshape(bsz, n, c)
+    else:
+        y_tok = torch.addmm(out_bias, o_flat, out_weight.t()).view(bsz, n, c)
     r_tok = (x3 if residual is None else residual.reshape(bsz, c, n)).transpose(1, 2)
     out = _new_output(x)
     torch.add(y_tok, r_tok, out=out.view(bsz, c, n).transpose(1, 2))
