@@ -52,7 +52,8 @@ CPU_VEC512 void vec512_store(uint16_t* p, __mmask16 m, __m512 v) {
 // integer ones above), for functions compiled with CPU_AVX512_BF16_TARGET. It rounds to nearest even and
 // keeps NaN a NaN, as the integer path does, but treats fp32 denormal inputs (|v| < 2^-126) as zero.
 #define CPU_VEC512_BF16 CPU_AVX512_BF16_TARGET inline __attribute__((always_inline))
-CPU_VEC512_BF16 __m256i vec512_bf16_native(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
+// (A C-style cast between same-size vector types: the idiom both GCC and clang accept.)
+CPU_VEC512_BF16 __m256i vec512_bf16_native(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 CPU_VEC512_BF16 __m512 vec512_round_native(__m512 v, const uint16_t*) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(vec512_bf16_native(v)), 16));
 }
