@@ -105,6 +105,12 @@ def _packed_call(cache: Dict, transposed: bool, weight: torch.Tensor, x: torch.T
     return call
 
 
+def _run_packed(x: torch.Tensor, call: tuple, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """oneDNN's conv of x on a (packed weight, padding, stride) entry of `_packed_call`."""
+    packed, pad, st = call
+    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, st, [1, 1], 1, "none", [], "")
+
+
 def conv2d_packed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
                   padding: Sequence[int]) -> Optional[torch.Tensor]:
     """F.conv2d(x, weight, bias, stride, padding) on a weight packed once per scope, or None where this
@@ -113,8 +119,7 @@ def conv2d_packed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     cache = getattr(_LOCAL, "cache", None)
     if cache is None or not _usable(x, weight, bias, False):
         return None
-    packed, pad, st = _packed_call(cache, False, weight, x, stride, padding)
-    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, st, [1, 1], 1, "none", [], "")
+    return _run_packed(x, _packed_call(cache, False, weight, x, stride, padding), bias)
 
 
 def conv2d_repeat(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: tuple,
@@ -135,8 +140,7 @@ def conv2d_repeat(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             or (bias is not None and (bias.data_ptr() != bias_ptr or bias.dtype != x.dtype))
             or not (torch.backends.mkldnn.enabled and plain_eager(x, weight, bias))):
         return None
-    packed, pad, st = call
-    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, st, [1, 1], 1, "none", [], "")
+    return _run_packed(x, call, bias)
 
 
 def remember_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
@@ -157,8 +161,7 @@ def linear_packed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     cache = getattr(_LOCAL, "cache", None)
     if cache is None or weight.dim() != 2 or not _usable(x, weight, bias, False):
         return None
-    packed, pad, st = _packed_call(cache, False, weight, x, (1, 1), (0, 0))
-    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, st, [1, 1], 1, "none", [], "")
+    return _run_packed(x, _packed_call(cache, False, weight, x, (1, 1), (0, 0)), bias)
 
 
 def conv_transpose2d_packed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
