@@ -2,10 +2,10 @@
 
     PYTHONPATH=$PWD python scripts/cpu_main_job.py STEPS REPS PROVIDER[,PROVIDER...] [OUT.json]
 
-PROVIDER = BACKEND-DTYPE[-cl][-fuse|-nofuse][-split|-nosplit], e.g. reference-fp32, fast-fp32,
+PROVIDER = BACKEND-DTYPE[-cl][-fuse|-nofuse][-split|-nosplit][-prog|-noprog], e.g. reference-fp32, fast-fp32,
 fast-bf16-cl, fast-fp32-nofuse: sample() with that backend, dtype and channels_last; -fuse / -nofuse
 override fast_loop's `fuse` default (cpu_fuses), -split / -nosplit its `cpu_split` default
-(cpu_split.split_parts), for comparison. Every round calls each provider once (so load
+(cpu_split.split_parts), -prog / -noprog its `cpu_program` default, for comparison. Every round calls each provider once (so load
 from other jobs hits all alike); prints each round and the medians, and writes the times to OUT.json.
 Times are sample() wall clock (x_T to images; the model is loaded once). Results:
 benchmarks/results/cpu-2026-12-02-main-job.md.
@@ -27,6 +27,7 @@ def run(model, config, prov, steps):
     defaults = fast_loop_mod.fast_loop.__kwdefaults__
     defaults["fuse"] = True if "fuse" in flags else False if "nofuse" in flags else None
     defaults["cpu_split"] = True if "split" in flags else False if "nosplit" in flags else None
+    defaults["cpu_program"] = True if "prog" in flags else False if "noprog" in flags else None
     t0 = time.perf_counter()
     out = sample(model, batch_size=16, num_inference_steps=steps, sampler="ddpm",
                  generator=torch.Generator().manual_seed(0), output_type="pt", progress=False, backend=backend,
@@ -45,7 +46,7 @@ def main():
                 times[p].append(run(model, config, p, steps)[0])
             print(r, {p: round(v[-1], 2) for p, v in times.items()}, flush=True)
     finally:
-        fast_loop_mod.fast_loop.__kwdefaults__.update(fuse=None, cpu_split=None)
+        fast_loop_mod.fast_loop.__kwdefaults__.update(fuse=None, cpu_split=None, cpu_program=None)
     base = statistics.median(times[provs[0]])
     for p in provs:
         m = statistics.median(times[p])

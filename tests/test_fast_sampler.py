@@ -59,11 +59,13 @@ def test_fast_loop_matches_reference_trajectory_with_injected_noise_cpu(sampler,
     assert all(p.is_contiguous() for p in model.parameters()), "fast_loop must not change the caller's layout"
 
 
-@pytest.mark.parametrize("dtype,batch,channels_last,fuses", [
-    ("fp32", 16, False, True), ("fp32", 16, True, True), ("fp32", 1, False, False), ("fp32", 4, False, False),
-    ("fp32", 4, True, True), ("fp32", 1, True, False), ("bf16", 1, True, True), ("bf16", 16, False, False),
-    ("fp16", 16, True, False)])
-def test_cpu_default_fuses_where_it_measured_faster_cpu(dtype, batch, channels_last, fuses):
+@pytest.mark.parametrize("dtype,batch,channels_last,program,fuses", [
+    ("fp32", 16, False, False, True), ("fp32", 16, True, False, True), ("fp32", 1, False, False, False),
+    ("fp32", 4, False, False, False), ("fp32", 4, True, False, True), ("fp32", 1, True, False, False),
+    ("bf16", 1, True, False, True), ("bf16", 16, False, False, False), ("fp16", 16, True, False, False),
+    ("fp32", 1, False, True, True), ("fp32", 1, True, True, True), ("bf16", 1, False, True, True),
+    ("fp16", 16, True, True, False)])
+def test_cpu_default_fuses_where_it_measured_faster_cpu(dtype, batch, channels_last, program, fuses):
     # The CPU default of `fuse` (fast_loop.cpu_fuses): what forward sees is the fused UNet exactly where
     # the rule says, and the caller's model is left unfused either way.
     from ddpm_fast.devices import DTYPE_NAMES, cpu_has_native_bf16
@@ -74,17 +76,18 @@ def test_cpu_default_fuses_where_it_measured_faster_cpu(dtype, batch, channels_l
     assert HAS_CPP_KERNEL, "build ddpm_fast._C (python setup.py build_ext --inplace)"
     if dtype == "bf16" and not cpu_has_native_bf16():
         fuses = False  # bf16 fuses only where it is native (and was measured)
-    if (dtype, batch, channels_last) == ("fp32", 4, True) and not ddpm_fast.ops.CPU_PACKED_CONVS:
+    if (dtype, batch, channels_last, program) == ("fp32", 4, True, False) and not ddpm_fast.ops.CPU_PACKED_CONVS:
         fuses = False  # fp32 NHWC fuses from batch 4 only with the packed convs
-    assert cpu_fuses(dt, batch, channels_last, CFG.unet.image_size ** 2) is fuses and CPU_FUSE_MIN_BATCH == 16
+    assert cpu_fuses(dt, batch, channels_last, CFG.unet.image_size ** 2, program) is fuses
+    assert CPU_FUSE_MIN_BATCH == 16
     seen = []
     model = _model().to(dt)
     model.register_forward_pre_hook(lambda m, args: seen.append(ddpm_fast.ops.is_fused(m)))
     ts, coeffs = _table("ddpm", 2)
     # cpu_split=False: one forward per step whatever the thread count (tests/test_cpu_split.py has the split).
     _run(fast_loop, model, _x_T(batch, "cpu"), ts, coeffs, seed=1, dtype=dt, channels_last=channels_last,
-         n_steps=CFG.diffusion.n_steps, cpu_split=False)
-    assert seen == [fuses, fuses]
+         n_steps=CFG.diffusion.n_steps, cpu_split=False, cpu_program=program)
+    assert seen == [fuses, fuses]  # (a hook turns the default program off; with one it sees the recorded step)
     assert not ddpm_fast.ops.is_fused(model)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import _conv_gemm
 from ._cpu_conv import AVAILABLE as CPU_PACKED_CONVS, packing as cpu_conv_packing
+from ._cpu_program import record as record_cpu_program
 from .attention import attention
 from .conv2d import conv2d
 from .conv_transpose2d import conv_transpose2d
@@ -30,7 +31,7 @@ from .time_embedding import time_embedding
 from .upsample_conv2d import upsample_conv2d
 
 __all__ = ["attention", "conv2d", "conv_transpose2d", "groupnorm_swish", "residual_add", "reverse_step", "reverse_step_", "time_embedding", "upsample_conv2d",
-           "fused", "cpu_conv_packing", "CPU_PACKED_CONVS",
+           "fused", "cpu_conv_packing", "CPU_PACKED_CONVS", "record_cpu_program",
            "unfused", "is_fused", "dispatch_key"]
 
 class _FastNamespace(types.SimpleNamespace):

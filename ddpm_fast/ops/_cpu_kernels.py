@@ -14,6 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import _cpu_program
+
 __all__ = ["out_op", "direct_op", "HAS_CPU_KERNELS"]
 
 _NAMES = ("groupnorm_swish_out", "residual_add_out")
@@ -43,12 +45,21 @@ def out_op(name: str) -> Optional[torch._ops.OpOverload]:
 def direct_op(name: str) -> Optional[Callable]:
     """The same out-variant kernel as `out_op(name)`, bound straight from ddpm_fast._C (no dispatcher:
     ~1 us a call instead of ~5). Only for plain eager calls on real CPU tensors (ops/_eager.py): it
-    knows no fake tensors, dispatch modes or tracing. None where `out_op` is None or the extension
-    predates these bindings."""
+    knows no fake tensors, dispatch modes or tracing. While a CPU program records (ops/_cpu_program.py)
+    each call is one of its units. None where `out_op` is None or the extension predates these bindings."""
     if not HAS_CPU_KERNELS:
         return None
     from .. import _C
-    return getattr(_C, name + "_out", None)
+    binding = getattr(_C, name + "_out", None)
+    if binding is None:
+        return None
+
+    def call(*args):
+        # A recording CPU program (ops/_cpu_program.py) cannot see pybind calls: each one is a unit of it.
+        return binding(*args) if _cpu_program.recording() is None else _cpu_program.unit(binding, args)
+
+    call.__name__ = call.__qualname__ = name + "_out"
+    return call
 
 
 if HAS_CPU_KERNELS:
