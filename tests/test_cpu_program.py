@@ -152,19 +152,28 @@ def _sample(model, **kw):
                          n_steps=CFG.diffusion.n_steps, **kw)
 
 
-@pytest.mark.parametrize("fuse,channels_last,dtype", [(True, True, torch.float32), (False, False, torch.float32),
-                                                      (True, True, torch.bfloat16)], ids=["fused-nhwc", "reference-nchw", "bf16"])
-def test_fast_loop_samples_the_same_images_with_a_program(monkeypatch, fuse, channels_last, dtype):
+@pytest.mark.parametrize("fuse,channels_last,dtype,model_batch", [
+    (True, True, torch.float32, None), (False, False, torch.float32, None), (True, True, torch.bfloat16, None),
+    (True, False, torch.float32, 3)], ids=["fused-nhwc", "reference-nchw", "bf16", "model-batch-3"])
+def test_fast_loop_samples_the_same_images_with_a_program(monkeypatch, fuse, channels_last, dtype, model_batch):
     records = []
     real = ops.record_cpu_program
     monkeypatch.setattr(ops, "record_cpu_program", lambda *a, **k: records.append(1) or real(*a, **k))
     torch.manual_seed(0)
     model = UNet(CFG.unet).eval()
-    kw = dict(fuse=fuse, channels_last=channels_last, dtype=dtype, cpu_split=False)
+    kw = dict(fuse=fuse, channels_last=channels_last, dtype=dtype, cpu_split=False, model_batch=model_batch)
     eager = _sample(model, cpu_program=False, **kw)
     assert not records
     replayed = _sample(model, **kw)  # the default for this package's UNet
     assert records == [1] and torch.equal(replayed, eager)
+
+
+@pytest.mark.skipif(not importlib.import_module("ddpm_fast.sampling.cpu_split").CAN_FORK, reason="forks (Linux)")
+def test_each_split_half_replays_its_own_program():
+    torch.manual_seed(0)
+    model = UNet(CFG.unet).eval()
+    kw = dict(fuse=True, channels_last=True, cpu_split=True)
+    assert torch.equal(_sample(model, cpu_program=True, **kw), _sample(model, cpu_program=False, **kw))
 
 
 def test_fast_loop_follows_a_weight_changed_mid_run(monkeypatch):
