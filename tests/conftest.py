@@ -11,6 +11,9 @@ import torch
 from helpers import HAS_CUDA
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Outputs the C++ kernels' bindings allocate themselves are NaN-filled before the kernel writes them (read
+# once, when ddpm_fast._C first allocates one), as the tests poison the buffers they allocate in Python.
+os.environ.setdefault("DDPM_FAST_POISON_OUTPUTS", "1")
 
 # One intra-op thread: on the 2-core CI/dev machines torch's thread pool oversubscribes as soon as
 # anything else runs (a tiny-UNet forward went from ~15 ms to ~1 s under load), and results are

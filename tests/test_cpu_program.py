@@ -64,20 +64,24 @@ def test_replay_gives_eager_bits_on_fresh_inputs(kind, fuse, dtype, layout):
     assert program.n_calls > 20
 
 
-def test_the_direct_kernels_are_recorded_as_units(monkeypatch):
-    """groupnorm_swish's C++ kernel writes through a pybind binding that no torch function mode sees: the
-    program must call it (a replay without it would return the poisoned buffer)."""
-    if GN._CPP_DIRECT is None:
+@pytest.mark.parametrize("path", ["out-variant", "allocating"])
+def test_the_direct_kernels_are_recorded_as_units(monkeypatch, path):
+    """groupnorm_swish's C++ kernel runs through pybind bindings that no torch function mode sees: the
+    program must call them. The out-variant writes a buffer allocated in Python (poisoned here: a replay
+    without the call would return NaN); the allocating one returns a new tensor each call."""
+    if GN._CPP_DIRECT is None or GN._CPP_NEW is None:
         pytest.skip("the C++ groupnorm_swish kernel is not built")
-    x = torch.randn(2, 32, 4, 4)
     w, b = torch.randn(32), torch.randn(32)
     monkeypatch.setattr(GN, "_new_output", lambda x: poison(torch.empty_like(x)))
+    run = ((lambda x: GN._cpp_call(GN._CPP_DIRECT, x, w, b, 8, 1e-5, None, True)) if path == "out-variant"
+           else (lambda x: ops.groupnorm_swish(x, w, b, 8)))
     with torch.inference_mode():
-        _, program = P.record(lambda x: ops.groupnorm_swish(x, w, b, 8), (x,))
+        first, program = P.record(run, (torch.randn(2, 32, 4, 4),))
         x2 = torch.randn(2, 32, 4, 4)
         got = program(x2)
-    assert "groupnorm_swish_out" in program.source or any(
-        getattr(v, "__name__", "") == "groupnorm_swish_out" for v in program._run.__globals__.values())
+    binding = "groupnorm_swish_out" if path == "out-variant" else "groupnorm_swish_new"
+    assert any(getattr(v, "__name__", "") == binding for v in program._run.__globals__.values())
+    assert got is not first
     torch.testing.assert_close(got, ops.groupnorm_swish(x2, w, b, 8))
 
 

@@ -157,19 +157,66 @@ def test_out_variant_rejects_bad_arguments(binding):
         op(flat[:-16].view(x.shape), w, b, 8, 1e-5, None, True, flat[16:].view(x.shape))
 
 
-def test_plain_eager_cpu_calls_take_the_direct_binding(monkeypatch):
-    # The eager wrapper skips the dispatcher twice over on CPU: no torch.ops call, and the kernel through
-    # its _C binding. Same kernel, so the same bits as through the op.
-    if M._CPP_DIRECT is None:
-        pytest.fail("ddpm_fast._C predates the direct bindings: rebuild it (python setup.py build_ext --inplace)")
+def test_plain_eager_cpu_calls_take_the_allocating_binding(monkeypatch):
+    # The eager wrapper skips the dispatcher twice over on CPU: no torch.ops call, and one _C call that
+    # checks the tensors, allocates the output and runs the kernel. Same kernel, so the same bits as
+    # through the op.
+    if M._CPP_NEW is None:
+        pytest.fail("ddpm_fast._C predates groupnorm_swish_new: rebuild it (python setup.py build_ext --inplace)")
     calls = []
-    real = M._CPP_DIRECT
-    monkeypatch.setattr(M, "_CPP_DIRECT", lambda *a: calls.append(1) or real(*a))
+    real = M._CPP_NEW
+    monkeypatch.setattr(M, "_CPP_NEW", lambda *a: calls.append(1) or real(*a))
     x, w, b, add = torch.randn(2, 32, 4, 4).to(memory_format=CL), torch.randn(32), torch.randn(32), torch.randn(2, 32)
     direct = M.groupnorm_swish(x, w, b, 8, add=add)
     assert calls == [1]
     via_op = torch.ops.ddpm_fast.groupnorm_swish(x, w, b, 8, 1e-5, add, True)
     assert calls == [1] and torch.equal(direct, via_op) and direct.stride() == via_op.stride()
+
+
+# Layouts whose output format the allocating binding must pick as new_output does: dense NCHW and NHWC,
+# the ambiguous ones (C = 1, H = W = 1) with either stride pattern, and strided views.
+_ALLOC_CASES = {
+    "nchw": lambda: torch.randn(2, 16, 5, 3), "nhwc": lambda: torch.randn(2, 16, 5, 3).to(memory_format=CL),
+    "c1-nhwc-strides": lambda: torch.randn(2, 1, 4, 4).to(memory_format=CL),
+    "hw1-nhwc-strides": lambda: torch.randn(3, 16, 1, 1).to(memory_format=CL),
+    "sliced-w": lambda: torch.randn(2, 16, 5, 8)[..., 1:6], "sliced-c-nhwc": lambda: torch.randn(2, 24, 4, 4).to(memory_format=CL)[:, 4:20],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("case", list(_ALLOC_CASES))
+def test_the_allocating_binding_matches_the_out_variant(case, dtype):
+    x = _ALLOC_CASES[case]().to(dtype)
+    c = x.shape[1]
+    g = 4 if c % 4 == 0 else 1
+    w, b, add = torch.randn(c).to(dtype), torch.randn(c).to(dtype), torch.randn(x.shape[0], c).to(dtype)
+    got = M.groupnorm_swish(x, w, b, g, add=add)
+    want = M._new_output(x)  # poisoned by the fixture
+    M._CPP_DIRECT(x, w, b, g, 1e-5, add, True, want)
+    assert got.stride() == want.stride() and torch.equal(got, want)
+    check(got, x, w, b, g, add=add)
+
+
+def test_bad_arguments_keep_their_named_errors():
+    """The allocating path's own checks are C++'s; any argument they refuse goes through _check, so the
+    error names the problem exactly as before (and what both accept runs the same kernel)."""
+    x, w, b = torch.randn(2, 32, 4, 4), torch.randn(32), torch.randn(32)
+    cases = [((x, w, b, 7), ValueError, "not divisible by num_groups=7"),
+             ((x, w, b, 0), ValueError, "positive int"),
+             ((x, w, b, 8, -1.0), ValueError, "non-negative"),
+             ((x, w, b, 8, float("nan")), ValueError, "non-negative"),
+             ((x, torch.randn(31), b, 8), ValueError, r"weight must have shape \[32\]"),
+             ((x, w, b.double(), 8), TypeError, "bias dtype"),
+             ((x, w, b, 8, 1e-5, torch.randn(2, 31)), ValueError, "add must have shape"),
+             ((x.to(torch.int32), w, b, 8), TypeError, "x dtype"),
+             ((x[0], w, b, 8), ValueError, "4-D"),
+             ((x.bfloat16(), w.bfloat16(), b, 8), TypeError, "dtypes differ"),
+             ((x, "w", b, 8), TypeError, "weight must be a tensor")]
+    for args, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            M.groupnorm_swish(*args)
+    with pytest.raises(ValueError, match="positive int"):
+        M.groupnorm_swish(x, w, b, True)  # a bool is not a group count (C++ would take it as 1)
 
 
 def test_generic_avx2_and_avx512_variants_agree():

@@ -42,7 +42,7 @@ def out_op(name: str) -> Optional[torch._ops.OpOverload]:
     return None if packet is None else packet.default
 
 
-def direct_op(name: str) -> Optional[Callable]:
+def direct_op(name: str, suffix: str = "_out") -> Optional[Callable]:
     """The same out-variant kernel as `out_op(name)`, bound straight from ddpm_fast._C (no dispatcher:
     ~1 us a call instead of ~5). Only for plain eager calls on real CPU tensors (ops/_eager.py): it
     knows no fake tensors, dispatch modes or tracing. While a CPU program records (ops/_cpu_program.py)
@@ -50,7 +50,7 @@ def direct_op(name: str) -> Optional[Callable]:
     if not HAS_CPU_KERNELS:
         return None
     from .. import _C
-    binding = getattr(_C, name + "_out", None)
+    binding = getattr(_C, name + suffix, None)  # suffix "_new": the variant that allocates its output
     if binding is None:
         return None
 
@@ -58,7 +58,7 @@ def direct_op(name: str) -> Optional[Callable]:
         # A recording CPU program (ops/_cpu_program.py) cannot see pybind calls: each one is a unit of it.
         return binding(*args) if _cpu_program.recording() is None else _cpu_program.unit(binding, args)
 
-    call.__name__ = call.__qualname__ = name + "_out"
+    call.__name__ = call.__qualname__ = name + suffix
     return call
 
 
