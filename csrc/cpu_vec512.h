@@ -1,8 +1,8 @@
 // AVX-512 forms of cpu_math.h's per-element math, 16 fp32 lanes at a time, for the loops where GCC's
 // vectorizer leaves speed behind: it widens cpu_math.h's Swish well, but keeps its exact vdivps (the
 // largest single cost of groupnorm_swish's apply loop in a perf annotation), and cannot use scalef
-// for the exponent. Here 1 / (1 + e) is rcp14 + one Newton step (within ~2 ulp of the division) and
-// 2^n comes from vscalefps. Compiled only into functions with CPU_AVX512_TARGET (their callers pick them
+// for the exponent. Here 1 / (1 + e) is rcp14 + one Newton step (within ~2 ulp of the division),
+// 2^n comes from vscalefps, and the fp32 Swish needs no branch on the sign. Compiled only into functions with CPU_AVX512_TARGET (their callers pick them
 // at run time through cpu_isa()), or CPU_AVX512_BF16_TARGET for the native bf16 conversions
 // (cpu_avx512_bf16()), so one build still runs on any x86-64 CPU.
 #pragma once
@@ -62,7 +62,8 @@ CPU_VEC512_BF16 void vec512_store_native(uint16_t* p, __mmask16 m, __m512 v) {
 }
 #endif
 
-// exp's range reduction, as exp_nonpositive's: t (clamped to >= -87) = n ln2 + r, |r| <= ln2 / 2; sets n.
+// exp's range reduction, as cpu_math.h's exp_nonpositive's: t (clamped to >= -87) = n ln2 + r, |r| <= ln2 / 2;
+// sets n.
 CPU_VEC512 __m512 vec512_exp_reduce(__m512 t, __m512& n) {
   t = _mm512_max_ps(t, _mm512_set1_ps(-87.0f));
   n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
@@ -71,30 +72,25 @@ CPU_VEC512 __m512 vec512_exp_reduce(__m512 t, __m512& n) {
   return _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
 }
 
-// exp(t) for t <= 0 (t >= -87 after the clamp, as exp_nonpositive): the same reduction and degree-6
-// polynomial, with 2^n applied by vscalefps.
-CPU_VEC512 __m512 vec512_exp_nonpositive(__m512 t) {
+// Swish(y) = y / (1 + exp(-y)), with exp(-y) for y clamped to [-88, 87] (so it stays finite: beyond
+// the clamp sigmoid is 1 to fp32 precision above, and Swish is within 1e-36 of 0 below): the reduction
+// and a degree-5 polynomial (relative error <= r^6 / 720 = 2.4e-6 on |r| <= ln2 / 2, which moves Swish
+// by at most 2.4e-6 * e / (1 + e)^2 <= 6e-7 of y), 2^n by vscalefps, and 1 / (1 + e) by rcp14 and one
+// Newton step (~2^-28 relative). No branch on y's sign, unlike cpu_math.h's scalar form.
+CPU_VEC512 __m512 vec512_swish(__m512 y, const float*) {
   __m512 n;
-  const __m512 r = vec512_exp_reduce(t, n);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  const __m512 t = _mm512_xor_ps(_mm512_max_ps(y, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(-0.0f));  // -y <= 88
+  const __m512 r = vec512_exp_reduce(t, n);  // also clamps -y >= -87
+  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// Swish(y) as cpu_math.h's swish: e = exp(-|y|), sigmoid = 1 / (1 + e) (y >= 0) or e / (1 + e).
-CPU_VEC512 __m512 vec512_swish(__m512 y, const float*) {
-  const __m512 neg_abs = _mm512_or_ps(y, _mm512_set1_ps(-0.0f));
-  const __m512 e = vec512_exp_nonpositive(neg_abs);
-  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), e);
-  __m512 r = _mm512_rcp14_ps(d);
-  r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0f)), r);  // Newton: ~2^-28 relative
-  const __mmask16 below = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
-  return _mm512_mul_ps(y, _mm512_mask_mul_ps(r, below, e, r));
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, n));
+  __m512 inv = _mm512_rcp14_ps(d);
+  inv = _mm512_fmadd_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(1.0f)), inv);  // Newton: ~2^-28 relative
+  return _mm512_mul_ps(y, inv);
 }
 
 // Swish(y) for a value that is stored as bf16 next (8 significant bits, so half an ulp is >= 2^-9 =
