@@ -134,9 +134,18 @@ def test_a_forward_returning_its_input_or_unnamed_tensors_is_not_recorded():
     assert P.record(lambda x: x, (x,))[1] is None and "result" in P.why_not
     out, program = P.record(lambda x: {"y": x + 1}["y"] * 2, (x,))  # a dict built in Python: its tensor was named
     assert program is not None and torch.equal(program(x), out)
-    # A unit (a call the mode cannot see into) returning tensors in a dict: the program could not name them.
+    # A unit (a call the mode cannot see into) returning tensors in a dict or a nested tuple, or taking
+    # one in a dict: the program could not name them.
     out, program = P.record(lambda x: P.unit(lambda v: {"y": v + 1}, (x,))["y"] * 2, (x,))
     assert program is None and "dict" in P.why_not and torch.equal(out, (x + 1) * 2)
+    _, program = P.record(lambda x: P.unit(lambda v: ((v + 1,), 2), (x,))[0][0] * 2, (x,))
+    assert program is None and "tuple" in P.why_not
+    _, program = P.record(lambda x: P.unit(lambda d: d["v"] + 1, ({"v": x},)), (x,))
+    assert program is None and "dict" in P.why_not
+    # A value nested deeper in a tuple argument is still the value, not a constant baked in.
+    _, program = P.record(lambda x: P.unit(lambda nested: nested[0][0] * 2, (((x,), 3),)), (x,))
+    x2 = torch.randn(3)
+    assert program is not None and torch.equal(program(x2), x2 * 2)
 
 
 def test_recordings_do_not_nest():

@@ -12,8 +12,10 @@ from Python (functions, Tensor methods, torch.ops). Each call made at the top le
 another recorded call) that returns a tensor, a sequence of tensors or None (an out-variant or in-place
 call) becomes one line of the program, its tensor arguments named by the value they came from: an input,
 an earlier line's result, or a constant (a tensor that existed before the forward: weights, packed
-weights, the time table). Calls that return anything else (shapes, flags, pointers) are queries and are
-dropped, as is all Python logic: what the recorded forward decided (packed or not, which kernel) is what
+weights, the time table). Calls that return only plain values (shapes, flags, pointers) are queries and
+are dropped; one whose result or arguments may hold tensors the program cannot name (a dict, a nested
+sequence result, an iterator or another object) leaves the forward without a program. All Python logic is
+dropped too: what the recorded forward decided (packed or not, which kernel) is what
 every replay does. The C++ kernels' direct pybind bindings are invisible to torch function modes, so
 they are called through `unit` (ops/_cpu_kernels.py wraps every one), which records them the same way.
 
@@ -52,18 +54,21 @@ def unit(fn: Callable, args: tuple) -> Any:
 
 
 def _holds_tensor(value) -> bool:
-    """Whether a call's result that is not a tensor, None or a sequence could still carry tensors (a dict,
-    an object): the program could not name them, so such a forward is not recorded."""
-    if isinstance(value, dict):
-        return any(isinstance(v, torch.Tensor) or _holds_tensor(v) for v in value.values())
-    return not isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device,
-                                  torch.memory_format, torch.layout, type(None)))
-
-
-def _tensors_in(value) -> bool:
+    """Whether value is a tensor or holds one anywhere (in a tuple, list or dict, at any depth), or is an
+    object that might (anything but a plain scalar, string, dtype, device, layout or memory format)."""
     if isinstance(value, torch.Tensor):
         return True
-    return isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return not isinstance(value, (bool, int, float, complex, str, bytes, slice, type(None), type(Ellipsis),
+                                  torch.dtype, torch.device, torch.memory_format, torch.layout))
+
+
+def _nameable(out) -> bool:
+    """A result holding tensors that the program can name: a tuple / list whose items are tensors or hold none."""
+    return isinstance(out, (tuple, list)) and all(isinstance(v, torch.Tensor) or not _holds_tensor(v) for v in out)
 
 
 class _Recorder(TorchFunctionMode):
@@ -95,16 +100,20 @@ class _Recorder(TorchFunctionMode):
         return name
 
     def _expr(self, value, reads: List[str]) -> str:
-        """Source text for an argument: a named value (added to `reads`), a constant, or a tuple/list of those."""
+        """Source text for an argument: a named value (added to `reads`), a constant, or a tuple / list of
+        those at any depth. A dict or another container holding tensors cannot be written: that fails
+        the recording (the tensors in it could be values of this forward)."""
         if isinstance(value, torch.Tensor):
             name = self.names.get(id(value))
             if name is None:
                 return self._const(value)
             reads.append(name)
             return name
-        if type(value) in (tuple, list) and any(isinstance(v, torch.Tensor) for v in value):
+        if type(value) in (tuple, list) and _holds_tensor(value):
             items = ", ".join(self._expr(v, reads) for v in value)
             return f"({items},)" if type(value) is tuple else f"[{items}]"
+        if _holds_tensor(value) and not isinstance(value, (tuple, list)):
+            self.failure = f"an argument of type {type(value).__name__} holds tensors"
         return self._const(value)
 
     def call(self, fn: Callable, args: tuple, kwargs: dict):
@@ -115,9 +124,11 @@ class _Recorder(TorchFunctionMode):
             out = fn(*args, **kwargs)
         finally:
             self.depth -= 1
-        if not (out is None or isinstance(out, (torch.Tensor, tuple, list))) and _holds_tensor(out):
-            self.failure = f"{getattr(fn, '__name__', fn)} returned a {type(out).__name__} holding tensors"
-        if out is None or _tensors_in(out):
+        recorded = out is None or isinstance(out, torch.Tensor) or _holds_tensor(out)  # else a query: dropped
+        if recorded and not (out is None or isinstance(out, torch.Tensor) or _nameable(out)):
+            # e.g. a dict, a nested tuple or an iterator: tensors the program could not name
+            self.failure = f"{getattr(fn, '__name__', fn)} returned a {type(out).__name__}, which may hold tensors"
+        elif recorded:
             reads: List[str] = []
             text = ", ".join([self._expr(a, reads) for a in args] +
                              [f"{k}={self._expr(v, reads)}" for k, v in kwargs.items()])
