@@ -19,6 +19,7 @@
 // Swish without a division); everything else is autovectorized from the scalar code here.
 #include "groupnorm_swish.h"
 #include "cpu_elem.h"
+#include "cpu_moments.h"
 #include "cpu_vec512.h"
 
 // GCC 12 warns that the AVX-512 intrinsics' own _mm512_undefined_* placeholders "may be used
@@ -38,10 +39,12 @@ namespace ddpm_fast {
 namespace {
 
 constexpr int64_t kChunk = 2048;          // values staged per chunk (8 KiB of fp32: L1-resident)
-constexpr int64_t kLanes = 16;            // independent accumulators: a 16-wide fp32 SIMD register
 // Fewer elements per thread than this: fork/join costs more. 2^15 kept 16 x 128 x 4 x 4 (2048 values a
 // sample) on one thread; from 2^13 it splits: 32 -> 18 us in bf16 on the 2-core dev VM.
 constexpr int64_t kParallelMin = 1 << 13;
+// Values of one sample (channels_last) that the statistics pass keeps staged for the apply pass (64 KiB of
+// fp32: with the sample's x and y, still in a core's L2).
+constexpr int64_t kStageSample = 1 << 14;
 
 float load_param(const void* ptr, ElemType t, int64_t i) {
   switch (t) {
@@ -56,50 +59,6 @@ template <typename T>
 float add_value(const GroupNormSwishParams& p, int64_t b, int64_t c) {
   if (p.add == nullptr) return 0.0f;
   return Elem<T>::round(load_param(p.add, p.add_type, b * p.sa_b + c * p.sa_c));
-}
-
-// An uninitialised scratch array (std::vector would zero it: a 1 MB memset per call at 16x128x32x32).
-template <typename V>
-struct Scratch {
-  std::unique_ptr<V[]> buf;
-  explicit Scratch(int64_t n) : buf(new V[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
-  V* data() { return buf.get(); }
-  const V* data() const { return buf.get(); }
-  V& operator[](int64_t i) { return buf[static_cast<size_t>(i)]; }
-};
-
-// Running moments about the pivot (double: thousands of merges must not drift).
-struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-  void merge(double nb, double mean_b, double m2_b) {
-    const double tot = n + nb;
-    const double delta = mean_b - mean;
-    mean += delta * (nb / tot);
-    m2 += m2_b + delta * delta * (n * nb / tot);
-    n = tot;
-  }
-};
-
-// Exact two-pass moments of s[0..n): adds (n, mean, M2) to m.
-CPU_INLINE void chunk_moments(const float* __restrict s, int64_t n, Moments& m) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += s[i + j];
-  float sum = 0.0f;
-  for (; i < n; ++i) sum += s[i];
-  for (int64_t j = 0; j < kLanes; ++j) sum += acc[j];
-  const float mean = sum / static_cast<float>(n);
-  float sq[kLanes] = {};
-  for (i = 0; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const float d = s[i + j] - mean;
-      sq[j] += d * d;
-    }
-  float m2 = 0.0f;
-  for (; i < n; ++i) m2 += (s[i] - mean) * (s[i] - mean);
-  for (int64_t j = 0; j < kLanes; ++j) m2 += sq[j];
-  m.merge(static_cast<double>(n), mean, m2);
 }
 
 // s[i] = round_T(x[i] + a) - pivot: the value the statistics see, relative to the pivot.
@@ -152,7 +111,7 @@ DDPM_GN_VEC512_NORMALIZE(vec512_normalize_bf16n, CPU_VEC512_BF16, vec512_round_n
 
 // The AVX-512 row normalize (planar) and apply pass (interleaved) around one NORMALIZE of the two
 // above, compiled with its target ATTR.
-#define DDPM_GN_AVX512_LOOPS(ROW, APPLY, ATTR, NORMALIZE)                                                         \
+#define DDPM_GN_AVX512_LOOPS(ROW, APPLY, ATTR, NORMALIZE, STORE)                                                  \
   template <typename T>                                                                                        \
   struct ROW {                                                                                                 \
     /* Not always_inline: the planar loops that call it carry no target attribute themselves (GCC may */      \
@@ -184,6 +143,25 @@ DDPM_GN_VEC512_NORMALIZE(vec512_normalize_bf16n, CPU_VEC512_BF16, vec512_round_n
           NORMALIZE<T, ADD, SWISH>(xr + c, yr + c, m, ADD ? _mm512_maskz_loadu_ps(m, a + c) : _mm512_setzero_ps(), \
                                    _mm512_maskz_loadu_ps(m, piv + c), _mm512_maskz_loadu_ps(m, mean + c),      \
                                    _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, shift + c));  \
+        }                                                                                                      \
+      }                                                                                                        \
+    }                                                                                                          \
+    /* From the staged values s = round_T(x + a) - pivot (interleaved_apply_staged_item). */                  \
+    template <bool SWISH>                                                                                      \
+    static ATTR inline __attribute__((always_inline)) void run_staged(const GroupNormSwishParams& p,            \
+                                                                      const ChannelTables& t, int64_t b,       \
+                                                                      int64_t r0, int64_t rows, const float* s) { \
+      const int64_t C = p.channels;                                                                            \
+      const float* mean = t.mean.data() + b * C;                                                               \
+      const float* scale = t.scale.data() + b * C;                                                             \
+      const float* shift = t.shift.data() + b * C;                                                             \
+      for (int64_t r = r0; r < r0 + rows; ++r, s += C) {                                                       \
+        T* yr = static_cast<T*>(p.out) + b * p.sy_b + r * p.sy_hw;                                             \
+        for (int64_t c = 0; c < C; c += 16) {                                                                  \
+          const __mmask16 m = vec512_mask(C - c);                                                              \
+          const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + c), _mm512_maskz_loadu_ps(m, mean + c)), \
+                                           _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, shift + c)); \
+          STORE(yr + c, m, SWISH ? vec512_swish(z, yr) : z);                                                   \
         }                                                                                                      \
       }                                                                                                        \
     }                                                                                                          \
@@ -307,6 +285,25 @@ CPU_INLINE void interleaved_apply_item(const GroupNormSwishParams& p, const Chan
   }
 }
 
+// The apply pass from the values the statistics pass staged, s = round_T(x + a) - pivot, where a whole
+// sample's fit the stage (kStageSample): the same arithmetic as interleaved_apply_item from its third
+// step, so the same bits, without reading x again, converting it and redoing the add and its rounding.
+template <typename T, bool SWISH>
+CPU_INLINE void interleaved_apply_staged_item(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b,
+                                              int64_t r0, int64_t rows, const float* __restrict s) {
+  const int64_t C = p.channels;
+  const float* __restrict mean = t.mean.data() + b * C;
+  const float* __restrict scale = t.scale.data() + b * C;
+  const float* __restrict shift = t.shift.data() + b * C;
+  for (int64_t r = r0; r < r0 + rows; ++r, s += C) {
+    T* __restrict yr = static_cast<T*>(p.out) + b * p.sy_b + r * p.sy_hw;
+    for (int64_t c = 0; c < C; ++c) {
+      const float z = (s[c] - mean[c]) * scale[c] + shift[c];
+      yr[c] = Elem<T>::store(SWISH ? swish(z) : z);
+    }
+  }
+}
+
 // The apply pass for one storage type and ISA variant: the autovectorized loop above, except where
 // AVX-512 has fp32 or bf16 rows (the same math with cpu_vec512.h's Swish: within ~4 fp32 ulp of the exact
 // Swish for fp32 outputs (measured 2.6e-7 relative at most), ~1.1e-4 relative for bf16 outputs).
@@ -317,17 +314,23 @@ struct InterleavedApply {
                              int64_t rows) {
     interleaved_apply_item<T, ADD, SWISH>(p, t, b, r0, rows);
   }
+  template <bool SWISH>
+  static CPU_INLINE void run_staged(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0,
+                                    int64_t rows, const float* s) {
+    interleaved_apply_staged_item<T, SWISH>(p, t, b, r0, rows, s);
+  }
 };
 
 #ifdef CPU_HAVE_AVX2_PATH
-DDPM_GN_AVX512_LOOPS(RowNormalizeAvx512, InterleavedApplyAvx512, CPU_AVX512_TARGET, vec512_normalize)
+DDPM_GN_AVX512_LOOPS(RowNormalizeAvx512, InterleavedApplyAvx512, CPU_AVX512_TARGET, vec512_normalize, vec512_store)
 template <> struct RowNormalize<float, CpuIsa::kAvx512> : RowNormalizeAvx512<float> {};
 template <> struct RowNormalize<uint16_t, CpuIsa::kAvx512> : RowNormalizeAvx512<uint16_t> {};
 template <> struct InterleavedApply<float, CpuIsa::kAvx512> : InterleavedApplyAvx512<float> {};
 template <> struct InterleavedApply<uint16_t, CpuIsa::kAvx512> : InterleavedApplyAvx512<uint16_t> {};
 #ifdef CPU_HAVE_AVX512_BF16
 // The bf16 rows of the AVX512_BF16 variant (its own ISA tag: only bf16 entry points are built for it).
-DDPM_GN_AVX512_LOOPS(RowNormalizeAvx512Bf16, InterleavedApplyAvx512Bf16, CPU_AVX512_BF16_TARGET, vec512_normalize_bf16n)
+DDPM_GN_AVX512_LOOPS(RowNormalizeAvx512Bf16, InterleavedApplyAvx512Bf16, CPU_AVX512_BF16_TARGET, vec512_normalize_bf16n,
+                     vec512_store_native)
 template <> struct RowNormalize<uint16_t, CpuIsa::kAvx512Bf16> : RowNormalizeAvx512Bf16<uint16_t> {};
 template <> struct InterleavedApply<uint16_t, CpuIsa::kAvx512Bf16> : InterleavedApplyAvx512Bf16<uint16_t> {};
 #endif
@@ -405,6 +408,12 @@ CPU_INLINE void merge_sample_parts(const float* __restrict bmean, const float* _
     else if (p.swish) A::template run<false, true>(p, t, b, r0, rows);                                       \
     else A::template run<false, false>(p, t, b, r0, rows);                                                   \
   }                                                                                                          \
+  TARGET void iapply_staged_##SUFFIX(const GroupNormSwishParams& p, const ChannelTables& t, int64_t b, int64_t r0, \
+                                     int64_t rows, const float* stage) {                                     \
+    using A = InterleavedApply<T, ISA>;                                                                      \
+    if (p.swish) A::template run_staged<true>(p, t, b, r0, rows, stage);                                     \
+    else A::template run_staged<false>(p, t, b, r0, rows, stage);                                            \
+  }                                                                                                          \
   TARGET void imerge_##SUFFIX(const float* bmean, const float* bm2, int64_t b, int64_t nblk, int64_t rows,      \
                               int64_t hw, int64_t C, int64_t G, double* acc, Moments* m) {                   \
     merge_sample_parts(bmean, bm2, b, nblk, rows, hw, C, G, acc, m);                                         \
@@ -421,6 +430,7 @@ struct Entry {
   void (*istats)(const GroupNormSwishParams&, const ChannelTables&, int64_t, int64_t, int64_t, float*, float*, float*);
   void (*iapply)(const GroupNormSwishParams&, const ChannelTables&, int64_t, int64_t, int64_t);
   void (*imerge)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, Moments*);
+  void (*iapply_staged)(const GroupNormSwishParams&, const ChannelTables&, int64_t, int64_t, int64_t, const float*);
 };
 
 Entry entry_for(ElemType t) {
@@ -428,11 +438,17 @@ Entry entry_for(ElemType t) {
     case ElemType::kBFloat16:
 #ifdef CPU_HAVE_AVX512_BF16
       if (cpu_avx512_bf16())
-        return {&planar_bf16_avx512bf16, &istats_bf16_avx512bf16, &iapply_bf16_avx512bf16, &imerge_bf16_avx512bf16};
+        return {&planar_bf16_avx512bf16, &istats_bf16_avx512bf16, &iapply_bf16_avx512bf16, &imerge_bf16_avx512bf16,
+                &iapply_staged_bf16_avx512bf16};
 #endif
-      return {CPU_PICK(planar, bf16), CPU_PICK(istats, bf16), CPU_PICK(iapply, bf16), CPU_PICK(imerge, bf16)};
-    case ElemType::kFloat16: return {CPU_PICK(planar, f16), CPU_PICK(istats, f16), CPU_PICK(iapply, f16), CPU_PICK(imerge, f16)};
-    default: return {CPU_PICK(planar, f32), CPU_PICK(istats, f32), CPU_PICK(iapply, f32), CPU_PICK(imerge, f32)};
+      return {CPU_PICK(planar, bf16), CPU_PICK(istats, bf16), CPU_PICK(iapply, bf16), CPU_PICK(imerge, bf16),
+              CPU_PICK(iapply_staged, bf16)};
+    case ElemType::kFloat16:
+      return {CPU_PICK(planar, f16), CPU_PICK(istats, f16), CPU_PICK(iapply, f16), CPU_PICK(imerge, f16),
+              CPU_PICK(iapply_staged, f16)};
+    default:
+      return {CPU_PICK(planar, f32), CPU_PICK(istats, f32), CPU_PICK(iapply, f32), CPU_PICK(imerge, f32),
+              CPU_PICK(iapply_staged, f32)};
   }
 }
 
@@ -497,6 +513,11 @@ struct Interleaved {
     const int64_t b = item / k.nblk, r0 = (item % k.nblk) * k.rows;
     e.iapply(p, t, b, r0, std::min(k.rows, p.hw - r0));
   }
+  // The same from the values `stats` staged for this block.
+  void apply_staged(int64_t item, const float* stage) {
+    const int64_t b = item / k.nblk, r0 = (item % k.nblk) * k.rows;
+    e.iapply_staged(p, t, b, r0, std::min(k.rows, p.hw - r0), stage);
+  }
 };
 
 // channels_last. With at least two samples per thread, one parallel region over samples runs every
@@ -506,13 +527,24 @@ void run_interleaved(const GroupNormSwishParams& p, const Entry& e) {
   Interleaved w(p, e);
   const int64_t B = p.batch, nblk = w.k.nblk, per_block = w.k.rows * p.channels;
   if (B >= 2 * at::get_num_threads()) {
+    // A sample small enough stays staged from the statistics to the apply pass (the staged values are
+    // what the apply would recompute from x): measured 0.63 -> 0.50 ns a value for 8x32x16x16 bf16 with
+    // the time add, 1 thread.
+    const bool keep = nblk * per_block <= kStageSample;
     at::parallel_for(0, B, grain_for(nblk * per_block), [&](int64_t begin, int64_t end) {
-      Scratch<float> stage(per_block);
+      Scratch<float> stage(keep ? nblk * per_block : per_block);
       for (int64_t b = begin; b < end; ++b) {
         w.fill(b);
-        for (int64_t item = b * nblk; item < (b + 1) * nblk; ++item) w.stats(item, stage.data());
+        for (int64_t item = b * nblk, i = 0; item < (b + 1) * nblk; ++item, ++i)
+          w.stats(item, stage.data() + (keep ? i * per_block : 0));
         w.merge(b);
-        for (int64_t item = b * nblk; item < (b + 1) * nblk; ++item) w.apply(item);
+        for (int64_t item = b * nblk, i = 0; item < (b + 1) * nblk; ++item, ++i) {
+          if (keep) {
+            w.apply_staged(item, stage.data() + i * per_block);
+          } else {
+            w.apply(item);
+          }
+        }
       }
     });
     return;
