@@ -81,13 +81,27 @@ CPU_INLINE void normalize_row(const T* __restrict x, T* __restrict y, int64_t n,
   }
 }
 
-// normalize_row for one storage type and ISA variant (as InterleavedApply below): AVX-512 fp32 and
-// bf16 rows take cpu_vec512.h's Swish.
+// normalize_row from the staged values s[i] = round_T(x[i] + a) - pivot (see planar_item): its last steps.
+template <typename T, bool SWISH>
+CPU_INLINE void normalize_staged_row(const float* __restrict s, T* __restrict y, int64_t n, float mean, float scale,
+                                     float shift) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float z = (s[i] - mean) * scale + shift;
+    y[i] = Elem<T>::store(SWISH ? swish(z) : z);
+  }
+}
+
+// normalize_row (and its staged form) for one storage type and ISA variant (as InterleavedApply below):
+// AVX-512 fp32 and bf16 rows take cpu_vec512.h's Swish.
 template <typename T, CpuIsa ISA>
 struct RowNormalize {
   template <bool ADD, bool SWISH>
   static CPU_INLINE void run(const T* x, T* y, int64_t n, float a, float pivot, float mean, float scale, float shift) {
     normalize_row<T, ADD, SWISH>(x, y, n, a, pivot, mean, scale, shift);
+  }
+  template <bool SWISH>
+  static CPU_INLINE void run_staged(const float* s, T* y, int64_t n, float mean, float scale, float shift) {
+    normalize_staged_row<T, SWISH>(s, y, n, mean, scale, shift);
   }
 };
 
@@ -122,6 +136,15 @@ DDPM_GN_VEC512_NORMALIZE(vec512_normalize_bf16n, CPU_VEC512_BF16, vec512_round_n
       const __m512 vs = _mm512_set1_ps(scale), vb = _mm512_set1_ps(shift);                                    \
       for (int64_t i = 0; i < n; i += 16)                                                                      \
         NORMALIZE<T, ADD, SWISH>(x + i, y + i, vec512_mask(n - i), va, vp, vm, vs, vb);                        \
+    }                                                                                                          \
+    template <bool SWISH>                                                                                      \
+    static ATTR void run_staged(const float* s, T* y, int64_t n, float mean, float scale, float shift) {       \
+      const __m512 vm = _mm512_set1_ps(mean), vs = _mm512_set1_ps(scale), vb = _mm512_set1_ps(shift);          \
+      for (int64_t i = 0; i < n; i += 16) {                                                                    \
+        const __mmask16 m = vec512_mask(n - i);                                                                \
+        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), vm), vs, vb);          \
+        STORE(y + i, m, SWISH ? vec512_swish(z, y) : z);                                                       \
+      }                                                                                                        \
     }                                                                                                          \
   };                                                                                                           \
   template <typename T>                                                                                        \
@@ -183,30 +206,45 @@ CPU_INLINE void planar_item(const GroupNormSwishParams& p, int64_t b, int64_t g,
   const T* xb = static_cast<const T*>(p.x) + b * p.sx_b;
   T* yb = static_cast<T*>(p.out) + b * p.sy_b;
   const float pivot = group_pivot<T>(p, b, c0);
+  // A group of up to kStageSample values stays staged for the apply pass, chunk after chunk (as the
+  // interleaved schedule keeps a sample): the apply then reads round_T(x + a) - pivot instead of
+  // recomputing it from x. Larger groups reuse one chunk's stage.
+  const bool keep = cg * hw <= kStageSample;
   Moments m;
+  float* chunk = stage;
   int64_t fill = 0;
   for (int64_t c = c0; c < c0 + cg; ++c) {  // the group's values in order, staged chunk by chunk
     const float a = add_value<T>(p, b, c);
     for (int64_t h0 = 0; h0 < hw;) {
       const int64_t take = std::min(hw - h0, kChunk - fill);
-      stage_row<T, ADD>(xb + c * p.sx_c + h0, stage + fill, take, a, pivot);
+      stage_row<T, ADD>(xb + c * p.sx_c + h0, chunk + fill, take, a, pivot);
       fill += take;
       h0 += take;
       if (fill == kChunk) {
-        chunk_moments(stage, fill, m);
+        chunk_moments(chunk, fill, m);
+        chunk = keep ? chunk + fill : stage;
         fill = 0;
       }
     }
   }
-  if (fill > 0) chunk_moments(stage, fill, m);
+  if (fill > 0) chunk_moments(chunk, fill, m);
   const float mean = static_cast<float>(m.mean);
   const float rstd = static_cast<float>(1.0 / std::sqrt(m.m2 / m.n + static_cast<double>(p.eps)));
   for (int64_t c = c0; c < c0 + cg; ++c) {
-    const float a = add_value<T>(p, b, c);
     const float scale = rstd * load_param(p.weight, p.param_type, c);
     const float shift = load_param(p.bias, p.param_type, c);
-    const T* xr = xb + c * p.sx_c;
     T* yr = yb + c * p.sy_c;
+    if (keep) {
+      const float* sr = stage + (c - c0) * hw;
+      if (p.swish) {
+        RowNormalize<T, ISA>::template run_staged<true>(sr, yr, hw, mean, scale, shift);
+      } else {
+        RowNormalize<T, ISA>::template run_staged<false>(sr, yr, hw, mean, scale, shift);
+      }
+      continue;
+    }
+    const float a = add_value<T>(p, b, c);
+    const T* xr = xb + c * p.sx_c;
     if (p.swish) {
       RowNormalize<T, ISA>::template run<ADD, true>(xr, yr, hw, a, pivot, mean, scale, shift);
     } else {
@@ -217,7 +255,7 @@ CPU_INLINE void planar_item(const GroupNormSwishParams& p, int64_t b, int64_t g,
 
 template <typename T, CpuIsa ISA>
 CPU_INLINE void planar_range(const GroupNormSwishParams& p, int64_t begin, int64_t end) {
-  Scratch<float> stage(kChunk);
+  Scratch<float> stage((p.channels / p.groups) * p.hw <= kStageSample ? kStageSample : kChunk);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t b = item / p.groups, g = item % p.groups;
     if (p.add != nullptr) {
@@ -336,55 +374,6 @@ template <> struct InterleavedApply<uint16_t, CpuIsa::kAvx512Bf16> : Interleaved
 #endif
 #undef DDPM_GN_AVX512_LOOPS
 #endif
-
-// The moments of every group of sample b from its per-(block, channel) parts (mean, M2 about the
-// pivot; index (b * nblk + blk) * C + c), into m[0..G). Every block but the last holds `rows` values per
-// channel, so those parts combine in closed form, as Chan's pairwise formula does for equal counts: the
-// mean of their means, and M2 = sum of (their M2 + rows * squared deviation of their mean). Both sums
-// run per channel across blocks (`acc`, 2 * C doubles: contiguous, so they vectorize; a serial chain over
-// a group's parts cost ~20 us per sample at 128x32x32), then over the group's channels. A shorter last
-// block's parts then merge one by one. Fixed order: the same for any thread count or schedule.
-CPU_INLINE void merge_sample_parts(const float* __restrict bmean, const float* __restrict bm2, int64_t b,
-                                   int64_t nblk, int64_t rows, int64_t hw, int64_t C, int64_t G,
-                                   double* __restrict acc, Moments* m) {
-  const int64_t cg = C / G, last = hw - (nblk - 1) * rows;  // values per channel in the last block
-  const int64_t nfull = last == rows ? nblk : nblk - 1;
-  const float* __restrict mb = bmean + b * nblk * C;
-  const float* __restrict qb = bm2 + b * nblk * C;
-  for (int64_t g = 0; g < G; ++g) m[g] = Moments();
-  if (nfull > 0) {
-    for (int64_t c = 0; c < C; ++c) acc[c] = 0.0;
-    for (int64_t blk = 0; blk < nfull; ++blk)
-      for (int64_t c = 0; c < C; ++c) acc[c] += mb[blk * C + c];
-    const double parts = static_cast<double>(nfull * cg);
-    for (int64_t g = 0; g < G; ++g) {
-      double sum = 0.0;
-      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) sum += acc[c];
-      m[g].n = parts * static_cast<double>(rows);
-      m[g].mean = sum / parts;
-    }
-    double* __restrict gmean = acc + C;  // per channel, its group's mean
-    for (int64_t c = 0; c < C; ++c) acc[c] = 0.0, gmean[c] = m[c / cg].mean;
-    const double r = static_cast<double>(rows);
-    for (int64_t blk = 0; blk < nfull; ++blk)
-      for (int64_t c = 0; c < C; ++c) {
-        const double d = mb[blk * C + c] - gmean[c];
-        acc[c] += qb[blk * C + c] + r * (d * d);
-      }
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) m[g].m2 += acc[c];
-  }
-  if (nfull < nblk)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = (nblk - 1) * C + c;
-      Moments& mg = m[c / cg];
-      if (mg.n == 0) {
-        mg.n = static_cast<double>(last), mg.mean = mb[i], mg.m2 = qb[i];
-      } else {
-        mg.merge(static_cast<double>(last), mb[i], qb[i]);
-      }
-    }
-}
 
 // The per-item loops, compiled for each storage type and each ISA variant (see cpu_math.h).
 #define DDPM_GN_ENTRY_POINTS(T, SUFFIX, TARGET, ISA)                                                             \
