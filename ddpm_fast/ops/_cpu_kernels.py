@@ -56,7 +56,7 @@ def direct_op(name: str, suffix: str = "_out") -> Optional[Callable]:
 
     def call(*args):
         # A recording CPU program (ops/_cpu_program.py) cannot see pybind calls: each one is a unit of it.
-        return binding(*args) if _cpu_program.recording() is None else _cpu_program.unit(binding, args)
+        return _cpu_program.unit(binding, args)
 
     call.__name__ = call.__qualname__ = name + suffix
     return call

@@ -49,7 +49,7 @@ def recording() -> Optional["_Recorder"]:
 def unit(fn: Callable, args: tuple) -> Any:
     """fn(*args), recorded as one line when a recording is in progress on this thread: for calls the
     TorchFunctionMode cannot see (pybind bindings that write into an `out` argument)."""
-    rec = getattr(_LOCAL, "recorder", None)
+    rec = recording()
     return fn(*args) if rec is None else rec.call(fn, args, {})
 
 
