@@ -3,6 +3,7 @@ same bits as eager; it refuses inputs of another signature and changed weights; 
 bindings are recorded as units; forwards a program cannot name are not recorded; the fast loop records
 its UNets by default, follows a weight changed mid-run and samples the same images with or without it.
 """
+import collections
 import importlib
 
 import pytest
@@ -142,6 +143,9 @@ def test_a_forward_returning_its_input_or_unnamed_tensors_is_not_recorded():
     assert program is None and "tuple" in P.why_not
     _, program = P.record(lambda x: P.unit(lambda d: d["v"] + 1, ({"v": x},)), (x,))
     assert program is None and "dict" in P.why_not
+    pair = collections.namedtuple("Pair", "a b")  # a tuple subclass: not written back as a plain tuple
+    _, program = P.record(lambda x: P.unit(lambda p: p.a * 2, (pair(x + 1, 0),)), (x,))
+    assert program is None and "Pair" in P.why_not
     # A value nested deeper in a tuple argument is still the value, not a constant baked in.
     _, program = P.record(lambda x: P.unit(lambda nested: nested[0][0] * 2, (((x,), 3),)), (x,))
     x2 = torch.randn(3)

@@ -112,7 +112,7 @@ class _Recorder(TorchFunctionMode):
         if type(value) in (tuple, list) and _holds_tensor(value):
             items = ", ".join(self._expr(v, reads) for v in value)
             return f"({items},)" if type(value) is tuple else f"[{items}]"
-        if _holds_tensor(value) and not isinstance(value, (tuple, list)):
+        if _holds_tensor(value):  # a dict, a tuple subclass (namedtuple), an object: not written as source
             self.failure = f"an argument of type {type(value).__name__} holds tensors"
         return self._const(value)
 
